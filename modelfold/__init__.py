@@ -1,0 +1,125 @@
+"""modelfold: capture a model, rewrite it with verified passes, lower it to a runtime artifact.
+
+    import modelfold
+    result = modelfold.transform("smollm2-135m", passes="layer-importance,drop-layers{count=4}")
+    modelfold.export(result, "out/", backend="onnxruntime")
+
+Heavy dependencies (torch, transformers, onnx) are imported on first use, so ``import modelfold``
+is fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from torch import nn
+
+    from modelfold.ir.program import Program
+    from modelfold.passes.base import Pass
+    from modelfold.passes.manager import PassContext
+
+
+class TransformResult:
+    """What ``transform`` returns: the module, its ``Program`` (FX graph) and the per-pass report.
+
+    Attributes:
+        module: the transformed ``nn.Module`` (runs in eager PyTorch).
+        program: the ``Program``; ``program.exported`` is the captured graph.
+        pipeline: the canonical pipeline string that reproduces this run.
+        report: the report as a dict (``report_markdown()`` for people).
+    """
+
+    def __init__(self, program: Program, pipeline: str):
+        self.program = program
+        self.pipeline = pipeline
+
+    @property
+    def module(self) -> nn.Module:
+        return self.program.module
+
+    @property
+    def report(self) -> dict[str, Any]:
+        from modelfold.passes.report import report_dict
+
+        return report_dict(self.program, pipeline=self.pipeline)
+
+    def report_markdown(self) -> str:
+        from modelfold.passes.report import to_markdown
+
+        return to_markdown(self.report)
+
+    def write_report(self, out_dir: str | Path) -> dict[str, Any]:
+        from pathlib import Path
+
+        from modelfold.passes.report import write_report
+
+        return write_report(self.program, Path(out_dir), pipeline=self.pipeline)
+
+
+def load(model: str | None = None) -> Program:
+    """Load a model (asset name or local HF directory; default: the embedded SmolLM2) as a Program."""
+    from modelfold.assets import load_model, resolve_model
+    from modelfold.ir.program import Program
+
+    path = resolve_model(model)
+    module, tokenizer = load_model(path)
+    return Program(module, tokenizer=tokenizer, source=str(path))
+
+
+def transform(model: Any, passes: str | list[Any] | Path, *, tokenizer: Any = None,
+              context: PassContext | None = None) -> TransformResult:
+    """Run a pipeline of passes over ``model``.
+
+    Args:
+        model: an ``nn.Module`` (Hugging Face model), a ``Program``, or an asset name / model
+            directory to load.
+        passes: a pipeline string (``"layer-importance,drop-layers{count=4}"``), a YAML recipe
+            path, or a list of passes / strings / ``{name: {options}}`` mappings.
+        tokenizer: used for calibration text when ``model`` is a module.
+        context: cross-cutting switches (verification, measurement, disabled passes).
+
+    Returns:
+        A ``TransformResult`` with the transformed module, the Program and the report.
+    """
+    from modelfold.ir.program import Program
+    from modelfold.passes.manager import PassManager
+    from modelfold.passes.pipeline import build_pipeline, pipeline_string
+
+    if isinstance(model, Program):
+        program = model
+    elif isinstance(model, str) or model is None:
+        program = load(model)
+    else:
+        program = Program(model, tokenizer=tokenizer)
+    pipeline = build_pipeline(passes)
+    PassManager(pipeline, context).run(program)
+    return TransformResult(program, pipeline_string(pipeline))
+
+
+def export(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
+           backend: str = "onnxruntime", overwrite: bool = False, parity: bool = True
+           ) -> dict[str, Any]:
+    """Lower a (transformed) model to a self-contained artifact folder; returns its manifest.
+
+    The folder is written under a temporary name and moved into place only when complete, so an
+    interrupted export leaves no partial output.
+    """
+    from modelfold.artifact import write_artifact
+    from modelfold.ir.program import Program
+
+    if isinstance(result, TransformResult):
+        program, pipeline = result.program, result.pipeline
+    elif isinstance(result, Program):
+        program, pipeline = result, ""
+    else:
+        program, pipeline = Program(result), ""
+    return write_artifact(program, out_dir, backend=backend, pipeline=pipeline,
+                          overwrite=overwrite, parity=parity)
+
+
+__all__ = ["TransformResult", "export", "load", "transform"]

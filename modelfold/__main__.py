@@ -1,0 +1,5 @@
+import sys
+
+from modelfold.cli import main
+
+sys.exit(main())

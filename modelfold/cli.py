@@ -1,0 +1,398 @@
+"""The ``modelfold`` command line.
+
+    modelfold assets pull                      install the embedded model, encoder and corpus
+    modelfold passes                           list passes, options, defaults and docs
+    modelfold convert [MODEL] -p PIPELINE -o OUT/
+    modelfold inspect MODEL_OR_ARTIFACT [--graph FILE]
+    modelfold eval MODEL_OR_ARTIFACT [--corpus NAME | --text FILE] [--chars N]
+    modelfold generate ARTIFACT "prompt" [--max-new-tokens N]
+
+Every command that reports figures takes ``--json`` and then prints one JSON object on stdout.
+Bad input ends with one ``modelfold: error: ...`` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _print_json(obj: Any) -> None:
+    def default(o: Any) -> Any:
+        return str(o)
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    print(json.dumps(clean(obj), indent=2, default=default))
+
+
+# -- commands --------------------------------------------------------------------------------
+def cmd_passes(args: argparse.Namespace) -> int:
+    from modelfold.passes.registry import registered_passes
+
+    passes = registered_passes()
+    if args.json:
+        _print_json({name: {"kind": cls.kind, "summary": cls.summary,
+                            "doc": (cls.__doc__ or "").strip(),
+                            "options": cls.config_class.describe_options()}
+                     for name, cls in passes.items()})
+        return 0
+    for name, cls in passes.items():
+        print(f"{name}  ({cls.kind})")
+        print(f"    {cls.summary or (cls.__doc__ or '').strip()}")
+        for opt in cls.config_class.describe_options():
+            print(f"    {opt['name']:<12} {opt['type']:<28} default {opt['default']:<12} "
+                  f"{opt['help']}")
+        print()
+    print("Pipeline syntax: name{key=value,key=[1,2]},name2  (or a YAML recipe file)")
+    return 0
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from modelfold import assets
+
+    if args.action == "pull":
+        paths = assets.pull(args.names or None, force=args.force)
+        if args.json:
+            _print_json({k: str(v) for k, v in paths.items()})
+        else:
+            for name, path in paths.items():
+                print(f"{name}: {path}")
+        return 0
+    rows = assets.list_assets()
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            mark = "installed" if r["installed"] else "not installed"
+            print(f"{r['name']:<14} {r['kind']:<7} {mark:<14} {r['path']}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import modelfold
+    from modelfold.passes.manager import PassContext
+    from modelfold.passes.pipeline import build_pipeline
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise _UserError(f"output folder '{out}' already exists; choose another or pass "
+                         "--overwrite")
+    build_pipeline(args.pipeline)  # fail on a bad pipeline before loading the model
+    program = modelfold.load(args.model)
+    context = PassContext(verify=not args.no_verify)
+    result = modelfold.transform(program, args.pipeline, context=context)
+    manifest = modelfold.export(result, out, overwrite=args.overwrite, parity=not args.no_parity)
+    summary = {"output": str(out), "pipeline": result.pipeline,
+               "parameters": manifest["model"]["parameters"],
+               "layers": manifest["model"]["layers"], "onnx_bytes": manifest["onnx_bytes"],
+               "parity": manifest["parity"]}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"wrote {out}/ ({manifest['onnx_bytes'] / 2**20:.1f} MiB ONNX, "
+              f"{summary['layers']} layers, {summary['parameters']:,} parameters)")
+        if manifest["parity"]:
+            print("parity vs torch: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else
+                                                   f"{k} {v}" for k, v in
+                                                   manifest["parity"].items()))
+        print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from modelfold.artifact import is_artifact
+
+    if is_artifact(args.target):
+        info = _inspect_artifact(Path(args.target))
+        if args.graph:
+            raise _UserError("--graph draws a model's dataflow; give a model, not an artifact")
+    else:
+        info = _inspect_model(args.target, args.graph)
+    if args.json:
+        _print_json(info)
+    else:
+        _print_inspect(info)
+    return 0
+
+
+def _inspect_model(target: str, graph_file: str | None) -> dict[str, Any]:
+    import modelfold
+    from modelfold.ir.dataflow import to_html, to_svg
+
+    program = modelfold.load(target)
+    arch = program.arch
+    info: dict[str, Any] = {
+        "type": "model", "path": program.source, "class": type(program.module).__name__,
+        "architecture": {k: v for k, v in arch.to_dict().items() if k != "layer"},
+        "parameters": program.parameter_count(), "bytes": program.parameter_bytes(),
+        "breakdown": program.parameter_breakdown(),
+        "module_tree": _module_tree(program),
+        "dialect_ops": dict(program.dialect_ops()),
+        "graph_nodes": sum(1 for n in program.exported.graph.nodes if n.op == "call_function"),
+    }
+    if graph_file:
+        graph = program.dataflow()
+        title = f"{type(program.module).__name__} ({arch.num_layers} layers) dataflow"
+        text = to_html(graph, title=title) if graph_file.endswith((".html", ".htm")) \
+            else to_svg(graph, title=title)
+        Path(graph_file).write_text(text)
+        info["graph_file"] = graph_file
+        info["dataflow"] = {"nodes": graph.number_of_nodes(), "edges": graph.number_of_edges()}
+    return info
+
+
+def _module_tree(program) -> list[str]:
+    """Indented module tree; the layer stack is shown once with its repeat count."""
+    layers = program.arch.layers
+    lines: list[str] = []
+    for name, module in program.module.named_modules():
+        if not name:
+            continue
+        if name.startswith(layers + ".") and not name.startswith(layers + ".0"):
+            continue
+        depth = name.count(".")
+        label = name.rpartition(".")[2]
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        extra = f"  x{program.arch.num_layers}" if name == f"{layers}.0" else ""
+        lines.append(f"{'  ' * depth}{label}: {type(module).__name__}"
+                     f"{f' ({own:,} params)' if own else ''}{extra}")
+    return lines
+
+
+def _inspect_artifact(path: Path) -> dict[str, Any]:
+    from collections import Counter
+
+    import onnx
+
+    from modelfold.artifact import read_manifest
+
+    manifest = read_manifest(path)
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
+    init_bytes = sum(
+        int(next((e.value for e in t.external_data if e.key == "length"), 0)) or len(t.raw_data)
+        for t in model.graph.initializer)
+    return {
+        "type": "artifact", "path": str(path), "pipeline": manifest.get("pipeline"),
+        "source": manifest.get("source"), "model": manifest.get("model"),
+        "onnx_bytes": manifest.get("onnx_bytes"), "initializer_bytes": init_bytes,
+        "initializers": len(model.graph.initializer),
+        "inputs": [i.name for i in model.graph.input],
+        "outputs": [o.name for o in model.graph.output],
+        "op_counts": dict(ops.most_common()),
+        "custom_domain_ops": {k: v for k, v in ops.items() if "." in k},
+        "parity": manifest.get("parity"), "files": manifest.get("files"),
+    }
+
+
+def _print_inspect(info: dict[str, Any]) -> None:
+    if info["type"] == "artifact":
+        print(f"artifact {info['path']}")
+        print(f"  pipeline: {info['pipeline'] or '(none)'}   source: {info['source']}")
+        print(f"  ONNX bytes: {info['onnx_bytes']:,} ({info['initializers']} initializers, "
+              f"{info['initializer_bytes']:,} bytes)")
+        print(f"  inputs: {len(info['inputs'])} ({', '.join(info['inputs'][:4])}, ...)")
+        print(f"  outputs: {len(info['outputs'])} ({', '.join(info['outputs'][:3])}, ...)")
+        print("  ops: " + ", ".join(f"{k} {v}" for k, v in info["op_counts"].items()))
+        print(f"  custom-domain ops: {info['custom_domain_ops'] or 'none'}")
+        print(f"  parity vs torch: {info['parity']}")
+        return
+    a = info["architecture"]
+    print(f"{info['class']} from {info['path']}")
+    print(f"  {a['family']} {a['kind']}: {a['num_layers']} layers, hidden {a['hidden_size']}, "
+          f"{a['num_heads']} heads / {a['num_kv_heads']} KV heads (head dim {a['head_dim']}), "
+          f"{a['activation']}, {a['mlp_type']} MLP, tied embeddings: {a['tied_embeddings']}")
+    print(f"  {info['parameters']:,} parameters, {info['bytes'] / 2**20:.1f} MiB")
+    print("  breakdown:")
+    for part, entry in sorted(info["breakdown"].items(), key=lambda kv: -kv[1]["parameters"]):
+        share = entry["parameters"] / max(info["parameters"], 1)
+        print(f"    {part:<16} {entry['parameters']:>12,} params {entry['bytes'] / 2**20:>8.1f} "
+              f"MiB {share:6.1%}")
+    print(f"  dialect ops: {info['dialect_ops'] or 'none'} (graph: {info['graph_nodes']} ops)")
+    print("  module tree:")
+    for line in info["module_tree"]:
+        print("    " + line)
+    if info.get("graph_file"):
+        print(f"  dataflow graph ({info['dataflow']['nodes']} nodes, {info['dataflow']['edges']} "
+              f"edges) written to {info['graph_file']}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from modelfold.artifact import is_artifact
+    from modelfold.evaluate import evaluate
+
+    if args.text:
+        text_path = Path(args.text)
+        if not text_path.is_file():
+            raise _UserError(f"--text file '{text_path}' does not exist")
+        text, text_name = text_path.read_text(encoding="utf-8", errors="replace"), str(text_path)
+    else:
+        from modelfold.corpus import corpus_text
+
+        text, text_name = corpus_text(args.corpus, args.split), f"{args.corpus}:{args.split}"
+    if is_artifact(args.target):
+        from transformers import AutoTokenizer
+
+        from modelfold.backends.onnxruntime.runtime import OnnxCausalLM
+
+        target = OnnxCausalLM(args.target)
+        tokenizer = AutoTokenizer.from_pretrained(args.target)
+    else:
+        import modelfold
+
+        program = modelfold.load(args.target)
+        if program.arch.kind != "causal-lm":
+            raise _UserError(f"perplexity needs a causal LM; '{args.target}' is an "
+                             f"{program.arch.kind}")
+        target, tokenizer = program.module, program.tokenizer
+    result = evaluate(target, tokenizer, text, chars=args.chars, window=args.window,
+                      batch_size=args.batch_size, progress=not args.json)
+    result = {"model": args.target, "text": text_name, **result}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"perplexity {result['perplexity']:.3f} ({result['runtime']}, {result['tokens']:,} "
+              f"tokens in {result['windows']} windows of {args.window}, {text_name}, "
+              f"{result['seconds']:.1f}s)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from modelfold.artifact import is_artifact
+
+    if not is_artifact(args.artifact):
+        raise _UserError(f"'{args.artifact}' is not a modelfold artifact (no modelfold.json); "
+                         "make one with `modelfold convert`")
+    if args.max_new_tokens < 1:
+        raise _UserError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    from transformers import AutoTokenizer
+
+    from modelfold.backends.onnxruntime.runtime import OnnxCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(args.artifact)
+    if args.chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                            add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise _UserError("the prompt is empty")
+    lm = OnnxCausalLM(args.artifact)
+    out = lm.generate(list(ids), args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(out["new_tokens"], skip_special_tokens=True)
+    result = {"prompt": args.prompt, "text": text, "new_tokens": out["new_tokens"],
+              "prompt_tokens": len(ids), "prefill_seconds": out["prefill_seconds"],
+              "decode_seconds": out["decode_seconds"],
+              "tokens_per_s": out["decode_tokens_per_s"]}
+    if args.json:
+        _print_json(result)
+    else:
+        print(args.prompt + text)
+        print(f"[{len(out['new_tokens'])} tokens, {out['decode_tokens_per_s']:.1f} tokens/s decode, "
+              f"prefill {out['prefill_seconds'] * 1000:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+class _UserError(Exception):
+    """Bad command-line input (printed as one line, exit 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelfold", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("passes", help="list registered passes and their options")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("assets", help="install or list the embedded models and corpus")
+    p.add_argument("action", choices=["pull", "list"])
+    p.add_argument("names", nargs="*", help="assets to pull (default: all)")
+    p.add_argument("--force", action="store_true", help="re-install even if present")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser("convert", help="transform a model and export an ONNX Runtime artifact")
+    p.add_argument("model", nargs="?", default=None,
+                   help="asset name or local HF model directory (default: smollm2-135m)")
+    p.add_argument("-p", "--pipeline", required=True,
+                   help="pipeline string, e.g. 'layer-importance,drop-layers{count=4}', or a "
+                        "YAML recipe file")
+    p.add_argument("-o", "--output", required=True, help="artifact folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-verify", action="store_true", help="skip IR verification between passes")
+    p.add_argument("--no-parity", action="store_true", help="skip the torch/ORT parity check")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="show a model's or artifact's structure and sizes")
+    p.add_argument("target", help="asset name, model directory or artifact folder")
+    p.add_argument("--graph", metavar="FILE", help="write the dataflow graph (.svg or .html)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("eval", help="perplexity of a model (torch) or an artifact (ONNX Runtime)")
+    p.add_argument("target", help="asset name, model directory or artifact folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--corpus", default="wikipedia", help="installed corpus (default wikipedia)")
+    src.add_argument("--text", metavar="FILE", help="evaluate on a UTF-8 text file instead")
+    p.add_argument("--split", default="evaluation", help="corpus split (default evaluation)")
+    p.add_argument("--chars", type=int, default=200_000, help="characters of text (default 200000)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="greedy generation from an artifact (KV cache)")
+    p.add_argument("artifact")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from modelfold.artifact import ArtifactError
+    from modelfold.assets import AssetError
+    from modelfold.ir.capture import CaptureError
+    from modelfold.ir.verify import VerificationError
+    from modelfold.passes.base import PassError
+
+    return (_UserError, AssetError, ArtifactError, PassError, CaptureError, VerificationError,
+            ValueError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("modelfold: interrupted (no partial output was kept)", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"modelfold: error: {message}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
