@@ -1,7 +1,8 @@
 """Module-level dataflow view of a captured program, as a ``networkx.DiGraph``.
 
 Nodes are the parts the architecture description names (embeddings, each layer's attention,
-MLP and norms, the final norm, the LM head) plus each layer's own residual arithmetic; an edge
+MLP and norms, the final norm, the LM head) plus each layer's own residual arithmetic (one node
+per run of consecutive ops, ``model.layers.3.residual_1``, so the graph stays acyclic); an edge
 ``a -> b`` means some graph node owned by ``b`` reads a value produced under ``a``. So residual
 connections show up as skip edges, and a dropped layer disappears from the chain.
 """
@@ -55,6 +56,8 @@ def dataflow_graph(program: Program) -> nx.DiGraph:
     graph = nx.DiGraph()
     graph.add_node("input", kind="io", layer=-1, params=0)
     owner: dict[str, str] = {}
+    residual_runs: dict[str, int] = {}
+    previous = ""
     ep = program.exported
     user_inputs = set(ep.graph_signature.user_inputs)
     for node in ep.graph.nodes:
@@ -69,9 +72,18 @@ def dataflow_graph(program: Program) -> nx.DiGraph:
             continue
         path = owning_module(node)
         comp = _component_of("" if path.startswith("_") else path, comps)
-        owner[node.name] = comp
+        if comp == "model" or comps.get(comp) == "layer":
+            # glue ops (a layer's residual adds, the model's mask / position / slicing ops) get
+            # one node per run of consecutive ops, so the graph stays acyclic
+            suffix = "residual" if comp != "model" else "glue"
+            if not previous.startswith(f"{comp}.{suffix}_"):
+                residual_runs[comp] = residual_runs.get(comp, 0) + 1
+            comp = f"{comp}.{suffix}_{residual_runs[comp]}"
+        owner[node.name] = previous = comp
         if comp not in graph:
-            graph.add_node(comp, kind=comps.get(comp, "other"), layer=_layer_index(comp, program),
+            kind = "residual" if ".residual_" in comp else comps.get(comp, "other")
+            kind = "glue" if comp.startswith("model.glue_") else kind
+            graph.add_node(comp, kind=kind, layer=_layer_index(comp, program),
                            params=_param_count(program, comp))
         for arg in node.all_input_nodes:
             src = owner.get(arg.name)
@@ -89,19 +101,17 @@ def _layer_index(comp: str, program: Program) -> int:
 
 
 def _param_count(program: Program, comp: str) -> int:
-    if comp in ("model", "input", "output"):
+    if comp in ("input", "output") or ".residual_" in comp or comp.startswith("model.glue_"):
         return 0
     try:
         module = program.module.get_submodule(comp)
     except AttributeError:
         return 0
-    if program.arch.layers and comp.count(".") == program.arch.layers.count(".") + 1:
-        return 0  # a layer node stands for its residual arithmetic, not its sub-parts
     return sum(p.numel() for p in module.parameters())
 
 
 _COLORS = {"embedding": "#cfe2ff", "attention": "#ffd8a8", "mlp": "#c3fae8", "norm": "#e9ecef",
-           "layer": "#fff3bf", "lm_head": "#d0bfff", "io": "#ffffff", "other": "#f8f9fa"}
+           "residual": "#fff3bf", "lm_head": "#d0bfff", "io": "#ffffff", "glue": "#ffffff", "other": "#f8f9fa"}
 
 
 def to_svg(graph: nx.DiGraph, *, title: str = "") -> str:
