@@ -524,6 +524,10 @@ def _is_causal_lm(config: Any) -> bool:
     )
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt",
+                    "vocab.json")
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None, *, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, Any]:
@@ -548,7 +552,10 @@ def load_model(
         config = AutoConfig.from_pretrained(path)
         model_cls = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
         model = model_cls.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # A model directory without tokenizer files still loads (tokenizer None): it can be
+        # converted, but evaluation, calibration on text and generation need a tokenizer.
+        has_tokenizer = any((path / f).exists() for f in _TOKENIZER_FILES)
+        tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
     except Exception as exc:  # every loader failure here means a broken model directory
         raise AssetError(
             f"could not load the model in '{path}': {type(exc).__name__}: {exc}"

@@ -1,0 +1,149 @@
+"""The command line, end to end on a small real-tokenizer model, and its error behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+from modelfold.assets import load_model
+from modelfold.cli import main
+
+PIPELINE = "layer-importance{n_samples=4,seq_len=32},drop-layers{count=1}"
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory) -> Path:
+    """A 3-layer random Llama with SmolLM2's real tokenizer and vocabulary, saved to disk."""
+    _, tokenizer = load_model("smollm2-135m")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=1024, tie_word_embeddings=True,
+                            bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("models") / "small-llama"
+    tf.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifact(small_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("artifacts") / "small"
+    assert main(["convert", str(small_model_dir), "-p", PIPELINE, "-o", str(out)]) == 0
+    return out
+
+
+def run_json(capsys, argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_convert_writes_a_self_contained_artifact(artifact):
+    names = {p.name for p in artifact.iterdir()}
+    assert {"model.onnx", "modelfold.json", "config.json", "tokenizer.json", "report.md",
+            "report.json", "pass1-layer-importance.png"} <= names
+    manifest = json.loads((artifact / "modelfold.json").read_text())
+    assert manifest["pipeline"].startswith("layer-importance{") and manifest["model"]["layers"] == 2
+    assert json.loads((artifact / "config.json").read_text())["num_hidden_layers"] == 2
+    assert manifest["parity"]["max_abs_diff_prefill"] <= 1e-4
+    assert not any(n.startswith(".") for n in os.listdir(artifact.parent))  # no temporaries
+
+
+def test_eval_artifact_matches_torch(capsys, small_model_dir, artifact, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("The Roman Empire was the post-Republican state of ancient Rome. " * 40)
+    ort = run_json(capsys, ["eval", str(artifact), "--text", str(text), "--window", "64"])
+    # the torch reference: the same model with the same layer dropped
+    from modelfold.evaluate import evaluate
+
+    import modelfold
+    from modelfold.passes.manager import PassContext
+
+    dropped = json.loads((artifact / "modelfold.json").read_text())["pipeline"]
+    result = modelfold.transform(str(small_model_dir), dropped, context=PassContext(log=None))
+    ref = evaluate(result.module, result.program.tokenizer, text.read_text(), window=64,
+                   progress=False)
+    assert ort["runtime"] == "onnxruntime" and ort["tokens"] == ref["tokens"]
+    assert abs(ort["perplexity"] / ref["perplexity"] - 1) < 1e-3
+
+
+def test_generate_and_inspect(capsys, artifact, small_model_dir, tmp_path):
+    out = run_json(capsys, ["generate", str(artifact), "Hello", "--max-new-tokens", "5"])
+    assert len(out["new_tokens"]) == 5 and out["tokens_per_s"] > 0 and isinstance(out["text"], str)
+    info = run_json(capsys, ["inspect", str(artifact)])
+    assert info["type"] == "artifact" and "MatMul" in info["op_counts"]
+    assert "past_key_values.0.key" in info["inputs"] and "past_key_values.2.key" not in info["inputs"]
+    graph = tmp_path / "graph.html"
+    info = run_json(capsys, ["inspect", str(small_model_dir), "--graph", str(graph)])
+    assert info["architecture"]["num_layers"] == 3 and info["dialect_ops"] == {}
+    assert info["breakdown"]["embeddings"]["parameters"] == 49152 * 64
+    assert "lm_head" not in info["breakdown"]  # tied: counted once, under embeddings
+    assert graph.read_text().count("<rect") == info["dataflow"]["nodes"]
+
+
+def test_passes_lists_options(capsys):
+    listing = run_json(capsys, ["passes"])
+    assert listing["drop-layers"]["kind"] == "lossy"
+    assert {o["name"] for o in listing["drop-layers"]["options"]} == {"layers", "count",
+                                                                       "strategy", "seed"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["convert", "-p", "drop-layer{count=1}", "-o", "{out}"], "unknown pass 'drop-layer'"),
+    (["convert", "-p", "drop-layers{cnt=1}", "-o", "{out}"], "has no option 'cnt'"),
+    (["convert", "-p", "drop-layers{count=x}", "-o", "{out}"], "must be an integer"),
+    (["convert", "{missing}", "-p", "drop-layers{count=1}", "-o", "{out}"], "does not exist"),
+    (["convert", "{tmp}", "-p", "drop-layers{count=1}", "-o", "{out}"],
+     "is not a Hugging Face model directory"),
+    (["convert", "{t5}", "-p", "drop-layers{count=1}", "-o", "{out}"],
+     "unsupported architecture model_type='t5'"),
+    (["eval", "{missing}"], "does not exist"),
+    (["generate", "{tmp}", "hi"], "is not a modelfold artifact"),
+])
+def test_bad_input_gives_one_error_line(capsys, tmp_path, argv, message):
+    t5 = tmp_path / "t5"
+    tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1,
+                                              num_heads=2, d_kv=8)).save_pretrained(t5)
+    fill = {"{out}": str(tmp_path / "out"), "{missing}": str(tmp_path / "nope"),
+            "{tmp}": str(tmp_path), "{t5}": str(t5)}
+    argv = [fill.get(a, a) for a in argv]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("modelfold: error: ") and message in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused(capsys, artifact, small_model_dir):
+    assert main(["convert", str(small_model_dir), "-p", "drop-layers{count=1,strategy=last}",
+                 "-o", str(artifact)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_interrupted_convert_leaves_no_partial_output(small_model_dir, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelfold", "convert", str(small_model_dir), "-p",
+         "drop-layers{count=1,strategy=last}", "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(p.name.startswith(".interrupted.partial-")
+                                             for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C does, while the export is writing
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
