@@ -111,7 +111,8 @@ def _param_count(program: Program, comp: str) -> int:
 
 
 _COLORS = {"embedding": "#cfe2ff", "attention": "#ffd8a8", "mlp": "#c3fae8", "norm": "#e9ecef",
-           "residual": "#fff3bf", "lm_head": "#d0bfff", "io": "#ffffff", "glue": "#ffffff", "other": "#f8f9fa"}
+           "residual": "#fff3bf", "lm_head": "#d0bfff", "io": "#ffffff", "glue": "#ffffff",
+           "other": "#f8f9fa"}
 
 
 def to_svg(graph: nx.DiGraph, *, title: str = "") -> str:

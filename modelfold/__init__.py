@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from modelfold.ir.program import Program
-    from modelfold.passes.base import Pass
     from modelfold.passes.manager import PassContext
 
 

@@ -56,13 +56,13 @@ def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onn
     if out.exists() and not overwrite:
         raise ArtifactError(f"output folder '{out}' already exists; choose another or pass "
                             "--overwrite")
-    from modelfold.backends.onnxruntime.export import check_parity, export_onnx
+    from modelfold.backends.onnxruntime.export import export_onnx
 
     with atomic_output(out) as tmp:
         tmp.mkdir()
         start = time.perf_counter()
-        onnx_facts = export_onnx(program.module, tmp)
-        parity_facts = check_parity(program.module, tmp) if parity else {}
+        onnx_facts = export_onnx(program.module, tmp, parity=parity)
+        parity_facts = onnx_facts.pop("parity", {})
         program.module.config.save_pretrained(tmp)
         if program.tokenizer is not None:
             program.tokenizer.save_pretrained(tmp)

@@ -56,7 +56,7 @@ def test_convert_writes_a_self_contained_artifact(artifact):
     manifest = json.loads((artifact / "modelfold.json").read_text())
     assert manifest["pipeline"].startswith("layer-importance{") and manifest["model"]["layers"] == 2
     assert json.loads((artifact / "config.json").read_text())["num_hidden_layers"] == 2
-    assert manifest["parity"]["max_abs_diff_prefill"] <= 1e-4
+    assert manifest["parity"]["prefill_max_abs_diff"] <= 1e-4
     assert not any(n.startswith(".") for n in os.listdir(artifact.parent))  # no temporaries
 
 
@@ -65,9 +65,8 @@ def test_eval_artifact_matches_torch(capsys, small_model_dir, artifact, tmp_path
     text.write_text("The Roman Empire was the post-Republican state of ancient Rome. " * 40)
     ort = run_json(capsys, ["eval", str(artifact), "--text", str(text), "--window", "64"])
     # the torch reference: the same model with the same layer dropped
-    from modelfold.evaluate import evaluate
-
     import modelfold
+    from modelfold.evaluate import evaluate
     from modelfold.passes.manager import PassContext
 
     dropped = json.loads((artifact / "modelfold.json").read_text())["pipeline"]

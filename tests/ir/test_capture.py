@@ -5,8 +5,7 @@ import pytest
 import torch
 import transformers as tf
 
-from modelfold.ir import (Program, UnsupportedArchitectureError, VerificationError, describe,
-                          verify)
+from modelfold.ir import Program, UnsupportedArchitectureError, VerificationError, describe, verify
 from modelfold.ir.dataflow import to_html, to_svg
 from tests.tiny_models import ALL_FAMILIES, tiny_model
 

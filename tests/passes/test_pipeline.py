@@ -4,8 +4,13 @@ import pytest
 
 from modelfold.passes.drop_layers import DropLayers, DropLayersConfig
 from modelfold.passes.layer_importance import LayerImportance
-from modelfold.passes.pipeline import (PipelineSyntaxError, build_pipeline, load_recipe,
-                                       parse_pipeline, pipeline_string)
+from modelfold.passes.pipeline import (
+    PipelineSyntaxError,
+    build_pipeline,
+    load_recipe,
+    parse_pipeline,
+    pipeline_string,
+)
 from modelfold.passes.registry import UnknownPassError, registered_passes
 
 
