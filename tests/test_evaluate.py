@@ -29,7 +29,7 @@ def test_uniform_model_has_perplexity_equal_to_vocabulary(tokenizer):
                            window=32)
     vocab = len(tokenizer)
     result = perplexity(lambda ids: torch.zeros(*ids.shape, vocab), windows, progress=False)
-    assert result["perplexity"] == pytest.approx(vocab, rel=1e-9)
+    assert result["perplexity"] == pytest.approx(vocab, rel=1e-5)  # float32 log_softmax
     assert result["tokens"] == sum(w.numel() - 1 for w in windows)
 
 
