@@ -1,0 +1,287 @@
+"""Run modelfold ONNX artifacts with ONNX Runtime (CPU).
+
+Shape legend: B = batch, S = new tokens, P = past tokens, T = P + S, H = KV heads,
+D = head dim, V = vocabulary, E = hidden size.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from modelfold.backends.onnxruntime import wrappers
+
+__all__ = ["OPTIMIZATION_LEVELS", "OnnxCausalLM", "OnnxEncoder", "create_session"]
+
+MODEL_FILE = "model.onnx"
+
+OPTIMIZATION_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
+_PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
+
+
+def create_session(
+    path: Path,
+    *,
+    threads: int | None = None,
+    optimization_level: str = "all",
+) -> ort.InferenceSession:
+    """Opens an ONNX Runtime CPU session.
+
+    Args:
+        path: The `.onnx` file (its external data file must sit beside it).
+        threads: Intra-op threads; None lets ONNX Runtime use one per physical core.
+        optimization_level: Graph optimizations applied at load ("disabled", "basic", "extended",
+            "all"). The artifact is already optimized offline up to a portable level; "all" adds
+            the hardware-specific ones for this machine.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX model at {path}; export one with export_onnx()")
+    if optimization_level not in OPTIMIZATION_LEVELS:
+        raise ValueError(
+            f"optimization_level must be one of {sorted(OPTIMIZATION_LEVELS)}, got {optimization_level!r}"
+        )
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
+    options.intra_op_num_threads = threads or 0
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _artifact_model(artifact_dir: Path) -> Path:
+    artifact_dir = Path(artifact_dir)
+    return artifact_dir / MODEL_FILE if artifact_dir.is_dir() else artifact_dir
+
+
+class OnnxCausalLM:
+    """A decoder artifact with a KV cache: perplexity logits and greedy generation.
+
+    Args:
+        artifact_dir: Directory holding `model.onnx` (or the `.onnx` file itself).
+        threads: Intra-op threads (None: one per physical core).
+        optimization_level: Graph optimizations ONNX Runtime applies at load.
+        use_ort_values: Keep the KV cache in ONNX Runtime `OrtValue`s between decode steps
+            (`run_with_ort_values`) instead of numpy arrays. Off by default: on SmolLM2-135M it
+            made no measurable difference (43.8 vs 42.6 tokens/s, within noise), because on
+            the CPU numpy inputs are used in place and the graph's Concat copies the past anyway.
+    """
+
+    def __init__(
+        self,
+        artifact_dir: Path,
+        *,
+        threads: int | None = None,
+        optimization_level: str = "all",
+        use_ort_values: bool = False,
+    ):
+        self.path = _artifact_model(artifact_dir)
+        self.session = create_session(self.path, threads=threads, optimization_level=optimization_level)
+        self.use_ort_values = use_ort_values
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        missing = {wrappers.INPUT_IDS, wrappers.ATTENTION_MASK, wrappers.POSITION_IDS} - set(inputs)
+        layers = sorted(int(m.group(1)) for n in inputs if (m := _PAST_KEY.match(n)))
+        if missing or not layers:
+            raise ValueError(
+                f"{self.path} is not a KV-cache decoder artifact (inputs {sorted(inputs)}); "
+                "export a *ForCausalLM model with export_onnx()"
+            )
+        self.num_layers = len(layers)
+        past = inputs[wrappers.past_name(0, "key")]
+        _, self.num_kv_heads, _, self.head_dim = past.shape  # [B, H, P, D]
+        self.cache_dtype = _ORT_TO_NUMPY[past.type]
+        logits = next(o for o in self.session.get_outputs() if o.name == wrappers.LOGITS)
+        self.vocab_size = logits.shape[-1]
+        self.past_names = [
+            wrappers.past_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")
+        ]
+        self.output_names = [wrappers.LOGITS] + [
+            wrappers.present_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")
+        ]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        """A zero-length KV cache: 2 * num_layers arrays of shape [B, H, 0, D]."""
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, dtype=self.cache_dtype) for _ in self.past_names]
+
+    def step(
+        self,
+        input_ids: np.ndarray,  # [B, S]
+        attention_mask: np.ndarray,  # [B, T]
+        position_ids: np.ndarray,  # [B, S]
+        past: Sequence[Any],  # 2 * num_layers x [B, H, P, D] (numpy or OrtValue)
+    ) -> tuple[np.ndarray, list[Any]]:
+        """One forward pass. Returns logits [B, S, V] and the present cache (same kind as `past`)."""
+        if len(past) != len(self.past_names):
+            raise ValueError(f"expected {len(self.past_names)} past tensors, got {len(past)}")
+        feeds: dict[str, Any] = {
+            wrappers.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
+            wrappers.ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
+            wrappers.POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
+        }
+        if past and isinstance(past[0], ort.OrtValue):
+            feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
+            feeds.update(zip(self.past_names, past))
+            outputs = self.session.run_with_ort_values(self.output_names, feeds)
+            return outputs[0].numpy(), list(outputs[1:])
+        feeds.update(zip(self.past_names, past))
+        outputs = self.session.run(self.output_names, feeds)
+        return outputs[0], outputs[1:]
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Logits for every position of `input_ids` [B, S] with no past -> [B, S, V] float32.
+
+        `attention_mask` [B, S] (1 = token, 0 = left padding) defaults to all ones.
+        """
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got {input_ids.shape}")
+        if attention_mask is None:
+            attention_mask = np.ones_like(input_ids)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}"
+            )
+        positions = _positions(attention_mask, input_ids.shape[1])
+        logits, _ = self.step(input_ids, attention_mask, positions, self.empty_past(len(input_ids)))
+        return logits.astype(np.float32, copy=False)  # [B, S, V]
+
+    def generate(
+        self,
+        input_ids: Sequence[int] | np.ndarray,
+        max_new_tokens: int,
+        eos_token_id: int | Sequence[int] | None = None,
+    ) -> dict[str, Any]:
+        """Greedy decoding of one prompt with the KV cache.
+
+        The prefill runs the whole prompt once; each later step feeds one token and the previous
+        step's present keys/values as the past.
+
+        Returns:
+            `tokens` (prompt + new), `new_tokens`, `prefill_seconds` (prompt -> first token),
+            `decode_seconds` (the remaining steps), `decode_tokens_per_s`.
+        """
+        prompt = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        if prompt.size == 0:
+            raise ValueError("generate needs a non-empty prompt")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        stop = _eos_set(eos_token_id)
+
+        start = time.perf_counter()
+        seq = prompt.size
+        past: list[Any] = self.empty_past(1)
+        if self.use_ort_values:
+            past = [ort.OrtValue.ortvalue_from_numpy(p) for p in past]
+        logits, past = self.step(
+            prompt[None, :],  # [1, S]
+            np.ones((1, seq), dtype=np.int64),
+            np.arange(seq, dtype=np.int64)[None, :],
+            past,
+        )
+        new_tokens = [int(np.argmax(logits[0, -1]))]  # logits: [1, S, V]
+        prefill_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        mask = np.ones((1, seq + max_new_tokens), dtype=np.int64)  # sliced per step: [1, T]
+        while len(new_tokens) < max_new_tokens and new_tokens[-1] not in stop:
+            total = seq + len(new_tokens)
+            logits, past = self.step(
+                np.array([[new_tokens[-1]]], dtype=np.int64),  # [1, 1]
+                mask[:, :total],
+                np.array([[total - 1]], dtype=np.int64),
+                past,
+            )
+            new_tokens.append(int(np.argmax(logits[0, -1])))
+        decode_seconds = time.perf_counter() - start
+        decode_steps = len(new_tokens) - 1
+        return {
+            "tokens": prompt.tolist() + new_tokens,
+            "new_tokens": new_tokens,
+            "prefill_seconds": prefill_seconds,
+            "decode_seconds": decode_seconds,
+            "decode_tokens_per_s": decode_steps / decode_seconds if decode_steps else float("nan"),
+        }
+
+
+class OnnxEncoder:
+    """An encoder artifact: `(input_ids, attention_mask[, token_type_ids]) -> last_hidden_state`.
+
+    Args:
+        artifact_dir: Directory holding `model.onnx` (or the `.onnx` file itself).
+        threads: Intra-op threads (None: one per physical core).
+        optimization_level: Graph optimizations ONNX Runtime applies at load.
+    """
+
+    def __init__(
+        self,
+        artifact_dir: Path,
+        *,
+        threads: int | None = None,
+        optimization_level: str = "all",
+    ):
+        self.path = _artifact_model(artifact_dir)
+        self.session = create_session(self.path, threads=threads, optimization_level=optimization_level)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        if self.input_names[:2] != [wrappers.INPUT_IDS, wrappers.ATTENTION_MASK]:
+            raise ValueError(
+                f"{self.path} is not an encoder artifact (inputs {self.input_names}); "
+                "export an encoder model with export_onnx()"
+            )
+
+    def __call__(
+        self,
+        input_ids: np.ndarray,  # [B, S]
+        attention_mask: np.ndarray | None = None,  # [B, S]
+        token_type_ids: np.ndarray | None = None,  # [B, S]
+    ) -> np.ndarray:
+        """Returns last_hidden_state [B, S, E]."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        if attention_mask is None:
+            attention_mask = np.ones_like(input_ids)
+        feeds = {
+            wrappers.INPUT_IDS: input_ids,
+            wrappers.ATTENTION_MASK: np.asarray(attention_mask, dtype=np.int64),
+        }
+        if wrappers.TOKEN_TYPE_IDS in self.input_names:
+            if token_type_ids is None:
+                token_type_ids = np.zeros_like(input_ids)
+            feeds[wrappers.TOKEN_TYPE_IDS] = np.asarray(token_type_ids, dtype=np.int64)
+        return self.session.run([wrappers.LAST_HIDDEN_STATE], feeds)[0]  # [B, S, E]
+
+
+def _positions(attention_mask: np.ndarray, num_new: int) -> np.ndarray:
+    """Numpy twin of `wrappers.decoder_positions`: [B, T] mask -> [B, S] position ids."""
+    positions = np.cumsum(attention_mask, axis=-1) - 1  # [B, T]
+    positions[attention_mask == 0] = 1
+    return positions[:, positions.shape[1] - num_new :]
+
+
+def _eos_set(eos_token_id: int | Sequence[int] | None) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, (int, np.integer)):
+        return {int(eos_token_id)}
+    return {int(t) for t in eos_token_id}
