@@ -41,8 +41,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onnxruntime",
-                   pipeline: str = "", overwrite: bool = False, parity: bool = True,
-                   log=print) -> dict[str, Any]:
+                   pipeline: str = "", overwrite: bool = False, parity: bool = True
+                   ) -> dict[str, Any]:
     """Export ``program`` to ``out_dir`` atomically and return the manifest."""
     from modelfold.assets import atomic_output
     from modelfold.passes.report import write_report

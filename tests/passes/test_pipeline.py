@@ -90,3 +90,11 @@ def test_registry_lists_builtin_passes_with_documented_options():
         assert cls.summary
         for opt in cls.config_class.describe_options():
             assert opt["help"], f"{cls.name}.{opt['name']} has no help text"
+
+
+def test_shipped_recipe_loads():
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "drop-4-layers.yaml"
+    assert pipeline_string(load_recipe(recipe)) == pipeline_string(
+        build_pipeline("layer-importance{n_samples=32,seq_len=256},drop-layers{count=4}"))
