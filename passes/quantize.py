@@ -1,0 +1,365 @@
+"""``quantize``: weight-only int2/3/4/8 quantization (RTN, GPTQ, AWQ) into ``QuantLinear`` layers.
+
+Every targeted linear layer is replaced by a ``QuantLinear`` holding its weight in ONNX Runtime's
+``MatMulNBits`` layout (``modelfold.ir.quant``), so the model still runs in eager PyTorch (through
+the ``modelfold::quant_linear`` reference) and lowers to ``com.microsoft.MatMulNBits`` unchanged.
+
+Methods:
+
+- ``rtn``: round to nearest on a per-group min/max grid (no calibration data);
+- ``gptq``: layer by layer on calibration text; every layer sees the outputs of the layers before
+  it, already quantized; each weight column's rounding error is compensated on the remaining
+  columns (``passes/gptq.py``);
+- ``awq``: layer by layer; activation-aware per-channel scales folded into the preceding norm or
+  linear, then a per-group clipping search, then RTN (``passes/awq.py``).
+
+The token embedding and the LM head are separate choices (``embeddings``, ``lm_head``): with tied
+embeddings they are one tensor; quantizing both keeps them one (packed) tensor, quantizing only one
+unties them and the report says so.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from modelfold.ir.program import Program
+from modelfold.ir.quant import (
+    SUPPORTED_BITS,
+    PackedWeight,
+    QuantEmbedding,
+    QuantFormat,
+    QuantFormatError,
+    QuantLinear,
+    block_size_for,
+    describe_format,
+)
+from modelfold.passes.base import Pass, PassConfig, PassError, PreconditionError, option
+from modelfold.passes.calibration import calibration_batches
+from modelfold.passes.layerwise import LayerwiseRunner
+from modelfold.passes.registry import register_pass
+
+METHODS = ("rtn", "gptq", "awq")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(PassConfig):
+    bits: int = option(4, "bits per weight: 2, 3, 4 or 8 (3-bit is stored in 4-bit containers)")
+    group_size: int = option(128, "weights per scale along the input dimension: a power of 2 >= 16, "
+                                  "or -1 for one scale per output channel")
+    symmetric: bool = option(False, "symmetric grid (zero point 2^(bits-1)) instead of min/max")
+    method: Literal["rtn", "gptq", "awq"] = option("rtn", "rtn (no data), gptq or awq (calibrated)")
+    targets: tuple[str, ...] = option(("*",), "linear layers to quantize: glob patterns over module "
+                                              "paths, or 're:<regex>'")
+    exclude: tuple[str, ...] = option((), "linear layers to leave in float (same pattern syntax)")
+    embeddings: bool = option(False, "also quantize the token embedding (RTN)")
+    lm_head: bool = option(False, "also quantize the LM head (RTN); with tied embeddings and "
+                                  "embeddings=true the two stay one tensor")
+    embedding_bits: int | None = option(None, "bits for the embedding / LM head (default: bits)")
+    damp: float = option(0.01, "GPTQ: fraction of the mean Hessian diagonal added as damping")
+    act_order: bool = option(True, "GPTQ: quantize columns by decreasing activation energy "
+                                   "(static groups, so the stored layout is unchanged)")
+    true_sequential: bool = option(False, "GPTQ: re-collect inputs after each sub-block "
+                                          "(attention in, attention out, MLP in, MLP out)")
+    awq_grid: int = option(20, "AWQ: scale exponents tried in [0, 1)")
+    awq_clip: bool = option(True, "AWQ: search a per-group clipping range")
+    awq_samples: int = option(32, "AWQ: calibration sequences used in the scale/clip search")
+    corpus: str = option("wikipedia", "calibration corpus ('random' for models without text)")
+    n_samples: int = option(128, "calibration sequences")
+    seq_len: int = option(512, "tokens per calibration sequence")
+    batch_size: int = option(8, "sequences per forward pass during calibration")
+    seed: int = option(0, "calibration sampling seed")
+
+    def validate(self) -> None:
+        for name in ("bits", "embedding_bits"):
+            value = getattr(self, name)
+            if value is not None and value not in SUPPORTED_BITS:
+                raise ValueError(f"quantize option '{name}' must be one of "
+                                 f"{', '.join(map(str, SUPPORTED_BITS))}; got {value}")
+        try:
+            block_size_for(self.group_size, 1)
+        except QuantFormatError as exc:
+            raise ValueError(f"quantize option 'group_size': {exc}") from None
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"quantize option 'damp' must be in [0, 1); got {self.damp}")
+        for name in ("n_samples", "seq_len", "batch_size", "awq_grid", "awq_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"quantize option '{name}' must be >= 1; got {getattr(self, name)}")
+        if not self.targets:
+            raise ValueError("quantize option 'targets' is empty; use '*' for every linear layer")
+        for pattern in (*self.targets, *self.exclude):
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise ValueError(f"quantize pattern {pattern!r} is not a valid regex: "
+                                     f"{exc}") from None
+
+
+# -- finding the linear layers -----------------------------------------------------------------
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight stored ``[in, out]``)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, in]`` (transposing a ``Conv1D``'s ``[in, out]``)."""
+    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
+
+
+def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an ``[out, in]`` weight back into ``module`` (transposing for ``Conv1D``)."""
+    target = weight.t() if type(module).__name__ == "Conv1D" else weight
+    module.weight.data.copy_(target)
+
+
+def matches(path: str, patterns: tuple[str, ...]) -> bool:
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], path):
+                return True
+        elif fnmatch.fnmatchcase(path, pattern):
+            return True
+    return False
+
+
+def find_targets(program: Program, targets: tuple[str, ...], exclude: tuple[str, ...],
+                 *, what: str = "quantize") -> tuple[dict[int, dict[str, nn.Module]],
+                                                     list[dict[str, str]]]:
+    """Linear layers inside the layer stack that the patterns select, grouped by layer index.
+
+    Returns:
+        ``({layer_index: {path: module}}, skipped)``; ``skipped`` lists selected modules that
+        cannot be handled (MoE expert tensors, routers) with the reason.
+
+    Raises:
+        PassError: a pattern matches no linear layer at all.
+    """
+    arch = program.arch
+    stack = program.module.get_submodule(arch.layers)
+    router = arch.layer.mlp_proj.get("router")
+    experts = arch.layer.mlp_proj.get("experts")
+    selected: dict[int, dict[str, nn.Module]] = {}
+    skipped: list[dict[str, str]] = []
+    all_linear: list[str] = []
+    for index, layer in enumerate(stack):
+        prefix = f"{arch.layers}.{index}."
+        for rel, module in layer.named_modules():
+            path = prefix + rel
+            if experts and rel == experts:
+                if matches(path, targets) and not matches(path, exclude):
+                    skipped.append({"target": path, "reason": "MoE experts are batched 3-D "
+                                    "tensors, not linear layers; they stay in float"})
+                continue
+            if not is_linear(module):
+                continue
+            all_linear.append(path)
+            if not matches(path, targets) or matches(path, exclude):
+                continue
+            if router and rel == router:
+                skipped.append({"target": path, "reason": "MoE router: quantizing the expert "
+                                "choice is not supported; it stays in float"})
+                continue
+            selected.setdefault(index, {})[path] = module
+    for pattern in targets:
+        if not any(matches(p, (pattern,)) for p in all_linear) and pattern != "*":
+            example = all_linear[0] if all_linear else "(none found)"
+            raise PassError(f"{what} option 'targets': pattern {pattern!r} matches no linear "
+                            f"layer (linear layers are named like '{example}')")
+    for pattern in exclude:
+        if not any(matches(p, (pattern,)) for p in all_linear):
+            raise PassError(f"{what} option 'exclude': pattern {pattern!r} matches no linear layer")
+    return selected, skipped
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+def weight_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """``||W - W_q||^2 / ||W||^2``."""
+    w = weight.detach().float()
+    return float(((w - approx.float()) ** 2).sum() / (w ** 2).sum().clamp_min(1e-30))
+
+
+# -- the pass ------------------------------------------------------------------------------------
+@register_pass
+class Quantize(Pass):
+    """Weight-only quantization into the MatMulNBits layout (lossy)."""
+
+    name = "quantize"
+    config_class = QuantizeConfig
+    kind = "lossy"
+    summary = "weight-only int2/3/4/8 quantization (rtn, gptq, awq) to MatMulNBits-layout layers"
+
+    def requires(self, program: Program) -> None:
+        if self.config.method == "awq":
+            from modelfold.passes.awq import check_supported
+
+            check_supported(program)
+        if self.config.method != "rtn" and self.config.corpus != "random" \
+                and program.tokenizer is None:
+            raise PreconditionError(
+                f"quantize method={self.config.method} calibrates on text and needs a tokenizer; "
+                "load the model with its tokenizer, or use corpus=random (tiny test models)")
+
+    def format_for(self, in_features: int, bits: int | None = None) -> QuantFormat:
+        cfg = self.config
+        return QuantFormat(bits or cfg.bits, block_size_for(cfg.group_size, in_features),
+                           cfg.symmetric)
+
+    def run(self, program: Program) -> dict[str, Any]:
+        cfg = self.config
+        selected, skipped = find_targets(program, cfg.targets, cfg.exclude)
+        count = sum(len(v) for v in selected.values())
+        start = time.perf_counter()
+        if cfg.method == "rtn":
+            layers = self._rtn(program, selected)
+            calibration = None
+        else:
+            ids = calibration_batches(program, corpus=cfg.corpus, n_samples=cfg.n_samples,
+                                      seq_len=cfg.seq_len, seed=cfg.seed)
+            calibration = {"corpus": cfg.corpus, "sequences": int(ids.shape[0]),
+                           "tokens_per_sequence": int(ids.shape[1])}
+            runner = LayerwiseRunner(program, ids, batch_size=cfg.batch_size,
+                                     desc=f"quantize ({cfg.method})")
+            if cfg.method == "gptq":
+                from modelfold.passes.gptq_layerwise import quantize_gptq
+
+                layers = quantize_gptq(self, program, runner, selected)
+            else:
+                from modelfold.passes.awq import quantize_awq
+
+                layers = quantize_awq(self, program, runner, selected)
+        seconds = time.perf_counter() - start
+        head = self._embeddings_and_head(program)
+        details: dict[str, Any] = {
+            "method": cfg.method,
+            "format": describe_format(cfg.bits, cfg.group_size, cfg.symmetric),
+            "quantized_layers": count,
+            "layers": layers,
+            "seconds_linear": round(seconds, 2),
+            "skipped": skipped + head.pop("skipped", []),
+            **head,
+        }
+        if calibration:
+            details["calibration"] = calibration
+        return details
+
+    # -- RTN -------------------------------------------------------------------------------------
+    def _rtn(self, program: Program, selected: dict[int, dict[str, nn.Module]]
+             ) -> list[dict[str, Any]]:
+        layers = []
+        for index in sorted(selected):
+            for path, module in selected[index].items():
+                layers.append(self.install(program, path, module, None))
+        return layers
+
+    def install(self, program: Program, path: str, module: nn.Module,
+                packed: PackedWeight | None, **extra: Any) -> dict[str, Any]:
+        """Replace ``module`` at ``path`` by a ``QuantLinear`` (RTN when ``packed`` is None)."""
+        weight = linear_weight(module).detach()
+        if packed is None:
+            packed = PackedWeight.from_float(weight, self.format_for(weight.shape[1]))
+        new = QuantLinear(packed, module.bias)
+        replace_module(program.module, path, new)
+        return {"path": path, "shape": list(weight.shape),
+                "weight_error": weight_error(weight, packed.dequantize()), **extra}
+
+    # -- embeddings and LM head -------------------------------------------------------------------
+    def _embeddings_and_head(self, program: Program) -> dict[str, Any]:
+        cfg = self.config
+        if not (cfg.embeddings or cfg.lm_head):
+            return {}
+        module = program.module
+        arch = program.arch
+        bits = cfg.embedding_bits or cfg.bits
+        out: dict[str, Any] = {"skipped": []}
+        emb_path = arch.embeddings[0]
+        emb = module.get_submodule(emb_path)
+        head = module.get_submodule(arch.lm_head) if arch.lm_head else None
+        tied = arch.tied_embeddings and head is not None and \
+            getattr(head, "weight", None) is getattr(emb, "weight", None)
+        if cfg.lm_head and head is None:
+            out["skipped"].append({"target": "lm_head", "reason": "the model has no LM head"})
+        if cfg.embeddings and not isinstance(emb, nn.Embedding):
+            out["skipped"].append({"target": emb_path, "reason": f"{type(emb).__name__} is "
+                                   "not an nn.Embedding"})
+            return out
+        fmt = self.format_for(emb.weight.shape[1], bits)
+        if tied and cfg.embeddings and cfg.lm_head:
+            packed = PackedWeight.from_float(emb.weight.detach(), fmt)
+            new_emb = QuantEmbedding(packed, emb.padding_idx)
+            # one table: both modules hold the same packed tensors
+            new_head = QuantLinear(packed, getattr(head, "bias", None))
+            replace_module(module, emb_path, new_emb)
+            replace_module(module, arch.lm_head, new_head)
+            out["embeddings"] = out["lm_head"] = {
+                "format": describe_format(bits, cfg.group_size, cfg.symmetric), "tied": True,
+                "weight_error": weight_error(emb.weight, packed.dequantize())}
+            return out
+        if tied:
+            module.config.tie_word_embeddings = False
+            out["untied"] = ("the tied embedding and LM head were untied: only one of them is "
+                             "quantized, so the float table is still stored for the other")
+        if cfg.embeddings:
+            packed = PackedWeight.from_float(emb.weight.detach(), fmt)
+            replace_module(module, emb_path, QuantEmbedding(packed, emb.padding_idx))
+            out["embeddings"] = {"format": describe_format(bits, cfg.group_size, cfg.symmetric),
+                                 "weight_error": weight_error(emb.weight, packed.dequantize())}
+        if cfg.lm_head and head is not None:
+            if not is_linear(head):
+                out["skipped"].append({"target": arch.lm_head,
+                                       "reason": f"{type(head).__name__} is not linear"})
+            else:
+                w = linear_weight(head).detach()
+                packed = PackedWeight.from_float(w, self.format_for(w.shape[1], bits))
+                replace_module(module, arch.lm_head, QuantLinear(packed, head.bias))
+                out["lm_head"] = {"format": describe_format(bits, cfg.group_size, cfg.symmetric),
+                                  "weight_error": weight_error(w, packed.dequantize())}
+        return out
+
+    @staticmethod
+    def plot(details: dict[str, Any], path: Path) -> bool:
+        """Per-layer quantization error (weight error; GPTQ: output error vs RTN's)."""
+        layers = details.get("layers") or []
+        if not layers:
+            return False
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [entry["path"].split(".", 2)[-1] for entry in layers]
+        fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.09), 3.2))
+        x = range(len(layers))
+        if "output_error" in layers[0]:
+            ax.plot(x, [e["rtn_output_error"] for e in layers], ".", color="#adb5bd",
+                    label="RTN output error")
+            ax.plot(x, [e["output_error"] for e in layers], ".", color="#c92a2a",
+                    label=f"{details['method']} output error")
+            ax.set_ylabel("relative output error")
+        else:
+            ax.plot(x, [e["weight_error"] for e in layers], ".", color="#4c6ef5",
+                    label="relative weight error")
+            ax.set_ylabel("||W - Wq||^2 / ||W||^2")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"linear layer ({names[0]} ... {names[-1]})")
+        ax.set_title(f"quantize: {details['method']} {details['format']}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return True
+
+
+__all__ = ["Quantize", "QuantizeConfig", "find_targets", "is_linear", "linear_weight"]
