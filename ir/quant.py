@@ -187,9 +187,10 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
-    v = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return v.reshape(packed.shape[0], -1).to(torch.uint8)
+    mask = (1 << bits) - 1
+    # uint8 shifts and masks: 4x less memory traffic than widening to int32 first
+    parts = [(packed >> (bits * j)) & mask for j in range(per)]
+    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)
 
 
 def pack_weight(codes: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -224,13 +225,14 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.T
                in_features: int, bits: int, block_size: int) -> torch.Tensor:
     """The float weight ``[N, K]`` that packed storage stands for (MatMulNBits' dequantization)."""
     n, kb = scales.shape
-    codes = unpack_rows(qweight.reshape(n, -1), bits).to(scales.dtype)  # [N, kb * block]
+    codes = unpack_rows(qweight.reshape(n, -1), bits).reshape(n, kb, block_size)
     if zero_points is None:
-        zeros = torch.full_like(scales, float(1 << (bits - 1)))
+        w = codes.to(scales.dtype).sub_(float(1 << (bits - 1)))
     else:
         zeros = unpack_zero_points(zero_points, bits, kb).to(scales.dtype)
-    w = (codes.reshape(n, kb, block_size) - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
-    return w.reshape(n, kb * block_size)[:, :in_features]
+        w = codes.to(scales.dtype).sub_(zeros.unsqueeze(-1))
+    w = w.mul_(scales.unsqueeze(-1)).reshape(n, kb * block_size)
+    return w if w.shape[1] == in_features else w[:, :in_features].contiguous()
 
 
 @dataclass

@@ -48,10 +48,15 @@ DECODER_FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text
 ALL_FAMILIES = [*DECODER_FAMILIES, "bert"]
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny model of ``family`` in eval mode (``BertModel`` for bert, *ForCausalLM otherwise)."""
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny model of ``family`` in eval mode (``BertModel`` for bert, *ForCausalLM otherwise).
+
+    ``overrides`` set config attributes (e.g. ``tie_word_embeddings=True``).
+    """
     torch.manual_seed(seed)
     config = tiny_config(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     if family == "bert":
         model = tf.BertModel(config)
     else:
