@@ -3,6 +3,7 @@
     import modelfold
     result = modelfold.transform("smollm2-135m", passes="layer-importance,drop-layers{count=4}")
     modelfold.export(result, "out/", backend="onnxruntime")
+    modelfold.save(result, "ckpt/")   # reload later with modelfold.load("ckpt/")
 
 Heavy dependencies (torch, transformers, onnx) are imported on first use, so ``import modelfold``
 is fast.
@@ -61,11 +62,15 @@ class TransformResult:
 
 
 def load(model: str | None = None) -> Program:
-    """Load a model (asset name or local HF directory; default: the embedded SmolLM2) as a Program."""
+    """Load a model as a Program: an asset name, a local HF directory or a checkpoint folder
+    written by ``save`` (default: the embedded SmolLM2)."""
     from modelfold.assets import load_model, resolve_model
+    from modelfold.checkpoint import is_checkpoint, load_checkpoint
     from modelfold.ir.program import Program
 
     path = resolve_model(model)
+    if is_checkpoint(path):  # keeps the saved pass log
+        return load_checkpoint(path)
     module, tokenizer = load_model(path)
     return Program(module, tokenizer=tokenizer, source=str(path))
 
@@ -101,12 +106,14 @@ def transform(model: Any, passes: str | list[Any] | Path, *, tokenizer: Any = No
 
 
 def export(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
-           backend: str = "onnxruntime", overwrite: bool = False, parity: bool = True
-           ) -> dict[str, Any]:
+           backend: str = "onnxruntime", overwrite: bool = False, parity: bool = True,
+           accuracy_level: int = 0) -> dict[str, Any]:
     """Lower a (transformed) model to a self-contained artifact folder; returns its manifest.
 
     The folder is written under a temporary name and moved into place only when complete, so an
-    interrupted export leaves no partial output.
+    interrupted export leaves no partial output. ``accuracy_level`` is the compute type of the
+    ``MatMulNBits`` nodes of quantized linears (0: float, as torch; 4: int8 activations, faster
+    on CPU; 1/2/3: fp32/fp16/bf16).
     """
     from modelfold.artifact import write_artifact
     from modelfold.ir.program import Program
@@ -118,7 +125,22 @@ def export(result: TransformResult | Program | nn.Module, out_dir: str | Path, *
     else:
         program, pipeline = Program(result), ""
     return write_artifact(program, out_dir, backend=backend, pipeline=pipeline,
-                          overwrite=overwrite, parity=parity)
+                          overwrite=overwrite, parity=parity, accuracy_level=accuracy_level)
 
 
-__all__ = ["TransformResult", "export", "load", "transform"]
+def save(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
+         overwrite: bool = False) -> dict[str, Any]:
+    """Save a (transformed) model as a checkpoint folder that ``load`` rebuilds without re-running
+    its passes (no re-calibration); returns the checkpoint's manifest.
+
+    The folder holds ``config.json``, ``model.safetensors`` (each tied tensor once),
+    ``modelfold_checkpoint.json`` (pipeline, pass log, replaced modules, tied-tensor aliases) and
+    the tokenizer; it is written under a temporary name and moved into place when complete.
+    See ``modelfold.checkpoint``.
+    """
+    from modelfold.checkpoint import save_checkpoint
+
+    return save_checkpoint(result, out_dir, overwrite=overwrite)
+
+
+__all__ = ["TransformResult", "export", "load", "save", "transform"]

@@ -41,9 +41,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onnxruntime",
-                   pipeline: str = "", overwrite: bool = False, parity: bool = True
-                   ) -> dict[str, Any]:
-    """Export ``program`` to ``out_dir`` atomically and return the manifest."""
+                   pipeline: str = "", overwrite: bool = False, parity: bool = True,
+                   accuracy_level: int = 0) -> dict[str, Any]:
+    """Export ``program`` to ``out_dir`` atomically and return the manifest.
+
+    ``accuracy_level`` is the ``MatMulNBits`` compute type of quantized linears (see
+    ``export_onnx``); it is recorded in the manifest.
+    """
     from modelfold.assets import atomic_output
     from modelfold.passes.report import write_report
 
@@ -61,7 +65,7 @@ def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onn
     with atomic_output(out) as tmp:
         tmp.mkdir()
         start = time.perf_counter()
-        onnx_facts = export_onnx(program.module, tmp, parity=parity)
+        onnx_facts = export_onnx(program.module, tmp, parity=parity, accuracy_level=accuracy_level)
         parity_facts = onnx_facts.pop("parity", {})
         program.module.config.save_pretrained(tmp)
         if program.tokenizer is not None:
@@ -78,6 +82,7 @@ def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onn
             "backend": backend,
             "source": program.source,
             "pipeline": pipeline,
+            "accuracy_level": accuracy_level,
             "model": program.summary(),
             "architecture": {"family": program.arch.family, "kind": program.arch.kind,
                              "num_layers": program.arch.num_layers},

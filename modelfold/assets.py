@@ -534,10 +534,12 @@ def load_model(
     """Load a model and its tokenizer in eval mode.
 
     Decoder-only configs load with ``AutoModelForCausalLM``, encoders (BERT) with ``AutoModel``.
+    A modelfold checkpoint folder (``modelfold.save``) is rebuilt by
+    ``modelfold.checkpoint.load_checkpoint``, in the dtypes it was saved with.
 
     Args:
         name_or_path: a known model name/alias, a model directory, or ``None`` for the default.
-        dtype: parameter dtype.
+        dtype: parameter dtype (not applied to checkpoints: quantized layouts have fixed dtypes).
 
     Returns:
         ``(model, tokenizer)``.
@@ -546,6 +548,11 @@ def load_model(
         AssetError: the model cannot be found or loaded (the message names the path).
     """
     path = resolve_model(name_or_path)
+    from modelfold.checkpoint import is_checkpoint, load_checkpoint
+
+    if is_checkpoint(path):  # CheckpointError is an AssetError
+        program = load_checkpoint(path)
+        return program.module, program.tokenizer
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:

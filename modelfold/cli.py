@@ -2,7 +2,7 @@
 
     modelfold assets pull                      install the embedded model, encoder and corpus
     modelfold passes                           list passes, options, defaults and docs
-    modelfold convert [MODEL] -p PIPELINE -o OUT/
+    modelfold convert [MODEL] -p PIPELINE -o OUT/ [--save-model CKPT/]
     modelfold inspect MODEL_OR_ARTIFACT [--graph FILE]
     modelfold eval MODEL_OR_ARTIFACT [--corpus NAME | --text FILE] [--chars N]
     modelfold generate ARTIFACT "prompt" [--max-new-tokens N]
@@ -82,22 +82,46 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     import modelfold
+    from modelfold.checkpoint import check_destination
     from modelfold.passes.manager import PassContext
     from modelfold.passes.pipeline import build_pipeline
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
+    if args.output is None and args.save_model is None:
+        raise _UserError("nothing to write: give -o OUT/ for an ONNX Runtime artifact and/or "
+                         "--save-model DIR/ for a checkpoint that modelfold can reload")
+    out = Path(args.output) if args.output is not None else None
+    if out is not None and out.exists() and not args.overwrite:
         raise _UserError(f"output folder '{out}' already exists; choose another or pass "
                          "--overwrite")
-    build_pipeline(args.pipeline)  # fail on a bad pipeline before loading the model
+    if args.save_model is not None:
+        if out is not None and Path(args.save_model).resolve() == out.resolve():
+            raise _UserError("-o and --save-model must name different folders")
+        check_destination(args.save_model, args.overwrite)
+    if args.pipeline:
+        build_pipeline(args.pipeline)  # fail on a bad pipeline before loading the model
     program = modelfold.load(args.model)
-    context = PassContext(verify=not args.no_verify)
-    result = modelfold.transform(program, args.pipeline, context=context)
-    manifest = modelfold.export(result, out, overwrite=args.overwrite, parity=not args.no_parity)
-    summary = {"output": str(out), "pipeline": result.pipeline,
-               "parameters": manifest["model"]["parameters"],
-               "layers": manifest["model"]["layers"], "onnx_bytes": manifest["onnx_bytes"],
-               "parity": manifest["parity"]}
+    if args.pipeline:
+        context = PassContext(verify=not args.no_verify)
+        result = modelfold.transform(program, args.pipeline, context=context)
+    else:  # convert the model as it is (e.g. a checkpoint saved by --save-model)
+        result = modelfold.TransformResult(program, "")
+    summary: dict[str, Any] = {"pipeline": result.pipeline}
+    if args.save_model is not None:
+        # Saved before the export, so a failed export still leaves the transformed model.
+        saved = modelfold.save(result, args.save_model, overwrite=args.overwrite)
+        summary.update(checkpoint=args.save_model, checkpoint_bytes=sum(saved["files"].values()))
+        if not args.json:
+            print(f"saved checkpoint {args.save_model}/ "
+                  f"({summary['checkpoint_bytes'] / 2**20:.1f} MiB)")
+    if out is None:
+        if args.json:
+            _print_json(summary)
+        return 0
+    manifest = modelfold.export(result, out, overwrite=args.overwrite, parity=not args.no_parity,
+                                accuracy_level=args.accuracy_level)
+    summary.update({"output": str(out), "parameters": manifest["model"]["parameters"],
+                    "layers": manifest["model"]["layers"], "onnx_bytes": manifest["onnx_bytes"],
+                    "parity": manifest["parity"]})
     if args.json:
         _print_json(summary)
     else:
@@ -273,6 +297,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from modelfold.artifact import is_artifact
 
     if not is_artifact(args.artifact):
+        from modelfold.checkpoint import is_checkpoint
+
+        if is_checkpoint(args.artifact):
+            raise _UserError(f"'{args.artifact}' is a modelfold checkpoint, not an artifact; "
+                             f"export it with `modelfold convert {args.artifact} -o OUT/`")
         raise _UserError(f"'{args.artifact}' is not a modelfold artifact (no modelfold.json); "
                          "make one with `modelfold convert`")
     if args.max_new_tokens < 1:
@@ -327,16 +356,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_assets)
 
-    p = sub.add_parser("convert", help="transform a model and export an ONNX Runtime artifact")
+    p = sub.add_parser("convert", help="transform a model; export an ONNX Runtime artifact "
+                                       "and/or save a reloadable checkpoint")
     p.add_argument("model", nargs="?", default=None,
-                   help="asset name or local HF model directory (default: smollm2-135m)")
-    p.add_argument("-p", "--pipeline", required=True,
+                   help="asset name, local HF model directory or modelfold checkpoint "
+                        "(default: smollm2-135m)")
+    p.add_argument("-p", "--pipeline",
                    help="pipeline string, e.g. 'layer-importance,drop-layers{count=4}', or a "
-                        "YAML recipe file")
-    p.add_argument("-o", "--output", required=True, help="artifact folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+                        "YAML recipe file; omit to convert the model as it is (e.g. a checkpoint "
+                        "saved with --save-model)")
+    p.add_argument("-o", "--output",
+                   help="ONNX Runtime artifact folder to create; may be omitted when "
+                        "--save-model is given (then no ONNX export runs)")
+    p.add_argument("--save-model", metavar="DIR",
+                   help="also save the transformed model as a checkpoint folder (safetensors + "
+                        "config) that MODEL arguments and modelfold.load() accept, so it reloads "
+                        "without re-running the pipeline; written before the ONNX export")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--no-verify", action="store_true", help="skip IR verification between passes")
     p.add_argument("--no-parity", action="store_true", help="skip the torch/ORT parity check")
+    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=0,
+                   help="MatMulNBits compute type for quantized linears: 0 float like torch "
+                        "(default), 4 int8 activations (faster on CPU, less exact)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from modelfold.backends.onnxruntime import wrappers
 from modelfold.backends.onnxruntime.parity import check_parity
+from modelfold.backends.onnxruntime.quant_lowering import check_accuracy_level, lowering_options
 from modelfold.backends.onnxruntime.runtime import OPTIMIZATION_LEVELS
 from modelfold.backends.onnxruntime.translations import translation_table
 
@@ -70,6 +71,7 @@ def export_onnx(
     external_data_threshold_bytes: int = 1024,
     parity: bool = True,
     verbose: bool = False,
+    accuracy_level: int = 0,
 ) -> dict[str, Any]:
     """Exports `model` to `out_dir/model.onnx` (+ `model.onnx.data`) for ONNX Runtime.
 
@@ -92,6 +94,10 @@ def export_onnx(
         external_data_threshold_bytes: Initializers at least this large go to `model.onnx.data`.
         parity: Run `check_parity` on the written artifact and include its result.
         verbose: Print the exporter's progress.
+        accuracy_level: `accuracy_level` of the `MatMulNBits` nodes that quantized linears
+            (`modelfold::quant_linear`) lower to: 0 (default) computes in float32 like the torch
+            reference; 4 quantizes the activations to int8 per block inside the kernel, much faster
+            on a CPU but only close to the reference; 1, 2, 3 = fp32, fp16, bf16.
 
     Returns:
         Facts for the manifest: kind, layer count and cache layout, files and byte sizes, opset,
@@ -109,13 +115,17 @@ def export_onnx(
         raise ValueError(f"external_data_threshold_bytes must be >= 0, got {external_data_threshold_bytes}")
     if opset < 18:
         raise ValueError(f"opset must be >= 18 (torch.onnx's dynamo exporter), got {opset}")
+    check_accuracy_level(accuracy_level)
     _check_float32(model)
 
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
-        with wrappers.exportable_experts(model) as experts_impl:
+        with (
+            wrappers.exportable_experts(model) as experts_impl,
+            lowering_options(accuracy_level=accuracy_level),
+        ):
             if wrappers.is_decoder(model):
                 facts = _export_decoder(model, out_dir / UNOPTIMIZED_FILE, opset, verbose)
             else:
@@ -143,6 +153,7 @@ def export_onnx(
     facts["optimize_seconds"] = round(time.perf_counter() - start, 3)
     facts["optimization_level"] = optimization_level if optimize else "disabled"
     facts["opset"] = opset
+    facts["accuracy_level"] = accuracy_level
     facts["files"] = {
         p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.name.startswith("model.")
     }

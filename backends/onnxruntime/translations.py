@@ -67,11 +67,28 @@ def register_translation(
     _TRANSLATIONS[overload] = fn
 
 
+def registered_translation(
+    op: torch._ops.OpOverload | torch._ops.OpOverloadPacket,
+) -> Callable | list[Callable] | None:
+    """Returns the translation registered for `op`, or None."""
+    return _TRANSLATIONS.get(_as_overload(op))
+
+
 def unregister_translation(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> None:
     """Removes the translation of `op` (no-op when none is registered). Mostly for tests."""
     _TRANSLATIONS.pop(_as_overload(op), None)
 
 
 def translation_table() -> dict[torch._ops.OpOverload, Callable | list[Callable]]:
-    """Returns a copy of the registry, in the form `custom_translation_table=` expects."""
+    """Returns a copy of the registry, in the form `custom_translation_table=` expects.
+
+    The lowerings of the built-in dialect ops (`quant_lowering.py`: quant_linear, quant_embedding,
+    w8a8_linear) register themselves when their module is first imported, which this ensures.
+    """
+    _import_builtin_translations()
     return dict(_TRANSLATIONS)
+
+
+def _import_builtin_translations() -> None:
+    # Imported on first use, not at the top: those modules import this registry.
+    from modelfold.backends.onnxruntime import quant_lowering  # noqa: F401

@@ -1,0 +1,217 @@
+"""Quantization methods side by side on the default model: quality, size, speed, time.
+
+    .venv/bin/python tools/bench_quantize.py [--chars 200000] [--runs 5] [--out out/bench_quantize]
+                                             [--reuse] [--only ROW ...] [--eager ROW ...]
+
+Rows: fp32; int8 per-channel RTN; int4 group-128 RTN / GPTQ / AWQ; W8A8 SmoothQuant; int4 GPTQ
+with the (tied) embedding and LM head quantized too; and ONNX Runtime's own
+``MatMulNBitsQuantizer`` at the same int4 group-128 asymmetric settings (its RTN and GPTQ
+configs) as the reference point. Every row is exported to an ONNX Runtime artifact under
+``--out`` (kept; ``--reuse`` skips rows whose artifact exists).
+
+Columns: perplexity of the artifact (wikipedia evaluation split, first ``--chars`` chars,
+512-token windows: the ``modelfold eval`` protocol), its increase over fp32, artifact bytes and
+their share of fp32, decode tokens/s in ONNX Runtime (batch 1, 2 threads, median of ``--runs``
+runs interleaved over all artifacts so machine noise hits all alike) at ``accuracy_level`` 0 and 4
+(the MatMulNBits attribute, patched into a hard-linked copy of each artifact), and the
+quantization wall time. ``--eager`` rows are also evaluated in eager PyTorch (parity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import torch
+
+import modelfold
+from modelfold.backends.onnxruntime.runtime import OnnxCausalLM
+from modelfold.corpus import corpus_text, tokenize_text
+from modelfold.evaluate import evaluate
+from modelfold.passes.manager import PassContext
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+OURS = {
+    "fp32": "",
+    "int8-rtn-channel": "quantize{bits=8,group_size=-1,method=rtn}",
+    "int4-rtn": "quantize{bits=4,group_size=128,method=rtn}",
+    "int4-gptq": "quantize{bits=4,group_size=128,method=gptq}",
+    "int4-awq": "quantize{bits=4,group_size=128,method=awq}",
+    "w8a8-smoothquant": "smooth-quant{alpha=0.5}",
+    "int4-gptq+emb4": "quantize{bits=4,group_size=128,method=gptq,embeddings=true,lm_head=true}",
+    "int4-gptq+emb8": "quantize{bits=4,group_size=128,method=gptq,embeddings=true,lm_head=true,"
+                      "embedding_bits=8}",
+}
+ORT = {
+    "ort-rtn": {"method": "rtn"},
+    "ort-gptq": {"method": "gptq"},
+}
+LABELS = {
+    "fp32": "fp32",
+    "int8-rtn-channel": "int8 per-channel RTN (ours)",
+    "int4-rtn": "int4 g128 RTN (ours)",
+    "int4-gptq": "int4 g128 GPTQ (ours)",
+    "int4-awq": "int4 g128 AWQ (ours)",
+    "w8a8-smoothquant": "W8A8 SmoothQuant (ours)",
+    "int4-gptq+emb4": "int4 g128 GPTQ + int4 embedding/head (ours)",
+    "int4-gptq+emb8": "int4 g128 GPTQ + int8 embedding/head (ours)",
+    "ort-rtn": "ORT MatMulNBitsQuantizer RTN g128",
+    "ort-gptq": "ORT MatMulNBitsQuantizer GPTQ g128",
+}
+
+
+def build_ours(row: str, out: Path, model: str) -> dict:
+    """Transform + export one of our rows; returns {'seconds': quantization wall time}."""
+    program = modelfold.load(model)
+    start = time.perf_counter()
+    if OURS[row]:
+        result = modelfold.transform(program, OURS[row],
+                                     context=PassContext(verify=False, measure=False))
+    else:
+        result = program
+    seconds = time.perf_counter() - start
+    modelfold.export(result, out, overwrite=True, parity=False)
+    (out / "bench.json").write_text(json.dumps({"quantize_seconds": seconds}))
+    return {"seconds": seconds}
+
+
+def build_ort(row: str, out: Path, fp32: Path) -> dict:
+    from ort_baseline import ort_quantize
+
+    info = ort_quantize(fp32, out, bits=4, block_size=128, symmetric=False, **ORT[row])
+    seconds = info.get("seconds", float("nan"))
+    (out / "bench.json").write_text(json.dumps({"quantize_seconds": seconds}))
+    return {"seconds": seconds}
+
+
+def with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
+    """A copy of artifact ``src`` whose MatMulNBits nodes use ``accuracy_level`` (data hard-linked)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "model.onnx":
+            os.link(f, dst / f.name)
+    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = level
+                    break
+            else:
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+    onnx.save_model(model, str(dst / "model.onnx"))
+    return dst
+
+
+def artifact_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.onnx"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--chars", type=int, default=200_000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="out/bench_quantize")
+    parser.add_argument("--reuse", action="store_true", help="reuse artifacts that exist")
+    parser.add_argument("--only", nargs="*", help="rows to build (default: all)")
+    parser.add_argument("--eager", nargs="*", default=["int4-gptq", "w8a8-smoothquant",
+                                                       "int4-gptq+emb4"],
+                        help="rows also evaluated in eager PyTorch (parity)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in [*OURS, *ORT] if not args.only or r in args.only or r == "fp32"]
+
+    for row in rows:
+        path = out / row
+        if args.reuse and (path / "bench.json").is_file():
+            continue
+        print(f"== building {row}", flush=True)
+        if row in OURS:
+            build_ours(row, path, args.model)
+        else:
+            build_ort(row, path, out / "fp32")
+
+    program = modelfold.load(args.model)
+    tokenizer = program.tokenizer
+    text = corpus_text("wikipedia", "evaluation")
+    results: dict[str, dict] = {}
+    for row in rows:
+        path = out / row
+        lm = OnnxCausalLM(path, threads=args.threads)
+        ppl = evaluate(lm, tokenizer, text, chars=args.chars, progress=False)
+        info = json.loads((path / "bench.json").read_text())
+        results[row] = {"perplexity": ppl["perplexity"], "tokens": ppl["tokens"],
+                        "bytes": artifact_bytes(path), "seconds": info["quantize_seconds"]}
+        print(f"{row}: perplexity {ppl['perplexity']:.4f}", flush=True)
+    for row in args.eager or []:
+        if row not in results or row not in OURS:
+            continue
+        program = modelfold.load(args.model)
+        result = modelfold.transform(program, OURS[row],
+                                     context=PassContext(verify=False, measure=False))
+        ppl = evaluate(result.module, tokenizer, text, chars=args.chars, progress=False)
+        results[row]["eager_perplexity"] = ppl["perplexity"]
+        print(f"{row}: eager perplexity {ppl['perplexity']:.4f}", flush=True)
+
+    prompt = [tokenizer.bos_token_id] + tokenize_text(tokenizer, text[:4000]).tolist()
+    prompt = prompt[:args.prompt_tokens]
+    levels = {}
+    for row in rows:
+        for level in (0, 4):
+            levels[(row, level)] = with_accuracy_level(out / row, out / "_levels" / f"{row}-{level}",
+                                                       level)
+    sessions = {key: OnnxCausalLM(path, threads=args.threads) for key, path in levels.items()}
+    speeds: dict[tuple, list[float]] = {key: [] for key in sessions}
+    for lm in sessions.values():
+        lm.generate(prompt, 4)  # warm-up
+    for _ in range(args.runs):
+        for key, lm in sessions.items():
+            speeds[key].append(lm.generate(prompt, args.new_tokens)["decode_tokens_per_s"])
+
+    base = results["fp32"]
+    print(f"\n{args.model}, perplexity on the wikipedia evaluation split (first {args.chars:,} "
+          f"chars, {base['tokens']:,} tokens, 512-token windows) through the ONNX Runtime "
+          f"artifact; decode: batch 1, {args.threads} threads, prompt {len(prompt)} tokens, "
+          f"{args.new_tokens} new tokens, median of {args.runs} interleaved runs\n")
+    print("| method | perplexity | vs fp32 | artifact bytes | vs fp32 | decode tok/s (acc 0) "
+          "| decode tok/s (acc 4) | quantization time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        r = results[row]
+        d0 = statistics.median(speeds[(row, 0)])
+        d4 = statistics.median(speeds[(row, 4)])
+        print(f"| {LABELS[row]} | {r['perplexity']:.3f} | "
+              f"{(r['perplexity'] / base['perplexity'] - 1) * 100:+.1f} % | {r['bytes']:,} | "
+              f"{r['bytes'] / base['bytes'] * 100:.1f} % | {d0:.1f} | {d4:.1f} | "
+              f"{r['seconds']:.0f} |")
+    parity = {row: r for row, r in results.items() if "eager_perplexity" in r}
+    if parity:
+        print("\n| method | eager PyTorch perplexity | ONNX Runtime (acc 0) | difference |")
+        print("|---|---|---|---|")
+        for row, r in parity.items():
+            diff = abs(r["perplexity"] / r["eager_perplexity"] - 1) * 100
+            print(f"| {LABELS[row]} | {r['eager_perplexity']:.4f} | {r['perplexity']:.4f} | "
+                  f"{diff:.4f} % |")
+    (out / "results.json").write_text(json.dumps(
+        {"results": results, "decode": {f"{k[0]}@{k[1]}": v for k, v in speeds.items()}},
+        indent=2))
+
+
+if __name__ == "__main__":
+    main()
