@@ -13,6 +13,10 @@ Per transformer layer, on calibration inputs that went through the already-quant
    on 512 sampled tokens.
 3. Round to nearest on the scaled, clipped weights.
 
+``method=awq-gptq`` keeps step 1 and replaces steps 2 and 3 by GPTQ on the scaled weights (with
+the Hessian of the scaled inputs): AWQ moves the salient input channels onto finer grid steps,
+GPTQ compensates the remaining rounding error.
+
 Groups (from ``llm-awq``): input norm -> q, k, v; v -> o (skipped when the shapes differ, as with
 grouped-query attention); post-attention norm -> gate, up; up -> down. OPT: the same with fc1/fc2
 (ReLU keeps the fc1 -> fc2 scale exact).
@@ -126,14 +130,19 @@ def quantize_awq(qpass: Quantize, program: Program, runner: LayerwiseRunner,
                 continue
             ratio = _search_scale(qpass, runner, index, layer, group, search)
             scales_used[group.name] = ratio
-        clip = {}
-        if cfg.awq_clip and targets:
-            clip = _search_clip(qpass, runner, index, layer, targets, prefix, search)
-        for path, module in targets.items():
-            entry = qpass.install(program, path, module, None)
-            if path in clip:
-                entry["clip_mean_ratio"] = clip[path]
-            report.append(entry)
+        if cfg.method == "awq-gptq":
+            from modelfold.passes.gptq_layerwise import gptq_layer
+
+            report += gptq_layer(qpass, program, runner, index, targets)
+        else:
+            clip = {}
+            if cfg.awq_clip and targets:
+                clip = _search_clip(qpass, runner, index, layer, targets, prefix, search)
+            for path, module in targets.items():
+                entry = qpass.install(program, path, module, None)
+                if path in clip:
+                    entry["clip_mean_ratio"] = clip[path]
+                report.append(entry)
         if report and scales_used:
             report[-1]["awq_scale_exponents"] = scales_used
         runner.advance(index)

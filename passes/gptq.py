@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modelfold.ir.quant import QuantFormat, codes_for, fit_params, group_params
+from modelfold.ir.quant import QuantFormat, codes_for, fit_params, fit_params_mse, group_params
 
 
 class HessianAccumulator:
@@ -48,13 +48,14 @@ class GPTQResult:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, *,
-                  damp: float = 0.01, act_order: bool = False,
+                  damp: float = 0.01, act_order: bool = False, mse: bool = False,
                   block: int = 128) -> GPTQResult:
     """Quantize ``weight`` ``[N, K]`` given the input Hessian ``[K, K]``.
 
     Args:
         damp: fraction of the mean diagonal added to the diagonal (GPTQ's ``percdamp``).
         act_order: process columns by decreasing Hessian diagonal (static groups).
+        mse: fit each group's range by the shrink search of ``fit_params_mse``.
         block: columns updated lazily together (GPTQ's ``blocksize``); raised to the group size
             when that is larger, so groups never straddle blocks.
     """
@@ -71,7 +72,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat,
     static = act_order or per_channel
     kb = fmt.k_blocks(k)
     if static:
-        scales, zeros = group_params(W, fmt)  # [N, kb]
+        scales, zeros = group_params(W, fmt, mse=mse)  # [N, kb]
     else:
         scales = torch.zeros(n, kb)
         zeros = torch.zeros(n, kb)
@@ -93,7 +94,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat,
             col = int(perm[i1 + i])
             grp = col // g
             if not static and col % g == 0:
-                s, z = fit_params(W1[:, i:i + g], fmt)
+                s, z = (fit_params_mse if mse else fit_params)(W1[:, i:i + g], fmt)
                 scales[:, grp], zeros[:, grp] = s, z
             s, z = scales[:, grp], zeros[:, grp]
             w = W1[:, i]

@@ -1,4 +1,5 @@
-"""GPTQ over a whole model, one transformer layer at a time (``quantize{method=gptq}``)."""
+"""GPTQ over a whole model, one transformer layer at a time (``quantize{method=gptq}``; also the
+rounding step of ``method=awq-gptq``)."""
 
 from __future__ import annotations
 
@@ -57,27 +58,35 @@ def sub_blocks(program: Program, index: int, names: list[str]) -> list[list[str]
 @torch.no_grad()
 def quantize_gptq(qpass: Quantize, program: Program, runner: LayerwiseRunner,
                   selected: dict[int, dict[str, nn.Module]]) -> list[dict[str, Any]]:
-    cfg = qpass.config
     report: list[dict[str, Any]] = []
     for index, _layer in runner.layers():
-        targets = selected.get(index, {})
-        stages = sub_blocks(program, index, list(targets)) if cfg.true_sequential \
-            else ([list(targets)] if targets else [])
-        for stage in stages:
-            modules = {name: targets[name] for name in stage}
-            groups = shared_input_groups(runner, index, modules)
-            heads = {group[0]: group for group in groups}
-            acc = {name: HessianAccumulator(_in_features(modules[name])) for name in heads}
-
-            def add(name, module, x, out, acc=acc):
-                acc[name].add(x)
-
-            with runner.collect({n: modules[n] for n in heads}, add):
-                runner.run_layer(index)
-            for head, group in heads.items():
-                report += _quantize_group(qpass, program, {n: modules[n] for n in group},
-                                          acc[head].value(), cfg)
+        report += gptq_layer(qpass, program, runner, index, selected.get(index, {}))
         runner.advance(index)
+    return report
+
+
+@torch.no_grad()
+def gptq_layer(qpass: Quantize, program: Program, runner: LayerwiseRunner, index: int,
+               targets: dict[str, nn.Module]) -> list[dict[str, Any]]:
+    """GPTQ on the ``targets`` of layer ``index`` (installed as ``QuantLinear``)."""
+    cfg = qpass.config
+    stages = sub_blocks(program, index, list(targets)) if cfg.true_sequential \
+        else ([list(targets)] if targets else [])
+    report: list[dict[str, Any]] = []
+    for stage in stages:
+        modules = {name: targets[name] for name in stage}
+        groups = shared_input_groups(runner, index, modules)
+        heads = {group[0]: group for group in groups}
+        acc = {name: HessianAccumulator(_in_features(modules[name])) for name in heads}
+
+        def add(name, module, x, out, acc=acc):
+            acc[name].add(x)
+
+        with runner.collect({n: modules[n] for n in heads}, add):
+            runner.run_layer(index)
+        for head, group in heads.items():
+            report += _quantize_group(qpass, program, {n: modules[n] for n in group},
+                                      acc[head].value(), cfg)
     return report
 
 
@@ -95,7 +104,8 @@ def _quantize_group(qpass: Quantize, program: Program, modules: dict[str, nn.Mod
     weights = [linear_weight(m).detach().float() for m in modules.values()]
     stacked = torch.cat(weights, 0)
     fmt = qpass.format_for(stacked.shape[1])
-    result = gptq_quantize(stacked, hessian, fmt, damp=cfg.damp, act_order=cfg.act_order)
+    result = gptq_quantize(stacked, hessian, fmt, damp=cfg.damp, act_order=cfg.act_order,
+                           mse=cfg.mse)
     out, row = [], 0
     for (path, module), w in zip(modules.items(), weights):
         rows = slice(row, row + w.shape[0])

@@ -11,7 +11,8 @@ Methods:
   it, already quantized; each weight column's rounding error is compensated on the remaining
   columns (``passes/gptq.py``);
 - ``awq``: layer by layer; activation-aware per-channel scales folded into the preceding norm or
-  linear, then a per-group clipping search, then RTN (``passes/awq.py``).
+  linear, then a per-group clipping search, then RTN (``passes/awq.py``);
+- ``awq-gptq``: AWQ's scales, then GPTQ instead of clipping + RTN.
 
 The token embedding and the LM head are separate choices (``embeddings``, ``lm_head``): with tied
 embeddings they are one tensor; quantizing both keeps them one (packed) tensor, quantizing only one
@@ -46,7 +47,7 @@ from modelfold.passes.calibration import calibration_batches
 from modelfold.passes.layerwise import LayerwiseRunner
 from modelfold.passes.registry import register_pass
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class QuantizeConfig(PassConfig):
     group_size: int = option(128, "weights per scale along the input dimension: a power of 2 >= 16, "
                                   "or -1 for one scale per output channel")
     symmetric: bool = option(False, "symmetric grid (zero point 2^(bits-1)) instead of min/max")
-    method: Literal["rtn", "gptq", "awq"] = option("rtn", "rtn (no data), gptq or awq (calibrated)")
+    method: Literal["rtn", "gptq", "awq", "awq-gptq"] = option(
+        "rtn", "rtn (no data), gptq, awq or awq-gptq (AWQ scales, then GPTQ; calibrated)")
     targets: tuple[str, ...] = option(("*",), "linear layers to quantize: glob patterns over module "
                                               "paths, or 're:<regex>'")
     exclude: tuple[str, ...] = option((), "linear layers to leave in float (same pattern syntax)")
@@ -66,11 +68,13 @@ class QuantizeConfig(PassConfig):
     damp: float = option(0.01, "GPTQ: fraction of the mean Hessian diagonal added as damping")
     act_order: bool = option(True, "GPTQ: quantize columns by decreasing activation energy "
                                    "(static groups, so the stored layout is unchanged)")
+    mse: bool = option(True, "GPTQ: fit each group's range by a search over shrunk ranges "
+                              "(lowest |w - q|^2.4) instead of min/max")
     true_sequential: bool = option(False, "GPTQ: re-collect inputs after each sub-block "
                                           "(attention in, attention out, MLP in, MLP out)")
     awq_grid: int = option(20, "AWQ: scale exponents tried in [0, 1)")
     awq_clip: bool = option(True, "AWQ: search a per-group clipping range")
-    awq_samples: int = option(32, "AWQ: calibration sequences used in the scale/clip search")
+    awq_samples: int = option(8, "AWQ: calibration sequences used in the scale/clip search")
     corpus: str = option("wikipedia", "calibration corpus ('random' for models without text)")
     n_samples: int = option(128, "calibration sequences")
     seq_len: int = option(512, "tokens per calibration sequence")
@@ -92,8 +96,9 @@ class QuantizeConfig(PassConfig):
         for name in ("n_samples", "seq_len", "batch_size", "awq_grid", "awq_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"quantize option '{name}' must be >= 1; got {getattr(self, name)}")
-        if not self.targets:
-            raise ValueError("quantize option 'targets' is empty; use '*' for every linear layer")
+        if not self.targets and not (self.embeddings or self.lm_head):
+            raise ValueError("quantize option 'targets' is empty; use '*' for every linear layer, "
+                             "or set embeddings=true / lm_head=true to quantize only those")
         for pattern in (*self.targets, *self.exclude):
             if pattern.startswith("re:"):
                 try:
@@ -202,7 +207,7 @@ class Quantize(Pass):
     summary = "weight-only int2/3/4/8 quantization (rtn, gptq, awq) to MatMulNBits-layout layers"
 
     def requires(self, program: Program) -> None:
-        if self.config.method == "awq":
+        if self.config.method in ("awq", "awq-gptq"):
             from modelfold.passes.awq import check_supported
 
             check_supported(program)
@@ -222,7 +227,7 @@ class Quantize(Pass):
         selected, skipped = find_targets(program, cfg.targets, cfg.exclude)
         count = sum(len(v) for v in selected.values())
         start = time.perf_counter()
-        if cfg.method == "rtn":
+        if cfg.method == "rtn" or not count:
             layers = self._rtn(program, selected)
             calibration = None
         else:

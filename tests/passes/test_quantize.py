@@ -154,6 +154,41 @@ def test_gptq_beats_rtn_on_correlated_inputs(act_order, group):
     assert abs(float((e @ h * e).sum() / (w @ h * w).sum()) - result.relative_error) < 1e-4
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_range_search_never_loses_to_min_max(symmetric):
+    from modelfold.ir.quant import fake_quantize, fit_params, fit_params_mse
+
+    torch.manual_seed(1)
+    w = torch.randn(200, 64) * torch.rand(200, 1)
+    w[:, 0] *= 6  # outliers stretch the min/max range
+    fmt = QuantFormat(4, 64, symmetric)
+
+    def err(s, z):
+        return (fake_quantize(w, s[:, None], z[:, None], fmt) - w).abs().pow(2.4).sum(1)
+
+    plain, searched = err(*fit_params(w, fmt)), err(*fit_params_mse(w, fmt))
+    assert bool((searched <= plain + 1e-6).all())
+    assert float(searched.sum()) < float(plain.sum())
+
+
+def test_gptq_with_mse_ranges_stays_on_the_stored_grid():
+    torch.manual_seed(0)
+    k = 64
+    x = torch.randn(1024, k)
+    w = torch.randn(24, k)
+    acc = HessianAccumulator(k)
+    acc.add(x)
+    fmt = QuantFormat(4, 32, False)
+    for act_order in (False, True):
+        result = gptq_quantize(w, acc.value(), fmt, act_order=act_order, mse=True)
+        assert result.relative_error < result.rtn_relative_error
+        assert float(result.codes.min()) >= 0 and float(result.codes.max()) <= fmt.maxq
+        packed = PackedWeight.from_codes(result.codes, result.scales, result.zeros, fmt)
+        expected = result.scales.repeat_interleave(32, 1) * (
+            result.codes - result.zeros.repeat_interleave(32, 1))
+        torch.testing.assert_close(packed.dequantize(), expected)
+
+
 # -- the layer-by-layer runner -------------------------------------------------------------------
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_layerwise_runner_reproduces_the_forward(family):
@@ -182,7 +217,7 @@ def _quantize(family: str, options: str, **overrides):
                                context=QUIET)
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "awq-gptq"])
 def test_quantize_methods_on_tiny_llama(method):
     result = _quantize("llama", f"bits=4,group_size=16,method={method},{CALIB}")
     ops = result.program.dialect_ops()
@@ -253,6 +288,7 @@ def test_pattern_matching_nothing_is_an_error(options, message):
     ("method=hqq", "must be one of rtn, gptq, awq"),
     ("damp=2", "damp"),
     ("colour=red", "has no option 'colour'"),
+    ("targets=[]", "embeddings=true / lm_head=true"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -269,6 +305,19 @@ def test_tied_embedding_and_head_share_one_quantized_table():
     assert result.program.dialect_ops()["modelfold::quant_embedding"] == 1
     details = result.program.log[-1].details
     assert details["embeddings"]["tied"] is True
+
+
+def test_only_the_embedding_table_of_an_already_quantized_model():
+    """targets=[] with embeddings/lm_head: quantize the table of a quantized checkpoint later."""
+    first = _quantize("llama", f"bits=4,group_size=16,method=gptq,{CALIB}",
+                      tie_word_embeddings=True)
+    second = modelfold.transform(first.program,
+                                 "quantize{targets=[],embeddings=true,lm_head=true,group_size=16}",
+                                 context=QUIET)
+    ops = second.program.dialect_ops()
+    assert ops["modelfold::quant_embedding"] == 1
+    assert ops["modelfold::quant_linear"] == 4 * 7 + 1
+    assert second.program.log[-1].details["embeddings"]["tied"]
 
 
 def test_quantizing_only_the_head_unties_and_says_so():
