@@ -163,6 +163,46 @@ def list_assets() -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
+_interrupted = False
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupt_guard() -> Iterator[Callable[[], bool]]:
+    """Make Ctrl-C stick: remember it, so ``atomic_output`` never commits after one.
+
+    Python raises ``KeyboardInterrupt`` in whatever frame runs when SIGINT arrives; inside a
+    weakref or ``__del__`` callback (frequent during ``torch.export``) it is printed as
+    "Exception ignored" and lost, and the work would go on to completion. With this handler the
+    interrupt is also recorded, and ``atomic_output`` raises it again before moving anything into
+    place. Yields a function that tells whether Ctrl-C was pressed. Used by the CLI; a no-op
+    outside the main thread.
+    """
+    import signal
+    import threading
+
+    global _interrupted
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield lambda: _interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _interrupted = False
+
+
+def _check_interrupted() -> None:
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
 def _partial_prefix(path: Path) -> str:
     return f".{path.name}.partial-"
 
@@ -191,6 +231,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = path.with_name(f"{_partial_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         yield tmp
+        _check_interrupted()  # a Ctrl-C swallowed by a callback inside the block still counts
         if not (tmp.exists() or tmp.is_symlink()):
             raise AssetError(f"nothing was written to the temporary output for '{path}'")
         if tmp.is_dir() and path.exists():

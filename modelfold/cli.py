@@ -422,8 +422,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from modelfold.assets import interrupt_guard
+
     try:
-        return args.func(args)
+        with interrupt_guard() as interrupted:
+            try:
+                return args.func(args)
+            except Exception:
+                if interrupted():  # a library turned the KeyboardInterrupt into another error
+                    raise KeyboardInterrupt from None
+                raise
     except KeyboardInterrupt:
         print("modelfold: interrupted (no partial output was kept)", file=sys.stderr)
         return 130

@@ -282,3 +282,25 @@ def test_pull_wikipedia_into_fresh_cache_is_reproducible(
     assert sorted(p.name for p in path.parent.iterdir()) == ["wikipedia"]
     assert list((empty_cache / ".work").iterdir()) == []
     shutil.rmtree(empty_cache)
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_commit(tmp_path):
+    """A KeyboardInterrupt lost inside a callback (as in weakref finalizers during export) must
+    not let the output be moved into place: the guard remembers it."""
+    import signal
+
+    out = tmp_path / "out.txt"
+    with pytest.raises(KeyboardInterrupt), assets.interrupt_guard():
+        with atomic_output(out) as tmp:
+            tmp.write_text("half")
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time_spent = sum(range(10_000))  # give the handler a bytecode boundary
+            except KeyboardInterrupt:
+                time_spent = 0  # swallowed, as "Exception ignored in ..." does
+            assert time_spent >= 0
+    assert list(tmp_path.iterdir()) == []
+    # the guard is gone afterwards: a later output commits normally
+    with atomic_output(out) as tmp:
+        tmp.write_text("whole")
+    assert out.read_text() == "whole"
