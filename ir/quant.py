@@ -327,8 +327,13 @@ def _quant_linear_setup(ctx, inputs, output):
 def _quant_linear_backward(ctx, grad):
     qweight, scales, zero_points = ctx.saved_tensors
     in_features, bits, block_size, dtype = ctx.meta
-    w = dequantize(qweight, scales, zero_points, in_features, bits, block_size).to(dtype)
-    return grad @ w, None, None, None, None, None, None, None
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize(qweight, scales, zero_points, in_features, bits, block_size).to(dtype)
+        grad_x = grad @ w
+    if ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, None, grad_bias, None, None, None
 
 
 torch.library.register_autograd("modelfold::quant_linear", _quant_linear_backward,

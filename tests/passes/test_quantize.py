@@ -112,6 +112,11 @@ def test_quant_linear_matches_dequantized_linear_and_has_gradients():
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, lin.bias))
     y.sum().backward()  # QLoRA-style training needs d/dx through the frozen quantized weight
     torch.testing.assert_close(x.grad, torch.ones(2, 3, 7) @ w)
+    # the bias is frozen by default; made trainable, it gets its gradient (not silently None)
+    assert not q.bias.requires_grad
+    q.bias.requires_grad_(True)
+    q(x).sum().backward()
+    torch.testing.assert_close(q.bias.grad, torch.full((7,), 6.0))
 
 
 def test_quant_embedding_rows():
