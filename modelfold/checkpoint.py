@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from modelfold.assets import AssetError, atomic_output
+from modelfold.ir.lora import LoraAdapter, LoraLinear, lora_layers
 from modelfold.ir.quant import PackedWeight, QuantEmbedding, QuantFormat, QuantLinear, W8A8Linear
 
 if TYPE_CHECKING:
@@ -188,6 +189,41 @@ def _build_w8a8_linear(f: dict[str, Any]) -> W8A8Linear:
 register_module_type(QuantLinear, _describe_quant_linear, _build_quant_linear)
 register_module_type(QuantEmbedding, _describe_quant_embedding, _build_quant_embedding)
 register_module_type(W8A8Linear, _describe_w8a8_linear, _build_w8a8_linear)
+
+
+# -- LoRA layers -------------------------------------------------------------------------------
+# The base layer is described here (a float Linear / Conv1D is built here; a packed base has its
+# own manifest entry, swapped in after this one). Adapters are rebuilt from their constructor facts.
+def _describe_lora_linear(m: LoraLinear) -> dict[str, Any]:
+    base = m.base_layer
+    return {"in_features": m.in_features, "out_features": m.out_features,
+            "base": type(base).__name__, "has_bias": getattr(base, "bias", None) is not None,
+            "active": list(m.active), "merged": list(m.merged),
+            "adapters": {name: {"kind": a.kind, "rank": a.rank, "alpha": a.alpha,
+                                "dropout": a.dropout, "rslora": a.rslora, "nola_k": a.nola_k,
+                                "seed": a.seed} for name, a in m.adapters.items()}}
+
+
+def _build_lora_linear(f: dict[str, Any]) -> LoraLinear:
+    k, n = f["in_features"], f["out_features"]
+    if f["base"] == "Conv1D":
+        from transformers.pytorch_utils import Conv1D
+
+        base: nn.Module = Conv1D(n, k)
+        if not f["has_bias"]:
+            base.bias = None
+    else:  # nn.Linear, or a placeholder that the packed base's own entry replaces
+        base = nn.Linear(k, n, bias=f["has_bias"])
+    layer = LoraLinear(base)
+    for name, a in f["adapters"].items():
+        layer.add_adapter(name, LoraAdapter(a["kind"], k, n, a["rank"], a["alpha"],
+                                            dropout=a["dropout"], rslora=a["rslora"],
+                                            nola_k=a["nola_k"], seed=a["seed"]), activate=False)
+    layer.active, layer.merged = list(f["active"]), list(f["merged"])
+    return layer
+
+
+register_module_type(LoraLinear, _describe_lora_linear, _build_lora_linear)
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -611,6 +647,10 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Program:
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(path)
+    if lora_layers(model):  # only the active adapters train, as after the lora pass
+        from modelfold.passes.lora import mark_trainable
+
+        mark_trainable(model)
     program = Program(model, tokenizer=_load_tokenizer(path), source=str(path))
     program.log = _restore_log(manifest.get("passes", []))
     return program

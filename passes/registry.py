@@ -40,4 +40,10 @@ def registered_passes() -> dict[str, type[Pass]]:
 
 def _load_builtin_passes() -> None:
     # Imported here, not at package import, so `import modelfold` stays fast.
-    from modelfold.passes import drop_layers, layer_importance, quantize, smooth_quant  # noqa: F401
+    from modelfold.passes import (  # noqa: F401
+        drop_layers,
+        layer_importance,
+        lora,
+        quantize,
+        smooth_quant,
+    )
