@@ -42,11 +42,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onnxruntime",
                    pipeline: str = "", overwrite: bool = False, parity: bool = True,
-                   accuracy_level: int = 0) -> dict[str, Any]:
+                   accuracy_level: int = 0, lora: str = "merge") -> dict[str, Any]:
     """Export ``program`` to ``out_dir`` atomically and return the manifest.
 
     ``accuracy_level`` is the ``MatMulNBits`` compute type of quantized linears (see
-    ``export_onnx``); it is recorded in the manifest.
+    ``export_onnx``); it is recorded in the manifest. ``lora`` is how LoRA adapters are exported
+    ("merge", "separate" or "inputs": ONNX Runtime adapter files under ``adapters/``; see
+    ``export_onnx``); with LoRA layers, ``manifest["lora"]`` records the mode, what was merged,
+    what was kept unmerged and why, the adapters and their files.
     """
     from modelfold.assets import atomic_output
     from modelfold.passes.report import write_report
@@ -61,12 +64,16 @@ def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onn
         raise ArtifactError(f"output folder '{out}' already exists; choose another or pass "
                             "--overwrite")
     from modelfold.backends.onnxruntime.export import export_onnx
+    from modelfold.backends.onnxruntime.lora_lowering import check_lora_mode
 
+    check_lora_mode(lora)
     with atomic_output(out) as tmp:
         tmp.mkdir()
         start = time.perf_counter()
-        onnx_facts = export_onnx(program.module, tmp, parity=parity, accuracy_level=accuracy_level)
+        onnx_facts = export_onnx(program.module, tmp, parity=parity, accuracy_level=accuracy_level,
+                                 lora=lora)
         parity_facts = onnx_facts.pop("parity", {})
+        lora_facts = onnx_facts.pop("lora", None)
         program.module.config.save_pretrained(tmp)
         if program.tokenizer is not None:
             program.tokenizer.save_pretrained(tmp)
@@ -88,6 +95,7 @@ def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onn
                              "num_layers": program.arch.num_layers},
             "onnx": onnx_facts,
             "parity": parity_facts,
+            **({"lora": lora_facts} if lora_facts is not None else {}),
             "onnx_bytes": onnx_bytes,
             "files": files,
             "export_seconds": round(time.perf_counter() - start, 2),

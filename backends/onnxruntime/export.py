@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from modelfold.backends.onnxruntime import wrappers
+from modelfold.backends.onnxruntime.lora_lowering import check_lora_mode, lora_export
 from modelfold.backends.onnxruntime.parity import check_parity
 from modelfold.backends.onnxruntime.quant_lowering import check_accuracy_level, lowering_options
 from modelfold.backends.onnxruntime.runtime import OPTIMIZATION_LEVELS
@@ -72,6 +73,7 @@ def export_onnx(
     parity: bool = True,
     verbose: bool = False,
     accuracy_level: int = 0,
+    lora: str = "merge",
 ) -> dict[str, Any]:
     """Exports `model` to `out_dir/model.onnx` (+ `model.onnx.data`) for ONNX Runtime.
 
@@ -98,11 +100,19 @@ def export_onnx(
             (`modelfold::quant_linear`) lower to: 0 (default) computes in float32 like the torch
             reference; 4 quantizes the activations to int8 per block inside the kernel, much faster
             on a CPU but only close to the reference; 1, 2, 3 = fp32, fp16, bf16.
+        lora: What becomes of LoRA adapters (`LoraLinear` layers; see `lora_lowering.py`):
+            "merge" (default) folds the active adapters of float bases into the weights for the
+            export (the torch weights are restored exactly) and keeps those of packed bases as
+            Gemm branches; "separate" keeps every adapter a Gemm branch; "inputs" exports the
+            base with one overridable adapter slot per layer and writes one ONNX Runtime adapter
+            file per named adapter under `out_dir/adapters/`.
 
     Returns:
         Facts for the manifest: kind, layer count and cache layout, files and byte sizes, opset,
         `inputs`/`outputs` (name -> dims, symbolic dims by name), op counts, optimization
-        level, export/optimize seconds, parity (see `check_parity`).
+        level, export/optimize seconds, parity (see `check_parity`), and `lora` (mode, layers,
+        merged / kept_unmerged with reasons, adapters, adapter files, base parity) when the model
+        has LoRA layers.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -116,6 +126,7 @@ def export_onnx(
     if opset < 18:
         raise ValueError(f"opset must be >= 18 (torch.onnx's dynamo exporter), got {opset}")
     check_accuracy_level(accuracy_level)
+    check_lora_mode(lora)
     _check_float32(model)
 
     was_training = model.training
@@ -125,6 +136,7 @@ def export_onnx(
         with (
             wrappers.exportable_experts(model) as experts_impl,
             lowering_options(accuracy_level=accuracy_level),
+            lora_export(model, lora) as lora_plan,
         ):
             if wrappers.is_decoder(model):
                 facts = _export_decoder(model, out_dir / UNOPTIMIZED_FILE, opset, verbose)
@@ -137,6 +149,7 @@ def export_onnx(
         facts["experts_implementation"] = experts_impl
 
     facts["tied_weight_matmuls"] = _rewrite_graph_in_place(out_dir / UNOPTIMIZED_FILE)
+    lora_plan.expose_inputs(out_dir / UNOPTIMIZED_FILE)
     start = time.perf_counter()
     if optimize:
         _optimize_with_ort(
@@ -158,8 +171,14 @@ def export_onnx(
         p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.name.startswith("model.")
     }
     facts.update(_graph_facts(out_dir / MODEL_FILE))
+    lora_plan.finish(model, out_dir / MODEL_FILE, out_dir)
     if parity:
-        facts["parity"] = check_parity(model, out_dir)
+        if lora_plan.slots:
+            facts["parity"] = lora_plan.check_parity(model, out_dir)
+        else:
+            facts["parity"] = check_parity(model, out_dir)
+    if lora_plan.has_layers:
+        facts["lora"] = lora_plan.facts
     return facts
 
 
@@ -428,8 +447,10 @@ def _graph_facts(path: Path) -> dict[str, Any]:
     for node in graph.node:
         key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
         counts[key] = counts.get(key, 0) + 1
+    # Overridable initializers (LoRA adapter slots, lora="inputs") are inputs with a default.
+    initializers = {init.name for init in graph.initializer}
     return {
-        "inputs": shapes(graph.input),
+        "inputs": shapes(i for i in graph.input if i.name not in initializers),
         "outputs": shapes(graph.output),
         "onnx_nodes": dict(sorted(counts.items())),
     }

@@ -30,6 +30,7 @@ def check_parity(
     decode_steps: int = 2,
     seed: int = 0,
     threads: int | None = None,
+    adapter: str | Path | None = None,
 ) -> dict[str, Any]:
     """Runs torch and the ONNX artifact in `out_dir` on the same probe and compares outputs.
 
@@ -45,6 +46,9 @@ def check_parity(
         decode_steps: Decode steps after the prefill.
         seed: Seed of the random probe.
         threads: ONNX Runtime intra-op threads.
+        adapter: LoRA adapter the artifact runs with (a name under its `adapters/` folder or a
+            `.onnx_adapter` path; artifacts exported with lora="inputs"). The torch model should
+            have the same adapters active.
 
     Returns:
         Decoders: `prefill_max_abs_diff`, `decode_max_abs_diff`, `top1_agreement` (fraction of
@@ -57,8 +61,8 @@ def check_parity(
     try:
         input_ids, attention_mask = _probe(model, input_ids, attention_mask, seed)
         if wrappers.is_decoder(model):
-            return _decoder_parity(model, out_dir, input_ids, attention_mask, decode_steps, threads)
-        return _encoder_parity(model, out_dir, input_ids, attention_mask, threads)
+            return _decoder_parity(model, out_dir, input_ids, attention_mask, decode_steps, threads, adapter)
+        return _encoder_parity(model, out_dir, input_ids, attention_mask, threads, adapter)
     finally:
         model.train(was_training)
 
@@ -96,8 +100,9 @@ def _decoder_parity(
     attention_mask: torch.Tensor,  # [B, S]
     decode_steps: int,
     threads: int | None,
+    adapter: str | Path | None = None,
 ) -> dict[str, Any]:
-    onnx_model = OnnxCausalLM(out_dir, threads=threads, use_ort_values=False)
+    onnx_model = OnnxCausalLM(out_dir, threads=threads, use_ort_values=False, adapter=adapter)
     positions = wrappers.decoder_positions(attention_mask, input_ids.shape[1])  # [B, S]
     cache = DynamicCache()
     torch_logits = model(
@@ -150,8 +155,9 @@ def _encoder_parity(
     input_ids: torch.Tensor,  # [B, S]
     attention_mask: torch.Tensor,  # [B, S]
     threads: int | None,
+    adapter: str | Path | None = None,
 ) -> dict[str, Any]:
-    onnx_model = OnnxEncoder(out_dir, threads=threads)
+    onnx_model = OnnxEncoder(out_dir, threads=threads, adapter=adapter)
     wrapper = wrappers.Encoder(model)
     args = [input_ids, attention_mask]
     if wrappers.TOKEN_TYPE_IDS in onnx_model.input_names:

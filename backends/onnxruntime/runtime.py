@@ -17,9 +17,12 @@ import onnxruntime as ort
 
 from modelfold.backends.onnxruntime import wrappers
 
-__all__ = ["OPTIMIZATION_LEVELS", "OnnxCausalLM", "OnnxEncoder", "create_session"]
+__all__ = ["OPTIMIZATION_LEVELS", "OnnxCausalLM", "OnnxEncoder", "available_adapters", "create_session"]
 
 MODEL_FILE = "model.onnx"
+# LoRA adapter files of an artifact exported with lora="inputs" (see lora_lowering.py).
+ADAPTERS_DIR = "adapters"
+ADAPTER_SUFFIX = ".onnx_adapter"
 
 OPTIMIZATION_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -73,6 +76,52 @@ def _artifact_model(artifact_dir: Path) -> Path:
     return artifact_dir / MODEL_FILE if artifact_dir.is_dir() else artifact_dir
 
 
+def available_adapters(artifact_dir: Path) -> list[str]:
+    """Names of the LoRA adapter files an artifact carries (`adapters/<name>.onnx_adapter`)."""
+    folder = _artifact_model(artifact_dir).parent / ADAPTERS_DIR
+    return sorted(p.name[: -len(ADAPTER_SUFFIX)] for p in folder.glob(f"*{ADAPTER_SUFFIX}"))
+
+
+def _adapter_run_options(
+    session: ort.InferenceSession, model_path: Path, adapter: str | Path | None
+) -> tuple[ort.RunOptions | None, Path | None, Any]:
+    """`(run options with the adapter active, its file, the loaded ort.LoraAdapter)`.
+
+    `adapter` is a name under the artifact's `adapters/` folder or a path to a `.onnx_adapter` file.
+    """
+    if adapter is None:
+        return None, None, None
+    text = str(adapter)
+    if isinstance(adapter, Path) or text.endswith(ADAPTER_SUFFIX) or Path(text).name != text:
+        path = Path(adapter)
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter file {path} does not exist")
+    else:
+        path = model_path.parent / ADAPTERS_DIR / f"{text}{ADAPTER_SUFFIX}"
+        if not path.is_file():
+            known = available_adapters(model_path.parent)
+            raise ValueError(
+                f"unknown adapter {text!r} for {model_path.parent}; available: {', '.join(known) or 'none'}"
+            )
+    slots = {i.name for i in session.get_overridable_initializers()}
+    if not slots:
+        raise ValueError(
+            f"{model_path} has no adapter inputs (overridable initializers); export the model with "
+            "lora='inputs' to run it with LoRA adapters"
+        )
+    unknown = sorted(set(ort.AdapterFormat.read_adapter(str(path)).get_parameters()) - slots)
+    if unknown:
+        raise ValueError(
+            f"adapter {path} has parameters the model does not take as inputs, e.g. {unknown[0]!r} "
+            f"({len(unknown)} of them); was it written for another artifact?"
+        )
+    lora_adapter = ort.LoraAdapter()
+    lora_adapter.Load(str(path))
+    options = ort.RunOptions()
+    options.add_active_adapter(lora_adapter)
+    return options, path, lora_adapter
+
+
 class OnnxCausalLM:
     """A decoder artifact with a KV cache: perplexity logits and greedy generation.
 
@@ -84,6 +133,8 @@ class OnnxCausalLM:
             (`run_with_ort_values`) instead of numpy arrays. Off by default: on SmolLM2-135M it
             made no measurable difference (43.8 vs 42.6 tokens/s, within noise), because on
             the CPU numpy inputs are used in place and the graph's Concat copies the past anyway.
+        adapter: A LoRA adapter applied to every run: a name under the artifact's `adapters/`
+            folder or a path to a `.onnx_adapter` file (artifacts exported with lora="inputs").
     """
 
     def __init__(
@@ -93,10 +144,14 @@ class OnnxCausalLM:
         threads: int | None = None,
         optimization_level: str = "all",
         use_ort_values: bool = False,
+        adapter: str | Path | None = None,
     ):
         self.path = _artifact_model(artifact_dir)
         self.session = create_session(self.path, threads=threads, optimization_level=optimization_level)
         self.use_ort_values = use_ort_values
+        self.run_options, self.adapter_path, self._adapter = _adapter_run_options(
+            self.session, self.path, adapter
+        )
         inputs = {i.name: i for i in self.session.get_inputs()}
         missing = {wrappers.INPUT_IDS, wrappers.ATTENTION_MASK, wrappers.POSITION_IDS} - set(inputs)
         layers = sorted(int(m.group(1)) for n in inputs if (m := _PAST_KEY.match(n)))
@@ -141,10 +196,10 @@ class OnnxCausalLM:
         if past and isinstance(past[0], ort.OrtValue):
             feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
             feeds.update(zip(self.past_names, past))
-            outputs = self.session.run_with_ort_values(self.output_names, feeds)
+            outputs = self.session.run_with_ort_values(self.output_names, feeds, self.run_options)
             return outputs[0].numpy(), list(outputs[1:])
         feeds.update(zip(self.past_names, past))
-        outputs = self.session.run(self.output_names, feeds)
+        outputs = self.session.run(self.output_names, feeds, self.run_options)
         return outputs[0], outputs[1:]
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
@@ -231,6 +286,7 @@ class OnnxEncoder:
         artifact_dir: Directory holding `model.onnx` (or the `.onnx` file itself).
         threads: Intra-op threads (None: one per physical core).
         optimization_level: Graph optimizations ONNX Runtime applies at load.
+        adapter: A LoRA adapter applied to every run (see `OnnxCausalLM`).
     """
 
     def __init__(
@@ -239,9 +295,13 @@ class OnnxEncoder:
         *,
         threads: int | None = None,
         optimization_level: str = "all",
+        adapter: str | Path | None = None,
     ):
         self.path = _artifact_model(artifact_dir)
         self.session = create_session(self.path, threads=threads, optimization_level=optimization_level)
+        self.run_options, self.adapter_path, self._adapter = _adapter_run_options(
+            self.session, self.path, adapter
+        )
         self.input_names = [i.name for i in self.session.get_inputs()]
         if self.input_names[:2] != [wrappers.INPUT_IDS, wrappers.ATTENTION_MASK]:
             raise ValueError(
@@ -269,7 +329,7 @@ class OnnxEncoder:
             if token_type_ids is None:
                 token_type_ids = np.zeros_like(input_ids)
             feeds[wrappers.TOKEN_TYPE_IDS] = np.asarray(token_type_ids, dtype=np.int64)
-        return self.session.run([wrappers.LAST_HIDDEN_STATE], feeds)[0]  # [B, S, E]
+        return self.session.run([wrappers.LAST_HIDDEN_STATE], feeds, self.run_options)[0]  # [B, S, E]
 
 
 def _positions(attention_mask: np.ndarray, num_new: int) -> np.ndarray:
