@@ -107,13 +107,16 @@ def transform(model: Any, passes: str | list[Any] | Path, *, tokenizer: Any = No
 
 def export(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
            backend: str = "onnxruntime", overwrite: bool = False, parity: bool = True,
-           accuracy_level: int = 0) -> dict[str, Any]:
+           accuracy_level: int = 0, lora: str = "merge") -> dict[str, Any]:
     """Lower a (transformed) model to a self-contained artifact folder; returns its manifest.
 
     The folder is written under a temporary name and moved into place only when complete, so an
     interrupted export leaves no partial output. ``accuracy_level`` is the compute type of the
     ``MatMulNBits`` nodes of quantized linears (0: float, as torch; 4: int8 activations, faster
-    on CPU; 1/2/3: fp32/fp16/bf16).
+    on CPU; 1/2/3: fp32/fp16/bf16). ``lora`` says what becomes of LoRA adapters: "merge"
+    (default: folded into float weights, kept as branches on quantized ones), "separate"
+    (branches), or "inputs" (one base artifact, an ONNX Runtime adapter file per adapter under
+    ``adapters/``, applied with ``OnnxCausalLM(artifact, adapter=name)``).
     """
     from modelfold.artifact import write_artifact
     from modelfold.ir.program import Program
@@ -125,7 +128,8 @@ def export(result: TransformResult | Program | nn.Module, out_dir: str | Path, *
     else:
         program, pipeline = Program(result), ""
     return write_artifact(program, out_dir, backend=backend, pipeline=pipeline,
-                          overwrite=overwrite, parity=parity, accuracy_level=accuracy_level)
+                          overwrite=overwrite, parity=parity, accuracy_level=accuracy_level,
+                          lora=lora)
 
 
 def save(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
@@ -143,4 +147,30 @@ def save(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
     return save_checkpoint(result, out_dir, overwrite=overwrite)
 
 
-__all__ = ["TransformResult", "export", "load", "save", "transform"]
+def save_adapter(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
+                 name: str = "default", overwrite: bool = False) -> dict[str, Any]:
+    """Write adapter ``name`` in PEFT's format (``adapter_config.json`` +
+    ``adapter_model.safetensors``); see ``modelfold.adapters``."""
+    from modelfold.adapters import save_adapter as _save
+
+    return _save(result, out_dir, name=name, overwrite=overwrite)
+
+
+def load_adapter(model: TransformResult | Program | nn.Module, path: str | Path, *,
+                 name: str = "default", trainable: bool = False) -> dict[str, Any]:
+    """Apply a PEFT (or modelfold) LoRA adapter folder to ``model``; see ``modelfold.adapters``."""
+    from modelfold.adapters import load_adapter as _load
+
+    return _load(model, path, name=name, trainable=trainable)
+
+
+def train(model: TransformResult | Program | nn.Module, **options: Any) -> dict[str, Any]:
+    """Fine-tune the trainable parameters of ``model`` (those a pass such as ``lora`` marked);
+    see ``modelfold.finetune.train`` for the options (steps, lr, teacher, checkpoint_dir, ...)."""
+    from modelfold.finetune import train as _train
+
+    return _train(model, **options)
+
+
+__all__ = ["TransformResult", "export", "load", "load_adapter", "save", "save_adapter",
+           "train", "transform"]

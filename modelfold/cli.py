@@ -2,9 +2,10 @@
 
     modelfold assets pull                      install the embedded model, encoder and corpus
     modelfold passes                           list passes, options, defaults and docs
-    modelfold convert [MODEL] -p PIPELINE -o OUT/ [--save-model CKPT/]
+    modelfold convert [MODEL] -p PIPELINE -o OUT/ [--save-model CKPT/] [--adapter DIR]
+    modelfold finetune [MODEL] -p "lora{rank=8,alpha=16}" [--steps N] [--teacher] -o OUT/
     modelfold inspect MODEL_OR_ARTIFACT [--graph FILE]
-    modelfold eval MODEL_OR_ARTIFACT [--corpus NAME | --text FILE] [--chars N]
+    modelfold eval MODEL_OR_ARTIFACT [--adapter DIR] [--corpus NAME | --text FILE] [--chars N]
     modelfold generate ARTIFACT "prompt" [--max-new-tokens N]
 
 Every command that reports figures takes ``--json`` and then prints one JSON object on stdout.
@@ -100,6 +101,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.pipeline:
         build_pipeline(args.pipeline)  # fail on a bad pipeline before loading the model
     program = modelfold.load(args.model)
+    if args.adapter:
+        _apply_adapter(program, args.adapter, quiet=args.json)
     if args.pipeline:
         context = PassContext(verify=not args.no_verify)
         result = modelfold.transform(program, args.pipeline, context=context)
@@ -118,7 +121,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             _print_json(summary)
         return 0
     manifest = modelfold.export(result, out, overwrite=args.overwrite, parity=not args.no_parity,
-                                accuracy_level=args.accuracy_level)
+                                accuracy_level=args.accuracy_level, lora=args.lora_export)
     summary.update({"output": str(out), "parameters": manifest["model"]["parameters"],
                     "layers": manifest["model"]["layers"], "onnx_bytes": manifest["onnx_bytes"],
                     "parity": manifest["parity"]})
@@ -271,19 +274,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         from modelfold.backends.onnxruntime.runtime import OnnxCausalLM
 
-        target = OnnxCausalLM(args.target)
+        if args.adapter:  # an ONNX Runtime adapter of an artifact exported with --lora-export inputs
+            target = OnnxCausalLM(args.target, adapter=args.adapter)
+        else:
+            target = OnnxCausalLM(args.target)
         tokenizer = AutoTokenizer.from_pretrained(args.target)
     else:
         import modelfold
 
         program = modelfold.load(args.target)
+        if args.adapter:
+            _apply_adapter(program, args.adapter, quiet=args.json)
         if program.arch.kind != "causal-lm":
             raise _UserError(f"perplexity needs a causal LM; '{args.target}' is an "
                              f"{program.arch.kind}")
         target, tokenizer = program.module, program.tokenizer
     result = evaluate(target, tokenizer, text, chars=args.chars, window=args.window,
                       batch_size=args.batch_size, progress=not args.json)
-    result = {"model": args.target, "text": text_name, **result}
+    result = {"model": args.target, "adapter": args.adapter, "text": text_name, **result}
     if args.json:
         _print_json(result)
     else:
@@ -291,6 +299,113 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"tokens in {result['windows']} windows of {args.window}, {text_name}, "
               f"{result['seconds']:.1f}s)")
     return 0
+
+
+def _apply_adapter(program: Any, adapter: str, *, quiet: bool) -> None:
+    from modelfold.adapters import load_adapter
+
+    facts = load_adapter(program, adapter)
+    if not quiet:
+        print(f"adapter {adapter}: {facts['layers']} layers, {facts['parameters']:,} parameters",
+              file=sys.stderr)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import json as _json
+
+    import modelfold
+    from modelfold.assets import atomic_output
+    from modelfold.finetune import TrainConfig, plot_training, train
+    from modelfold.passes.manager import PassContext
+    from modelfold.passes.pipeline import build_pipeline
+
+    out = Path(args.output)
+    if out.exists() and not (args.resume or args.overwrite):
+        raise _UserError(f"output folder '{out}' already exists; choose another, pass --resume to "
+                         "continue its training, or --overwrite")
+    if args.overwrite and not args.resume and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    options = dict(kv.split("=", 1) for kv in args.train_option or [] if "=" in kv)
+    bad = [kv for kv in args.train_option or [] if "=" not in kv]
+    if bad:
+        raise _UserError(f"--train-option expects KEY=VALUE; got {bad[0]!r}")
+    for key in ("steps", "lr", "batch_size", "grad_accum", "seq_len", "seed", "eval_every",
+                "eval_chars", "checkpoint_every", "kl_weight", "hidden_weight", "temperature"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    if args.gradient_checkpointing:
+        options["gradient_checkpointing"] = True
+    if args.teacher is not None and "kl_weight" not in options and "hidden_weight" not in options:
+        options["kl_weight"] = 1.0
+    config = TrainConfig.from_options(options)  # bad options fail before any loading
+    build_pipeline(args.pipeline)
+    if args.save_model is not None:
+        from modelfold.checkpoint import check_destination
+
+        check_destination(args.save_model, args.overwrite)
+    program = modelfold.load(args.model)
+    teacher = None
+    if args.teacher is not None:
+        teacher = modelfold.load(args.model if args.teacher == "same" else args.teacher).module
+    result = modelfold.transform(program, args.pipeline,
+                                 context=PassContext(verify=not args.no_verify))
+    out.mkdir(parents=True, exist_ok=True)
+    trained = train(result, config=config, teacher=teacher, checkpoint_dir=out / "checkpoints",
+                    resume=args.resume, progress=not args.json)
+    from modelfold.adapters import save_adapter
+    from modelfold.ir.lora import adapter_names
+
+    summary: dict[str, Any] = {"pipeline": result.pipeline, "output": str(out),
+                               **{k: trained.get(k) for k in (
+                                   "steps", "seconds", "trainable_parameters",
+                                   "perplexity_before", "perplexity_after")}}
+    names = adapter_names(result.module)
+    for name in names:
+        target = out / ("adapter" if name == names[0] else f"adapter-{name}")
+        saved = save_adapter(result, target, name=name, overwrite=True)
+        summary.setdefault("adapters", {})[name] = {"path": str(target), "bytes": saved["bytes"]}
+    if args.save_model is not None:
+        modelfold.save(result, args.save_model, overwrite=args.overwrite)
+        summary["checkpoint"] = args.save_model
+    report = {**result.report, "training": trained}
+    with atomic_output(out / "training.json") as tmp:
+        tmp.write_text(_json.dumps(report, indent=2, default=str))
+    with atomic_output(out / "report.md") as tmp:
+        tmp.write_text(result.report_markdown() + "\n" + _training_markdown(trained))
+    plot_training(trained, out / "training.png")
+    if args.json:
+        _print_json(summary)
+    else:
+        before, after = trained.get("perplexity_before"), trained.get("perplexity_after")
+        if before is not None and after is not None:
+            print(f"perplexity {before:.3f} -> {after:.3f} after {trained['steps']} steps "
+                  f"({trained['seconds']:.0f} s, {trained['trainable_parameters']:,} trainable "
+                  "parameters)")
+        for name, facts in summary.get("adapters", {}).items():
+            print(f"adapter '{name}' (PEFT format): {facts['path']}/")
+        print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _training_markdown(trained: dict[str, Any]) -> str:
+    lines = ["## Fine-tuning", "",
+             f"- steps: {trained['steps']}, tokens: {trained.get('tokens', 0):,}, "
+             f"time: {trained['seconds']:.1f} s ({trained['seconds_per_step']:.2f} s/step)",
+             f"- trainable parameters: {trained['trainable_parameters']:,} of "
+             f"{trained['total_parameters']:,}",
+             f"- perplexity before / after: {_fmt(trained.get('perplexity_before'))} / "
+             f"{_fmt(trained.get('perplexity_after'))}", "",
+             "| step | perplexity |", "|---:|---:|"]
+    lines += [f"| {e['step']} | {e['perplexity']:.3f} |" for e in trained.get("eval", [])
+              if e.get("perplexity") is not None]
+    return "\n".join(lines) + "\n\n![training](training.png)\n"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -375,11 +490,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--no-verify", action="store_true", help="skip IR verification between passes")
     p.add_argument("--no-parity", action="store_true", help="skip the torch/ORT parity check")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="apply a LoRA adapter folder (PEFT format) to MODEL before the pipeline")
+    p.add_argument("--lora-export", choices=["merge", "separate", "inputs"], default="merge",
+                   help="LoRA layers in the artifact: merged into the weights (default; adapters "
+                        "on quantized bases stay a branch), a separate branch, or ONNX Runtime "
+                        "adapter inputs (one base artifact, adapters/<name>.onnx_adapter files)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=0,
                    help="MatMulNBits compute type for quantized linears: 0 float like torch "
                         "(default), 4 int8 activations (faster on CPU, less exact)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("finetune", help="transform a model (e.g. add LoRA adapters) and train "
+                                        "what the passes marked trainable; writes OUT/adapter/")
+    p.add_argument("model", nargs="?", default=None,
+                   help="asset name, model directory or checkpoint (default: smollm2-135m)")
+    p.add_argument("-p", "--pipeline", required=True,
+                   help="pipeline that marks parameters trainable, e.g. 'lora{rank=8,alpha=16}' "
+                        "or 'quantize{bits=4},lora{rank=8}' (QLoRA)")
+    p.add_argument("-o", "--output", required=True,
+                   help="folder for adapter/ (PEFT format), checkpoints/, report.md, training.png")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: start/end)")
+    p.add_argument("--eval-chars", type=int, help="characters of the evaluation split per eval")
+    p.add_argument("--checkpoint-every", type=int, help="resumable checkpoint every N steps")
+    p.add_argument("--teacher", nargs="?", const="same", default=None, metavar="MODEL",
+                   help="distil from a teacher: the untransformed MODEL (no value) or another "
+                        "model; sets --kl-weight 1 unless a weight is given")
+    p.add_argument("--kl-weight", type=float)
+    p.add_argument("--hidden-weight", type=float)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--train-option", action="append", metavar="KEY=VALUE",
+                   help="any other training option (see modelfold.finetune.TrainConfig)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in OUT/checkpoints/")
+    p.add_argument("--save-model", metavar="DIR",
+                   help="also save the whole trained model as a reloadable checkpoint")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("inspect", help="show a model's or artifact's structure and sizes")
     p.add_argument("target", help="asset name, model directory or artifact folder")
@@ -392,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--corpus", default="wikipedia", help="installed corpus (default wikipedia)")
     src.add_argument("--text", metavar="FILE", help="evaluate on a UTF-8 text file instead")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="LoRA adapter folder (PEFT format) applied to a model; for an artifact "
+                        "exported with --lora-export inputs, an adapter name or .onnx_adapter")
     p.add_argument("--split", default="evaluation", help="corpus split (default evaluation)")
     p.add_argument("--chars", type=int, default=200_000, help="characters of text (default 200000)")
     p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
