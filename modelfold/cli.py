@@ -6,7 +6,7 @@
     modelfold finetune [MODEL] -p "lora{rank=8,alpha=16}" [--steps N] [--teacher] -o OUT/
     modelfold inspect MODEL_OR_ARTIFACT [--graph FILE]
     modelfold eval MODEL_OR_ARTIFACT [--adapter DIR] [--corpus NAME | --text FILE] [--chars N]
-    modelfold generate ARTIFACT "prompt" [--max-new-tokens N]
+    modelfold generate ARTIFACT "prompt" [--max-new-tokens N] [--adapter NAME]
 
 Every command that reports figures takes ``--json`` and then prints one JSON object on stdout.
 Bad input ends with one ``modelfold: error: ...`` line on stderr and exit status 2.
@@ -435,7 +435,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise _UserError("the prompt is empty")
-    lm = OnnxCausalLM(args.artifact)
+    lm = OnnxCausalLM(args.artifact, adapter=args.adapter) if args.adapter \
+        else OnnxCausalLM(args.artifact)
     out = lm.generate(list(ids), args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     text = tokenizer.decode(out["new_tokens"], skip_special_tokens=True)
     result = {"prompt": args.prompt, "text": text, "new_tokens": out["new_tokens"],
@@ -564,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--adapter", metavar="NAME_OR_FILE",
+                   help="ONNX Runtime adapter of an artifact exported with --lora-export inputs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
     return parser

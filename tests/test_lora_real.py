@@ -80,6 +80,19 @@ def test_cli_finetune_then_eval_with_the_adapter(tmp_path, capsys):
     assert code == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert abs(evaluated["perplexity"] - summary["perplexity_after"]) < 1e-3
+    # one ONNX artifact for the base model, the adapter as an ONNX Runtime adapter file
+    art = tmp_path / "art"
+    assert main(["convert", "smollm2-135m", "--adapter", str(out), "--lora-export", "inputs",
+                 "--no-verify", "-o", str(art), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["parity"]["prefill_max_abs_diff"] < 1e-3
+    assert (art / "adapters" / "default.onnx_adapter").is_file()
+    assert main(["eval", str(art), "--adapter", "default", "--chars", "2000", "--json"]) == 0
+    on_ort = json.loads(capsys.readouterr().out)
+    assert abs(on_ort["perplexity"] - summary["perplexity_after"]) < 1e-3 * summary["perplexity_after"]
+    assert main(["eval", str(art), "--chars", "2000", "--json"]) == 0
+    base_ort = json.loads(capsys.readouterr().out)
+    assert abs(base_ort["perplexity"] - summary["perplexity_before"]) < 1e-3 * summary["perplexity_before"]
     # bad input: an existing output folder, an adapter for another model
     assert main(["finetune", "smollm2-135m", "-p", "lora", "-o", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
