@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import onnx
 import torch
 
 import modelfold
@@ -40,6 +37,7 @@ from modelfold.evaluate import evaluate
 from modelfold.passes.manager import PassContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ort_baseline import with_accuracy_level  # noqa: E402  (tools/ is not a package)
 
 OURS = {
     "fp32": "",
@@ -115,27 +113,6 @@ def build_ort(row: str, out: Path, fp32: Path) -> dict:
     return {"seconds": seconds}
 
 
-def with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
-    """A copy of artifact ``src`` whose MatMulNBits nodes use ``accuracy_level`` (data hard-linked)."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file() and f.name != "model.onnx":
-            os.link(f, dst / f.name)
-    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            for attr in node.attribute:
-                if attr.name == "accuracy_level":
-                    attr.i = level
-                    break
-            else:
-                node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
-    onnx.save_model(model, str(dst / "model.onnx"))
-    return dst
-
-
 def artifact_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.onnx"))
 
@@ -196,8 +173,10 @@ def main() -> None:
     levels = {}
     for row in rows:
         for level in (0, 4):
-            levels[(row, level)] = with_accuracy_level(out / row, out / "_levels" / f"{row}-{level}",
-                                                       level)
+            dst = out / "_levels" / f"{row}-{level}"
+            with_accuracy_level(out / row, dst, level, overwrite=True, link_data=True,
+                                require_nodes=False)
+            levels[(row, level)] = dst
     sessions = {key: OnnxCausalLM(path, threads=args.threads) for key, path in levels.items()}
     speeds: dict[tuple, list[float]] = {key: [] for key in sessions}
     for lm in sessions.values():

@@ -60,6 +60,7 @@ import copy
 import datetime
 import json
 import logging
+import os
 import shutil
 import statistics
 import sys
@@ -293,13 +294,21 @@ def ort_quantize(
 
 
 def with_accuracy_level(
-    src_artifact_dir: str | Path, out_dir: str | Path, level: int, *, overwrite: bool = False
+    src_artifact_dir: str | Path,
+    out_dir: str | Path,
+    level: int,
+    *,
+    overwrite: bool = False,
+    link_data: bool = False,
+    require_nodes: bool = True,
 ) -> dict[str, Any]:
     """Copies a MatMulNBits artifact, setting every MatMulNBits node's `accuracy_level`.
 
     The quantizers write `accuracy_level` only as an attribute (the weight bytes do not depend
     on it), so this gives the artifact the quantizer would have written with that level,
-    without re-running GPTQ. The data file is copied unchanged.
+    without re-running GPTQ. The data file is copied unchanged (`link_data`: hard-linked, for
+    benchmarks that make many variants). `require_nodes=False` accepts artifacts without
+    MatMulNBits nodes (fp32, W8A8), which are then copied as they are.
     """
     from modelfold.artifact import MANIFEST, read_manifest
     from modelfold.assets import atomic_output
@@ -320,13 +329,15 @@ def with_accuracy_level(
             if level:  # ORT's quantizers leave the attribute out for 0
                 node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
             changed += 1
-    if not changed:
+    if not changed and require_nodes:
         raise ValueError(f"{src} has no MatMulNBits nodes")
+    if out.exists():
+        shutil.rmtree(out)
     with atomic_output(out) as tmp:
         tmp.mkdir()
         for p in sorted(src.iterdir()):
             if p.is_file() and p.name not in (MODEL_FILE, MANIFEST):
-                shutil.copy2(p, tmp / p.name)
+                (os.link if link_data else shutil.copy2)(p, tmp / p.name)
         onnx.save_model(model, str(tmp / MODEL_FILE))  # external data references stay valid
         quantization = copy.deepcopy(manifest.get("quantization", {}))
         quantization.setdefault("config", {})["accuracy_level"] = level
