@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -33,10 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelfold.passes.base import PassConfig, option
-
-
-class TrainError(ValueError):
-    """Training cannot start or continue (nothing trainable, no teacher, bad checkpoint...)."""
+from modelfold.train_checkpoints import (
+    TrainError,
+    checkpoint_to_resume,
+    load_checkpoint,
+    params_fingerprint,
+    save_checkpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,6 @@ class TrainConfig(PassConfig):
 
 # Options that may change between a checkpoint and the run resuming it: they do not change the
 # batches, the losses or the update rule of the steps already taken.
-_RESUMABLE_OPTIONS = {"steps", "eval_every", "eval_chars", "checkpoint_every", "log_every",
-                      "gradient_checkpointing"}
-_CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "state.json")
 
 
 def print_to_stderr(message: str) -> None:
@@ -171,8 +169,8 @@ def train(model: Any, *, config: TrainConfig | None = None, tokenizer: Any = Non
     if cfg.corpus == "random" and vocab is None:
         raise TrainError("corpus='random' needs the vocabulary size (model.config.vocab_size)")
 
-    fingerprint = _fingerprint(named)
-    checkpoint = _checkpoint_to_resume(checkpoint_dir, resume)
+    fingerprint = params_fingerprint(named)
+    checkpoint = checkpoint_to_resume(checkpoint_dir, resume)
 
     ids, bos = None, None
     if cfg.corpus != "random":
@@ -200,7 +198,7 @@ def train(model: Any, *, config: TrainConfig | None = None, tokenizer: Any = Non
     if checkpoint is not None:
         if int(checkpoint.name.removeprefix("step-")) > cfg.steps:
             raise TrainError(f"the checkpoint {checkpoint.name} is beyond steps={cfg.steps}")
-        state = _load_checkpoint(checkpoint, cfg, named, fingerprint, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, cfg, named, fingerprint, optimizer, scheduler)
         start, history = state["step"], state["history"]
         say(f"resumed from {checkpoint} (step {start})")
 
@@ -262,13 +260,13 @@ def train(model: Any, *, config: TrainConfig | None = None, tokenizer: Any = Non
                 _record_eval(history, done, module, tokenizer, eval_text, cfg, window, say)
                 module.train()
             if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                last_checkpoint = _save_checkpoint(checkpoint_dir, done, cfg, named, fingerprint,
+                last_checkpoint = save_checkpoint(checkpoint_dir, done, cfg, named, fingerprint,
                                                    optimizer, scheduler, history)
         final_step = max(start, cfg.steps)
         if eval_text is not None and (not history["eval"] or history["eval"][-1]["step"] != final_step):
             _record_eval(history, final_step, module, tokenizer, eval_text, cfg, window, say)
         if checkpoint_dir is not None and start < cfg.steps:
-            last_checkpoint = _save_checkpoint(checkpoint_dir, cfg.steps, cfg, named, fingerprint,
+            last_checkpoint = save_checkpoint(checkpoint_dir, cfg.steps, cfg, named, fingerprint,
                                                optimizer, scheduler, history)
     finally:
         if bar is not None:
@@ -525,108 +523,3 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
 
 def _short_float(value: float) -> str:
     return f"{value:.1e}".replace("e-0", "e-").replace("e+0", "e+")
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def _fingerprint(named: list[tuple[str, nn.Parameter]]) -> str:
-    """Hash of the trainable parameters' names, shapes and dtypes, in order."""
-    spec = [[n, list(p.shape), str(p.dtype)] for n, p in named]
-    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
-
-
-def _checkpoint_steps(directory: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (``step-NNNNNN``; temporaries start with '.'), by step."""
-    found = []
-    for path in directory.glob("step-*"):
-        match = re.fullmatch(r"step-(\d+)", path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def _checkpoint_to_resume(checkpoint_dir: str | Path | None, resume: bool) -> Path | None:
-    if checkpoint_dir is None:
-        if resume:
-            raise TrainError("resume=True needs checkpoint_dir")
-        return None
-    existing = _checkpoint_steps(Path(checkpoint_dir)) if Path(checkpoint_dir).is_dir() else []
-    if resume:
-        if not existing:
-            raise TrainError(f"resume=True but {checkpoint_dir} holds no step-* checkpoint")
-        return existing[-1][1]
-    if existing:
-        raise TrainError(f"{checkpoint_dir} already holds checkpoints ({existing[-1][1].name}); "
-                         "pass resume=True to continue that run, or use an empty folder")
-    return None
-
-
-def _save_checkpoint(directory: str | Path, step: int, cfg: TrainConfig,
-                     named: list[tuple[str, nn.Parameter]], fingerprint: str,
-                     optimizer: torch.optim.Optimizer, scheduler: Any,
-                     history: dict[str, Any]) -> Path:
-    from safetensors.torch import save_file
-
-    from modelfold.assets import atomic_output
-
-    path = Path(directory) / f"step-{step:06d}"
-    state = {"step": step, "config": cfg.to_dict(), "fingerprint": fingerprint,
-             "trainable": {n: list(p.shape) for n, p in named}, "history": history}
-    with atomic_output(path) as tmp:
-        tmp.mkdir()
-        save_file({n: p.detach().cpu().contiguous() for n, p in named},
-                  str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    return path
-
-
-def _load_checkpoint(path: Path, cfg: TrainConfig, named: list[tuple[str, nn.Parameter]],
-                     fingerprint: str, optimizer: torch.optim.Optimizer,
-                     scheduler: Any) -> dict[str, Any]:
-    """Check ``path`` against the model and config, then restore params, optimizer, scheduler."""
-    from safetensors.torch import load_file
-
-    missing = [f for f in _CHECKPOINT_FILES if not (path / f).is_file()]
-    if missing:
-        raise TrainError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
-                         "delete it to resume from an earlier one")
-    try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        step, saved_config, saved = state["step"], state["config"], state["trainable"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TrainError(f"checkpoint {path} has a corrupt state.json ({exc})") from None
-    if state.get("fingerprint") != fingerprint:
-        current = {n: list(p.shape) for n, p in named}
-        only_saved = sorted(set(saved) - set(current))
-        only_model = sorted(set(current) - set(saved))
-        reshaped = sorted(n for n in set(saved) & set(current) if saved[n] != current[n])
-        detail = "; ".join(f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-                           for label, names in (("only in the checkpoint", only_saved),
-                                                ("only in the model", only_model),
-                                                ("shapes differ", reshaped)) if names)
-        raise TrainError(f"checkpoint {path} was written for other trainable parameters "
-                         f"({detail or 'dtype or order differs'}); resume needs the same model "
-                         "and the same trainable parameters")
-    changed = [f"{k}: checkpoint {saved_config.get(k)!r}, now {v!r}"
-               for k, v in cfg.to_dict().items()
-               if k not in _RESUMABLE_OPTIONS and saved_config.get(k) != v]
-    if changed:
-        raise TrainError(f"checkpoint {path} was written with other training options "
-                         f"({'; '.join(changed)}); only {', '.join(sorted(_RESUMABLE_OPTIONS))} "
-                         "may change on resume")
-    try:
-        tensors = load_file(str(path / "trainable.safetensors"))
-        with torch.no_grad():
-            for name, p in named:
-                p.copy_(tensors[name])
-        saved_optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(saved_optim["optimizer"])
-        scheduler.load_state_dict(saved_optim["scheduler"])
-    except Exception as exc:  # safetensors / pickle / shape errors: all mean a damaged checkpoint
-        raise TrainError(f"checkpoint {path} is corrupt ({type(exc).__name__}: {exc})") from None
-    return {"step": step, "history": state["history"]}
