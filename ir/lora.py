@@ -319,14 +319,15 @@ def merge_adapters(module: nn.Module, names: list[str] | None = None) -> int:
     Raises ``LoraError`` before changing anything if a targeted layer has a packed base.
     """
     layers = lora_layers(module)
-    for path, layer in layers.items():
-        wanted = [n for n in (names if names is not None else layer.active) if n in layer.adapters]
-        if wanted and not layer.can_merge():
-            raise LoraError(f"{path}: cannot merge into a {type(layer.base_layer).__name__} base "
-                            "(packed weights); keep the adapters unmerged or merge before "
+    wanted = {path: [n for n in (names if names is not None else layer.active)
+                     if n in layer.adapters]
+              for path, layer in layers.items()}
+    for path, names_here in wanted.items():
+        if names_here and not layers[path].can_merge():
+            raise LoraError(f"{path}: cannot merge into a {type(layers[path].base_layer).__name__} "
+                            "base (packed weights); keep the adapters unmerged or merge before "
                             "quantizing")
-    return sum(bool(layer.merge([n for n in (names if names is not None else layer.active)
-                                 if n in layer.adapters])) for layer in layers.values())
+    return sum(bool(layers[path].merge(names_here)) for path, names_here in wanted.items())
 
 
 def unmerge_adapters(module: nn.Module, names: list[str] | None = None) -> int:

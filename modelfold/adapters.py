@@ -208,6 +208,7 @@ def load_adapter(model: Any, path: str | Path, *, name: str = "default", activat
         AdapterError: the folder is not a usable adapter, or it was made for another base model
             (a different family or size, a layer this model lacks, or mismatched shapes).
     """
+    from modelfold.passes.lora import is_adaptable, mark_trainable
     from modelfold.passes.quantize import replace_module
 
     module, program = _module_of(model)
@@ -225,8 +226,6 @@ def load_adapter(model: Any, path: str | Path, *, name: str = "default", activat
         if target is None:
             raise AdapterError(f"adapter '{path}' targets '{p}', which this model does not have "
                                "(an adapter for another base model?)")
-        from modelfold.passes.lora import is_adaptable
-
         if not (isinstance(target, LoraLinear) or is_adaptable(target)):
             raise AdapterError(f"adapter '{path}' targets '{p}', a {type(target).__name__}, "
                                "not a linear layer")
@@ -254,8 +253,6 @@ def load_adapter(model: Any, path: str | Path, *, name: str = "default", activat
         for t in ad.parameters():
             t.requires_grad_(trainable)
     if trainable:
-        from modelfold.passes.lora import mark_trainable
-
         mark_trainable(module, [name])
     if program is not None:
         program.invalidate(keep_analyses=True)
