@@ -45,6 +45,7 @@ from torch import nn
 from modelfold.assets import AssetError, atomic_output
 from modelfold.ir.lora import LoraAdapter, LoraLinear, lora_layers
 from modelfold.ir.quant import PackedWeight, QuantEmbedding, QuantFormat, QuantLinear, W8A8Linear
+from modelfold.ir.sparse import NMLinear, NMQuantLinear
 
 if TYPE_CHECKING:
     from modelfold import TransformResult
@@ -189,6 +190,43 @@ def _build_w8a8_linear(f: dict[str, Any]) -> W8A8Linear:
 register_module_type(QuantLinear, _describe_quant_linear, _build_quant_linear)
 register_module_type(QuantEmbedding, _describe_quant_embedding, _build_quant_embedding)
 register_module_type(W8A8Linear, _describe_w8a8_linear, _build_w8a8_linear)
+
+
+# -- N:M sparse layers -------------------------------------------------------------------------
+# Shapes follow ir/sparse.py: values / codes hold K*n/m kept entries per row, indices are packed
+# index_bits(m) per entry; the quantized form has MatMulNBits' scales and zero points.
+def _describe_nm_linear(m: NMLinear) -> dict[str, Any]:
+    return {"in_features": m.in_features, "out_features": m.out_features, "n": m.n, "m": m.m,
+            "values": list(m.values.shape), "indices": list(m.indices.shape),
+            "has_bias": m.bias is not None}
+
+
+def _build_nm_linear(f: dict[str, Any]) -> NMLinear:
+    return NMLinear(torch.empty(f["values"]), torch.empty(f["indices"], dtype=torch.uint8),
+                    f["in_features"], f["n"], f["m"],
+                    torch.empty(f["out_features"]) if f["has_bias"] else None)
+
+
+def _describe_nm_quant_linear(m: NMQuantLinear) -> dict[str, Any]:
+    return {"in_features": m.in_features, "out_features": m.out_features, "n": m.n, "m": m.m,
+            "bits": m.bits, "block_size": m.block_size, "symmetric": m.symmetric,
+            "codes": list(m.codes.shape), "indices": list(m.indices.shape),
+            "scales": list(m.scales.shape),
+            "zero_points": None if m.zero_points is None else list(m.zero_points.shape),
+            "has_bias": m.bias is not None}
+
+
+def _build_nm_quant_linear(f: dict[str, Any]) -> NMQuantLinear:
+    u8 = torch.uint8
+    zp = None if f["zero_points"] is None else torch.empty(f["zero_points"], dtype=u8)
+    return NMQuantLinear(torch.empty(f["codes"], dtype=u8), torch.empty(f["indices"], dtype=u8),
+                         torch.empty(f["scales"]), zp, f["in_features"],
+                         QuantFormat(f["bits"], f["block_size"], f["symmetric"]), f["n"], f["m"],
+                         torch.empty(f["out_features"]) if f["has_bias"] else None)
+
+
+register_module_type(NMLinear, _describe_nm_linear, _build_nm_linear)
+register_module_type(NMQuantLinear, _describe_nm_quant_linear, _build_nm_quant_linear)
 
 
 # -- LoRA layers -------------------------------------------------------------------------------

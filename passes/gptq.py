@@ -49,7 +49,7 @@ class GPTQResult:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, *,
                   damp: float = 0.01, act_order: bool = False, mse: bool = False,
-                  block: int = 128) -> GPTQResult:
+                  block: int = 128, keep: torch.Tensor | None = None) -> GPTQResult:
     """Quantize ``weight`` ``[N, K]`` given the input Hessian ``[K, K]``.
 
     Args:
@@ -58,6 +58,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat,
         mse: fit each group's range by the shrink search of ``fit_params_mse``.
         block: columns updated lazily together (GPTQ's ``blocksize``); raised to the group size
             when that is larger, so groups never straddle blocks.
+        keep: bool ``[N, K]`` of an N:M sparse weight: the other positions are set to the zero
+            point (exactly 0) and their error is compensated like a rounding error.
     """
     w_orig = weight.detach().float()
     W = w_orig.clone()
@@ -99,6 +101,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat,
             s, z = scales[:, grp], zeros[:, grp]
             w = W1[:, i]
             q_int = torch.clamp(torch.round(w / s) + z, 0, fmt.maxq)
+            if keep is not None:
+                q_int = torch.where(keep[:, col], q_int, z)
             q = s * (q_int - z)
             codes[:, col] = q_int
             d = Hinv1[i, i]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from modelfold.ir.quant import PackedWeight
+from modelfold.ir.sparse import NMLinear
 from modelfold.passes.gptq import HessianAccumulator, gptq_quantize
 from modelfold.passes.layerwise import LayerwiseRunner
 
@@ -104,15 +105,19 @@ def _quantize_group(qpass: Quantize, program: Program, modules: dict[str, nn.Mod
     weights = [linear_weight(m).detach().float() for m in modules.values()]
     stacked = torch.cat(weights, 0)
     fmt = qpass.format_for(stacked.shape[1])
+    keep = None
+    if any(isinstance(m, NMLinear) for m in modules.values()):
+        keep = torch.cat([m.mask() if isinstance(m, NMLinear) else torch.ones_like(w, dtype=torch.bool)
+                          for m, w in zip(modules.values(), weights)], 0)
     result = gptq_quantize(stacked, hessian, fmt, damp=cfg.damp, act_order=cfg.act_order,
-                           mse=cfg.mse)
+                           mse=cfg.mse, keep=keep)
     out, row = [], 0
     for (path, module), w in zip(modules.items(), weights):
         rows = slice(row, row + w.shape[0])
         row += w.shape[0]
         packed = PackedWeight.from_codes(result.codes[rows], result.scales[rows],
                                          result.zeros[rows], fmt)
-        out.append(qpass.install(program, path, module, packed,
+        out.append(qpass.install(program, path, module, packed, codes=result.codes[rows],
                                  output_error=result.relative_error,
                                  rtn_output_error=result.rtn_relative_error))
     return out

@@ -41,7 +41,9 @@ from modelfold.ir.quant import (
     QuantLinear,
     block_size_for,
     describe_format,
+    quantize_rtn,
 )
+from modelfold.ir.sparse import NMLinear, NMQuantLinear, is_sparse_layer, satisfies_nm
 from modelfold.passes.base import Pass, PassConfig, PassError, PreconditionError, option
 from modelfold.passes.calibration import calibration_batches
 from modelfold.passes.layerwise import LayerwiseRunner
@@ -136,9 +138,12 @@ def matches(path: str, patterns: tuple[str, ...]) -> bool:
 
 
 def find_targets(program: Program, targets: tuple[str, ...], exclude: tuple[str, ...],
-                 *, what: str = "quantize") -> tuple[dict[int, dict[str, nn.Module]],
-                                                     list[dict[str, str]]]:
+                 *, what: str = "quantize", sparse: str | None = None
+                 ) -> tuple[dict[int, dict[str, nn.Module]], list[dict[str, str]]]:
     """Linear layers inside the layer stack that the patterns select, grouped by layer index.
+
+    N:M sparse layers (``NMLinear``) are selected when ``sparse`` is None; otherwise they are
+    skipped with ``sparse`` as the reason (they are never silently left out).
 
     Returns:
         ``({layer_index: {path: module}}, skipped)``; ``skipped`` lists selected modules that
@@ -163,7 +168,8 @@ def find_targets(program: Program, targets: tuple[str, ...], exclude: tuple[str,
                     skipped.append({"target": path, "reason": "MoE experts are batched 3-D "
                                     "tensors, not linear layers; they stay in float"})
                 continue
-            if not is_linear(module):
+            sparse_layer = is_sparse_layer(module)
+            if not (is_linear(module) or sparse_layer):
                 continue
             all_linear.append(path)
             if not matches(path, targets) or matches(path, exclude):
@@ -171,6 +177,9 @@ def find_targets(program: Program, targets: tuple[str, ...], exclude: tuple[str,
             if router and rel == router:
                 skipped.append({"target": path, "reason": "MoE router: quantizing the expert "
                                 "choice is not supported; it stays in float"})
+                continue
+            if sparse_layer and (sparse is not None or not isinstance(module, NMLinear)):
+                skipped.append({"target": path, "reason": sparse or "already sparse and quantized"})
                 continue
             selected.setdefault(index, {})[path] = module
     for pattern in targets:
@@ -211,6 +220,12 @@ class Quantize(Pass):
             from modelfold.passes.awq import check_supported
 
             check_supported(program)
+            stack = program.module.get_submodule(program.arch.layers)
+            if any(isinstance(m, NMLinear) for m in stack.modules()):
+                raise PreconditionError(
+                    f"quantize method={self.config.method} rescales weights, which an N:M sparse "
+                    "model (nm-sparsify) does not allow; use method=rtn or method=gptq, which "
+                    "keep the pattern")
         if self.config.method != "rtn" and self.config.corpus != "random" \
                 and program.tokenizer is None:
             raise PreconditionError(
@@ -270,15 +285,32 @@ class Quantize(Pass):
         return layers
 
     def install(self, program: Program, path: str, module: nn.Module,
-                packed: PackedWeight | None, **extra: Any) -> dict[str, Any]:
-        """Replace ``module`` at ``path`` by a ``QuantLinear`` (RTN when ``packed`` is None)."""
+                packed: PackedWeight | None, *, codes: torch.Tensor | None = None,
+                **extra: Any) -> dict[str, Any]:
+        """Replace ``module`` at ``path`` by a ``QuantLinear`` (RTN when ``packed`` is None).
+
+        An N:M sparse ``NMLinear`` becomes an ``NMQuantLinear`` with the same kept positions
+        (``codes``: the integer codes behind ``packed``; the pruned ones are the zero point).
+        """
         weight = linear_weight(module).detach()
+        fmt = self.format_for(weight.shape[1])
         if packed is None:
-            packed = PackedWeight.from_float(weight, self.format_for(weight.shape[1]))
-        new = QuantLinear(packed, module.bias)
+            codes, scales, zeros = quantize_rtn(weight, fmt)  # a pruned 0 rounds to the zero point
+            packed = PackedWeight.from_codes(codes, scales, zeros, fmt)
+        if isinstance(module, NMLinear):
+            if codes is None:
+                raise PassError(f"{path}: an N:M sparse layer needs its integer codes")
+            new = NMQuantLinear.from_codes(codes, packed.scales, packed.zero_points, packed.fmt,
+                                           module.indices, module.n, module.m, module.bias)
+            approx = new.weight
+            extra = {**extra, "pattern": f"{module.n}:{module.m}",
+                     "nm_invariant": satisfies_nm(approx, module.n, module.m)}
+        else:
+            new = QuantLinear(packed, module.bias)
+            approx = packed.dequantize()
         replace_module(program.module, path, new)
         return {"path": path, "shape": list(weight.shape),
-                "weight_error": weight_error(weight, packed.dequantize()), **extra}
+                "weight_error": weight_error(weight, approx), **extra}
 
     # -- embeddings and LM head -------------------------------------------------------------------
     def _embeddings_and_head(self, program: Program) -> dict[str, Any]:

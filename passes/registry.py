@@ -46,4 +46,5 @@ def _load_builtin_passes() -> None:
         lora,
         quantize,
         smooth_quant,
+        sparsify,
     )

@@ -77,7 +77,9 @@ class SmoothQuant(Pass):
     @torch.no_grad()
     def run(self, program: Program) -> dict[str, Any]:
         cfg = self.config
-        selected, skipped = find_targets(program, cfg.targets, cfg.exclude, what="smooth-quant")
+        selected, skipped = find_targets(
+            program, cfg.targets, cfg.exclude, what="smooth-quant",
+            sparse="N:M sparse layer: W8A8 has no sparse form; it stays sparse in float")
         targets = {p: m for layer in selected.values() for p, m in layer.items()}
         ids = calibration_batches(program, corpus=cfg.corpus, n_samples=cfg.n_samples,
                                   seq_len=cfg.seq_len, seed=cfg.seed)
