@@ -42,14 +42,18 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onnxruntime",
                    pipeline: str = "", overwrite: bool = False, parity: bool = True,
-                   accuracy_level: int = 0, lora: str = "merge") -> dict[str, Any]:
+                   accuracy_level: int = 0, lora: str = "merge",
+                   sparse: str = "compressed") -> dict[str, Any]:
     """Export ``program`` to ``out_dir`` atomically and return the manifest.
 
     ``accuracy_level`` is the ``MatMulNBits`` compute type of quantized linears (see
     ``export_onnx``); it is recorded in the manifest. ``lora`` is how LoRA adapters are exported
     ("merge", "separate" or "inputs": ONNX Runtime adapter files under ``adapters/``; see
     ``export_onnx``); with LoRA layers, ``manifest["lora"]`` records the mode, what was merged,
-    what was kept unmerged and why, the adapters and their files.
+    what was kept unmerged and why, the adapters and their files. ``sparse`` is how N:M sparse
+    layers are stored ("compressed": values / codes + packed indices, decompressed when ONNX
+    Runtime loads the model; "dense"); with such layers, ``manifest["sparse"]`` records the mode,
+    the layer count and patterns, and their compressed and dense bytes.
     """
     from modelfold.assets import atomic_output
     from modelfold.passes.report import write_report
@@ -65,15 +69,18 @@ def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onn
                             "--overwrite")
     from modelfold.backends.onnxruntime.export import export_onnx
     from modelfold.backends.onnxruntime.lora_lowering import check_lora_mode
+    from modelfold.backends.onnxruntime.sparse_lowering import check_sparse_mode
 
     check_lora_mode(lora)
+    check_sparse_mode(sparse)
     with atomic_output(out) as tmp:
         tmp.mkdir()
         start = time.perf_counter()
         onnx_facts = export_onnx(program.module, tmp, parity=parity, accuracy_level=accuracy_level,
-                                 lora=lora)
+                                 lora=lora, sparse=sparse)
         parity_facts = onnx_facts.pop("parity", {})
         lora_facts = onnx_facts.pop("lora", None)
+        sparse_facts = onnx_facts.pop("sparse", None)
         program.module.config.save_pretrained(tmp)
         if program.tokenizer is not None:
             program.tokenizer.save_pretrained(tmp)
@@ -96,6 +103,7 @@ def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onn
             "onnx": onnx_facts,
             "parity": parity_facts,
             **({"lora": lora_facts} if lora_facts is not None else {}),
+            **({"sparse": sparse_facts} if sparse_facts is not None else {}),
             "onnx_bytes": onnx_bytes,
             "files": files,
             "export_seconds": round(time.perf_counter() - start, 2),

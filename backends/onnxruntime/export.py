@@ -25,6 +25,7 @@ from modelfold.backends.onnxruntime.lora_lowering import check_lora_mode, lora_e
 from modelfold.backends.onnxruntime.parity import check_parity
 from modelfold.backends.onnxruntime.quant_lowering import check_accuracy_level, lowering_options
 from modelfold.backends.onnxruntime.runtime import OPTIMIZATION_LEVELS
+from modelfold.backends.onnxruntime.sparse_lowering import check_sparse_mode, sparse_export
 from modelfold.backends.onnxruntime.translations import translation_table
 
 __all__ = ["OPTIMIZATION_LEVELS", "check_parity", "copy_tokenizer_files", "export_onnx"]
@@ -74,6 +75,7 @@ def export_onnx(
     verbose: bool = False,
     accuracy_level: int = 0,
     lora: str = "merge",
+    sparse: str = "compressed",
 ) -> dict[str, Any]:
     """Exports `model` to `out_dir/model.onnx` (+ `model.onnx.data`) for ONNX Runtime.
 
@@ -106,13 +108,20 @@ def export_onnx(
             Gemm branches; "separate" keeps every adapter a Gemm branch; "inputs" exports the
             base with one overridable adapter slot per layer and writes one ONNX Runtime adapter
             file per named adapter under `out_dir/adapters/`.
+        sparse: How N:M sparse layers (`NMLinear`, `NMQuantLinear`; see `sparse_lowering.py`) are
+            stored: "compressed" (default) keeps the kept values / codes and packed indices, with a
+            decompression subgraph that ONNX Runtime constant-folds when it loads the model (so the
+            offline optimization runs without constant folding; a session opened with
+            optimization_level "disabled" would decompress on every run); "dense" exports dense
+            weights (`MatMul` / `MatMulNBits` initializers, a bigger file).
 
     Returns:
         Facts for the manifest: kind, layer count and cache layout, files and byte sizes, opset,
         `inputs`/`outputs` (name -> dims, symbolic dims by name), op counts, optimization
         level, export/optimize seconds, parity (see `check_parity`), and `lora` (mode, layers,
         merged / kept_unmerged with reasons, adapters, adapter files, base parity) when the model
-        has LoRA layers.
+        has LoRA layers, and `sparse` (mode, layers, patterns, compressed and dense bytes of those
+        layers' tensors) when it has N:M sparse layers.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -127,6 +136,7 @@ def export_onnx(
         raise ValueError(f"opset must be >= 18 (torch.onnx's dynamo exporter), got {opset}")
     check_accuracy_level(accuracy_level)
     check_lora_mode(lora)
+    check_sparse_mode(sparse)
     _check_float32(model)
 
     was_training = model.training
@@ -136,6 +146,7 @@ def export_onnx(
         with (
             wrappers.exportable_experts(model) as experts_impl,
             lowering_options(accuracy_level=accuracy_level),
+            sparse_export(model, sparse) as sparse_plan,  # before LoRA: a base may be swapped
             lora_export(model, lora) as lora_plan,
         ):
             if wrappers.is_decoder(model):
@@ -157,6 +168,8 @@ def export_onnx(
             out_dir / MODEL_FILE,
             OPTIMIZATION_LEVELS[optimization_level],
             external_data_threshold_bytes,
+            # Folding would write the decompressed (dense) weights into the file; at load it runs.
+            disabled_optimizers=["ConstantFolding"] if sparse_plan.compressed else None,
         )
         if not keep_unoptimized:
             _remove_model(out_dir / UNOPTIMIZED_FILE)
@@ -179,6 +192,8 @@ def export_onnx(
             facts["parity"] = check_parity(model, out_dir)
     if lora_plan.has_layers:
         facts["lora"] = lora_plan.facts
+    if sparse_plan.has_layers:
+        facts["sparse"] = sparse_plan.facts
     return facts
 
 
@@ -399,8 +414,18 @@ def _matmul_tied_weights(graph: onnx.GraphProto) -> int:
     return rewritten
 
 
-def _optimize_with_ort(src: Path, dst: Path, level: ort.GraphOptimizationLevel, threshold_bytes: int) -> None:
-    """Runs ONNX Runtime's graph optimizer on `src` and saves the optimized graph as `dst`."""
+def _optimize_with_ort(
+    src: Path,
+    dst: Path,
+    level: ort.GraphOptimizationLevel,
+    threshold_bytes: int,
+    disabled_optimizers: list[str] | None = None,
+) -> None:
+    """Runs ONNX Runtime's graph optimizer on `src` and saves the optimized graph as `dst`.
+
+    `disabled_optimizers` names ONNX Runtime graph transformers to skip (e.g. "ConstantFolding",
+    which would otherwise store the dense weights that compressed sparse layers decompress to).
+    """
     _remove_model(dst)
     options = ort.SessionOptions()
     options.graph_optimization_level = level
@@ -412,7 +437,9 @@ def _optimize_with_ort(src: Path, dst: Path, level: ort.GraphOptimizationLevel, 
         "session.optimized_model_external_initializers_min_size_in_bytes", str(threshold_bytes)
     )
     options.log_severity_level = 3  # the "model may only run on this hardware" notice is expected
-    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(
+        str(src), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled_optimizers
+    )
     if not dst.is_file():
         raise RuntimeError(f"ONNX Runtime did not write the optimized model {dst}")
 

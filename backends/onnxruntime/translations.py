@@ -83,8 +83,8 @@ def translation_table() -> dict[torch._ops.OpOverload, Callable | list[Callable]
     """Returns a copy of the registry, in the form `custom_translation_table=` expects.
 
     The lowerings of the built-in dialect ops (`quant_lowering.py`: quant_linear, quant_embedding,
-    w8a8_linear; `lora_lowering.py`: lora_delta) register themselves when their module is first
-    imported, which this ensures.
+    w8a8_linear; `lora_lowering.py`: lora_delta; `sparse_lowering.py`: nm_linear, nm_quant_linear)
+    register themselves when their module is first imported, which this ensures.
     """
     _import_builtin_translations()
     return dict(_TRANSLATIONS)
@@ -92,4 +92,4 @@ def translation_table() -> dict[torch._ops.OpOverload, Callable | list[Callable]
 
 def _import_builtin_translations() -> None:
     # Imported on first use, not at the top: those modules import this registry.
-    from modelfold.backends.onnxruntime import lora_lowering, quant_lowering  # noqa: F401
+    from modelfold.backends.onnxruntime import lora_lowering, quant_lowering, sparse_lowering  # noqa: F401
