@@ -107,7 +107,8 @@ def transform(model: Any, passes: str | list[Any] | Path, *, tokenizer: Any = No
 
 def export(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
            backend: str = "onnxruntime", overwrite: bool = False, parity: bool = True,
-           accuracy_level: int = 0, lora: str = "merge") -> dict[str, Any]:
+           accuracy_level: int = 0, lora: str = "merge",
+           sparse: str = "compressed") -> dict[str, Any]:
     """Lower a (transformed) model to a self-contained artifact folder; returns its manifest.
 
     The folder is written under a temporary name and moved into place only when complete, so an
@@ -116,7 +117,9 @@ def export(result: TransformResult | Program | nn.Module, out_dir: str | Path, *
     on CPU; 1/2/3: fp32/fp16/bf16). ``lora`` says what becomes of LoRA adapters: "merge"
     (default: folded into float weights, kept as branches on quantized ones), "separate"
     (branches), or "inputs" (one base artifact, an ONNX Runtime adapter file per adapter under
-    ``adapters/``, applied with ``OnnxCausalLM(artifact, adapter=name)``).
+    ``adapters/``, applied with ``OnnxCausalLM(artifact, adapter=name)``). ``sparse`` says how
+    N:M sparse layers are stored: "compressed" (default: kept values / codes + packed indices,
+    decompressed by ONNX Runtime when it loads the model, so they run at dense speed) or "dense".
     """
     from modelfold.artifact import write_artifact
     from modelfold.ir.program import Program
@@ -129,7 +132,7 @@ def export(result: TransformResult | Program | nn.Module, out_dir: str | Path, *
         program, pipeline = Program(result), ""
     return write_artifact(program, out_dir, backend=backend, pipeline=pipeline,
                           overwrite=overwrite, parity=parity, accuracy_level=accuracy_level,
-                          lora=lora)
+                          lora=lora, sparse=sparse)
 
 
 def save(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
@@ -172,5 +175,13 @@ def train(model: TransformResult | Program | nn.Module, **options: Any) -> dict[
     return _train(model, **options)
 
 
+def sparse_train(model: TransformResult | Program | nn.Module, **options: Any) -> dict[str, Any]:
+    """Sparsity-aware training of an N:M sparse model (``nm-sparsify`` first), ending exactly N:M;
+    see ``modelfold.sparse_training.sparse_train`` (teacher, sparse_options, training options)."""
+    from modelfold.sparse_training import sparse_train as _sparse_train
+
+    return _sparse_train(model, **options)
+
+
 __all__ = ["TransformResult", "export", "load", "load_adapter", "save", "save_adapter",
-           "train", "transform"]
+           "sparse_train", "train", "transform"]

@@ -121,7 +121,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             _print_json(summary)
         return 0
     manifest = modelfold.export(result, out, overwrite=args.overwrite, parity=not args.no_parity,
-                                accuracy_level=args.accuracy_level, lora=args.lora_export)
+                                accuracy_level=args.accuracy_level, lora=args.lora_export,
+                                sparse=args.sparse_export)
     summary.update({"output": str(out), "parameters": manifest["model"]["parameters"],
                     "layers": manifest["model"]["layers"], "onnx_bytes": manifest["onnx_bytes"],
                     "parity": manifest["parity"]})
@@ -338,7 +339,24 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             options[key] = value
     if args.gradient_checkpointing:
         options["gradient_checkpointing"] = True
-    if args.teacher is not None and "kl_weight" not in options and "hidden_weight" not in options:
+    sparse_options = dict(kv.split("=", 1) for kv in args.sparse_option or [] if "=" in kv)
+    if len(sparse_options) != len(args.sparse_option or []):
+        raise _UserError("--sparse-option expects KEY=VALUE")
+    if sparse_options and not args.sparse_aware:
+        raise _UserError("--sparse-option needs --sparse-aware")
+    if args.sparse_aware:
+        from modelfold.sparse_training import CastConfig
+
+        if args.resume:
+            raise _UserError("--sparse-aware training cannot resume (its masks are not "
+                             "checkpointed); rerun it")
+        CastConfig.from_options(sparse_options, pass_name="sparse-training")
+        if args.teacher is not None and "kl_weight" not in options \
+                and "hidden_weight" not in options:
+            options.setdefault("ce_weight", 0.33)
+            options["kl_weight"] = 0.67
+    elif args.teacher is not None and "kl_weight" not in options \
+            and "hidden_weight" not in options:
         options["kl_weight"] = 1.0
     config = TrainConfig.from_options(options)  # bad options fail before any loading
     build_pipeline(args.pipeline)
@@ -353,8 +371,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     result = modelfold.transform(program, args.pipeline,
                                  context=PassContext(verify=not args.no_verify))
     out.mkdir(parents=True, exist_ok=True)
-    trained = train(result, config=config, teacher=teacher, checkpoint_dir=out / "checkpoints",
-                    resume=args.resume, progress=not args.json)
+    if args.sparse_aware:
+        from modelfold.sparse_training import sparse_train
+
+        trained = sparse_train(result, teacher=teacher, sparse_options=sparse_options,
+                               checkpoint_dir=out / "checkpoints", progress=not args.json,
+                               **config.to_dict())
+    else:
+        trained = train(result, config=config, teacher=teacher,
+                        checkpoint_dir=out / "checkpoints", resume=args.resume,
+                        progress=not args.json)
     from modelfold.adapters import save_adapter
     from modelfold.ir.lora import adapter_names
 
@@ -497,6 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA layers in the artifact: merged into the weights (default; adapters "
                         "on quantized bases stay a branch), a separate branch, or ONNX Runtime "
                         "adapter inputs (one base artifact, adapters/<name>.onnx_adapter files)")
+    p.add_argument("--sparse-export", choices=["compressed", "dense"], default="compressed",
+                   help="N:M sparse layers in the artifact: compressed (default; kept values and "
+                        "packed indices, decompressed when ONNX Runtime loads the model) or dense "
+                        "weights (a bigger file)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=0,
                    help="MatMulNBits compute type for quantized linears: 0 float like torch "
                         "(default), 4 int8 activations (faster on CPU, less exact)")
@@ -532,6 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other training option (see modelfold.finetune.TrainConfig)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in OUT/checkpoints/")
+    p.add_argument("--sparse-aware", action="store_true",
+                   help="sparsity-aware training (CAST-style) of the N:M layers that nm-sparsify "
+                        "made; ends exactly N:M (with --teacher: 0.33 CE + 0.67 KL by default)")
+    p.add_argument("--sparse-option", action="append", metavar="KEY=VALUE",
+                   help="sparsity-aware training option: decay, alpha, harden_at, mask_every, "
+                        "scale, targets, n, m (see modelfold.sparse_training.CastConfig)")
     p.add_argument("--save-model", metavar="DIR",
                    help="also save the whole trained model as a reloadable checkpoint")
     p.add_argument("--overwrite", action="store_true")

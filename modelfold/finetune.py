@@ -111,7 +111,9 @@ def print_to_stderr(message: str) -> None:
 def train(model: Any, *, config: TrainConfig | None = None, tokenizer: Any = None,
           teacher: nn.Module | None = None, checkpoint_dir: str | Path | None = None,
           resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] | None = print_to_stderr, **options: Any) -> dict[str, Any]:
+          log: Callable[[str], None] | None = print_to_stderr,
+          step_callback: Callable[[int, float], None] | None = None,
+          **options: Any) -> dict[str, Any]:
     """Fine-tune the trainable parameters of ``model`` in place.
 
     Args:
@@ -125,6 +127,9 @@ def train(model: Any, *, config: TrainConfig | None = None, tokenizer: Any = Non
         resume: continue from the latest checkpoint in ``checkpoint_dir``.
         progress: show a tqdm bar.
         log: receives progress lines (``None`` for silence).
+        step_callback: called as ``step_callback(step, lr)`` after every optimizer step (``step``
+            counts from 1; ``lr`` is the rate that step used); sparsity-aware training
+            (``modelfold.sparse_training``) updates its masks and decay here.
 
     Returns:
         ``steps``, ``tokens``, ``seconds``, ``seconds_per_step``, ``trainable_parameters``,
@@ -243,6 +248,8 @@ def train(model: Any, *, config: TrainConfig | None = None, tokenizer: Any = Non
             optimizer.step()
             scheduler.step()
             done = step + 1
+            if step_callback is not None:
+                step_callback(done, lr)
             history["loss"].append(loss)
             for key, value in terms.items():
                 history["terms"].setdefault(key, []).append(value)
