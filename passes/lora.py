@@ -31,6 +31,7 @@ from torch import nn
 
 from modelfold.ir.lora import LoraAdapter, LoraLinear, base_shape, base_weight, lora_layers
 from modelfold.ir.program import Program
+from modelfold.ir.sparse import is_sparse_layer
 from modelfold.passes.base import Pass, PassConfig, PassError, PreconditionError, option
 from modelfold.passes.quantize import is_linear, matches, replace_module
 from modelfold.passes.registry import register_pass
@@ -136,6 +137,11 @@ def find_lora_targets(program: Program, targets: tuple[str, ...], exclude: tuple
                 continue
             if isinstance(module, LoraLinear):
                 inside_lora.append(path)
+            elif is_sparse_layer(module):
+                if matches(path, inc) and not matches(path, exc):
+                    skipped.append({"target": path, "reason": "N:M sparse layer: LoRA on a "
+                                    "sparse base is not supported; no adapter"})
+                continue
             elif not is_adaptable(module):
                 continue
             if router and rel == router and matches(path, inc) and not matches(path, exc):

@@ -376,27 +376,36 @@ class Quantize(Pass):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = [entry["path"].split(".", 2)[-1] for entry in layers]
         fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.09), 3.2))
-        x = range(len(layers))
-        if "output_error" in layers[0]:
-            ax.plot(x, [e["rtn_output_error"] for e in layers], ".", color="#adb5bd",
-                    label="RTN output error")
-            ax.plot(x, [e["output_error"] for e in layers], ".", color="#c92a2a",
-                    label=f"{details['method']} output error")
-            ax.set_ylabel("relative output error")
-        else:
-            ax.plot(x, [e["weight_error"] for e in layers], ".", color="#4c6ef5",
-                    label="relative weight error")
-            ax.set_ylabel("||W - Wq||^2 / ||W||^2")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"linear layer ({names[0]} ... {names[-1]})")
+        plot_layer_errors(ax, layers, method=details["method"], baseline="rtn",
+                          weight_label="||W - Wq||^2 / ||W||^2")
         ax.set_title(f"quantize: {details['method']} {details['format']}")
-        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return True
 
 
-__all__ = ["Quantize", "QuantizeConfig", "find_targets", "is_linear", "linear_weight"]
+def plot_layer_errors(ax: Any, layers: list[dict[str, Any]], *, method: str, baseline: str,
+                      weight_label: str) -> None:
+    """Per-layer error dots on ``ax``: ``output_error`` against ``<baseline>_output_error`` when
+    the layers were calibrated, else ``weight_error`` (quantize and nm-sparsify reports)."""
+    names = [entry["path"].split(".", 2)[-1] for entry in layers]
+    x = range(len(layers))
+    if "output_error" in layers[0]:
+        ax.plot(x, [e[f"{baseline}_output_error"] for e in layers], ".", color="#adb5bd",
+                label=f"{baseline} output error")
+        ax.plot(x, [e["output_error"] for e in layers], ".", color="#c92a2a",
+                label=f"{method} output error")
+        ax.set_ylabel("relative output error")
+    else:
+        ax.plot(x, [e["weight_error"] for e in layers], ".", color="#4c6ef5",
+                label="relative weight error")
+        ax.set_ylabel(weight_label)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"linear layer ({names[0]} ... {names[-1]})")
+    ax.legend(fontsize=8)
+
+
+__all__ = ["Quantize", "QuantizeConfig", "find_targets", "is_linear", "linear_weight",
+           "plot_layer_errors"]

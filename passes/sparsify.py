@@ -31,14 +31,14 @@ from modelfold.ir.sparse import (
     SparsityFormatError,
     check_pattern,
     group_nonzeros,
-    is_sparse_layer,
     satisfies_nm,
+    sparse_layers,
 )
 from modelfold.passes.base import Pass, PassConfig, PassError, PreconditionError, option
 from modelfold.passes.calibration import calibration_batches
 from modelfold.passes.gptq import HessianAccumulator
 from modelfold.passes.layerwise import LayerwiseRunner
-from modelfold.passes.quantize import find_targets, linear_weight, replace_module
+from modelfold.passes.quantize import find_targets, linear_weight, plot_layer_errors, replace_module
 from modelfold.passes.registry import register_pass
 from modelfold.passes.sparsegpt import prune
 
@@ -108,6 +108,11 @@ class NMSparsify(Pass):
                                          sparse="already N:M sparse; left as it is")
         selected, shape_skips = self._split_by_shape(selected)
         skipped += shape_skips
+        if shape_skips and not selected:
+            sizes = sorted({int(s["reason"].split()[2]) for s in shape_skips})
+            raise PassError(f"nm-sparsify: m={cfg.m} divides the input size of none of the "
+                            f"selected layers (input sizes {sizes}); choose an m that divides "
+                            "them, e.g. 4 or 8")
         count = sum(len(v) for v in selected.values())
         start = time.perf_counter()
         calibration = None
@@ -221,23 +226,14 @@ class NMSparsify(Pass):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = [entry["path"].split(".", 2)[-1] for entry in layers]
         fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(6, len(layers) * 0.09), 5.2),
                                       sharex=True)
-        x = range(len(layers))
-        if "output_error" in layers[0]:
-            ax.plot(x, [e["magnitude_output_error"] for e in layers], ".", color="#adb5bd",
-                    label="magnitude output error")
-            ax.plot(x, [e["output_error"] for e in layers], ".", color="#c92a2a",
-                    label=f"{details['method']} output error")
-            ax.set_ylabel("relative output error")
-        else:
-            ax.plot(x, [e["weight_error"] for e in layers], ".", color="#4c6ef5",
-                    label="relative weight error")
-            ax.set_ylabel("||W - W_s||^2 / ||W||^2")
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
+        plot_layer_errors(ax, layers, method=details["method"], baseline="magnitude",
+                          weight_label="||W - W_s||^2 / ||W||^2")
+        ax.set_xlabel("")
         ax.set_title(f"nm-sparsify: {details['method']} {details['pattern']}")
+        x = range(len(layers))
+        names = [entry["path"].split(".", 2)[-1] for entry in layers]
         ax2.bar(x, [e["sparsity"] for e in layers], color="#37b24d", width=1.0)
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("zeros")
@@ -246,11 +242,6 @@ class NMSparsify(Pass):
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return True
-
-
-def sparse_layers(module: nn.Module) -> dict[str, nn.Module]:
-    """Every N:M layer of ``module`` by path."""
-    return {name: mod for name, mod in module.named_modules() if is_sparse_layer(mod)}
 
 
 def check_nm_invariant(module: nn.Module) -> list[str]:

@@ -43,7 +43,7 @@ from onnxscript import opset18 as op
 from torch import nn
 
 from modelfold.backends.onnxruntime.runtime import ADAPTER_SUFFIX, ADAPTERS_DIR
-from modelfold.backends.onnxruntime.translations import register_translation, registered_translation
+from modelfold.backends.onnxruntime.translations import ensure_registered
 from modelfold.ir.lora import LoraAdapter, LoraLinear, adapter_names, lora_layers
 
 __all__ = [
@@ -88,9 +88,7 @@ def register_lora_translations() -> None:
     Raises:
         ValueError: Another translation is already registered for the op.
     """
-    op_overload = torch.ops.modelfold.lora_delta
-    if registered_translation(op_overload) is not lora_delta_onnx:
-        register_translation(op_overload, lora_delta_onnx)
+    ensure_registered({"lora_delta": lora_delta_onnx})
 
 
 # -- export modes --------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
 import modelfold.ir.quant  # noqa: F401  (defines the torch.ops.modelfold.* quantization ops)
-from modelfold.backends.onnxruntime.translations import register_translation, registered_translation
+from modelfold.backends.onnxruntime.translations import ensure_registered
 
 __all__ = [
     "ACCURACY_LEVELS",
@@ -386,10 +386,7 @@ def register_quant_translations() -> None:
     Raises:
         ValueError: Another translation is already registered for one of the ops.
     """
-    for name, fn in _TRANSLATIONS.items():
-        op_overload = getattr(torch.ops.modelfold, name)
-        if registered_translation(op_overload) is not fn:
-            register_translation(op_overload, fn)
+    ensure_registered(_TRANSLATIONS)
 
 
 register_quant_translations()

@@ -41,9 +41,9 @@ from onnxscript import opset18 as op
 from torch import nn
 
 from modelfold.backends.onnxruntime.quant_lowering import quant_linear_onnx
-from modelfold.backends.onnxruntime.translations import register_translation, registered_translation
+from modelfold.backends.onnxruntime.translations import ensure_registered
 from modelfold.ir.quant import PackedWeight, QuantLinear
-from modelfold.ir.sparse import NMLinear, NMQuantLinear, index_bits, is_sparse_layer, sparse_bytes
+from modelfold.ir.sparse import NMLinear, NMQuantLinear, index_bits, sparse_bytes, sparse_layers
 
 __all__ = [
     "SPARSE_MODES",
@@ -198,10 +198,7 @@ def register_sparse_translations() -> None:
     Raises:
         ValueError: Another translation is already registered for one of the ops.
     """
-    for name, fn in _TRANSLATIONS.items():
-        op_overload = getattr(torch.ops.modelfold, name)
-        if registered_translation(op_overload) is not fn:
-            register_translation(op_overload, fn)
+    ensure_registered(_TRANSLATIONS)
 
 
 # -- export modes --------------------------------------------------------------------------------
@@ -214,11 +211,6 @@ def check_sparse_mode(mode: str) -> str:
             f"loads the model, or dense weights), got {mode!r}"
         )
     return mode
-
-
-def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> ``NMLinear`` / ``NMQuantLinear`` layer, in module order."""
-    return {name: module for name, module in model.named_modules() if is_sparse_layer(module)}
 
 
 @dataclass

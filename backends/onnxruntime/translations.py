@@ -67,6 +67,20 @@ def register_translation(
     _TRANSLATIONS[overload] = fn
 
 
+def ensure_registered(translations: dict[str, Callable]) -> None:
+    """Registers ``{name: fn}`` for the dialect ops ``torch.ops.modelfold.<name>`` unless that
+    exact ``fn`` already is (the built-in lowerings call this on import, and again after an
+    `unregister_translation`).
+
+    Raises:
+        ValueError: Another translation is already registered for one of the ops.
+    """
+    for name, fn in translations.items():
+        overload = getattr(torch.ops.modelfold, name)
+        if registered_translation(overload) is not fn:
+            register_translation(overload, fn)
+
+
 def registered_translation(
     op: torch._ops.OpOverload | torch._ops.OpOverloadPacket,
 ) -> Callable | list[Callable] | None:

@@ -232,6 +232,11 @@ def test_layers_whose_input_is_not_a_multiple_of_m_are_reported_and_left_dense()
     assert isinstance(module.model.layers[0].self_attn.q_proj, torch.nn.Linear)
 
 
+def test_an_m_that_divides_no_input_size_is_an_error():
+    with pytest.raises(PassError, match=r"m=24 divides the input size of none.*\[32, 64\]"):
+        sparsify("llama", "n=2,m=24")
+
+
 def test_targets_exclude_and_their_errors():
     result = sparsify("llama", "targets=[*mlp*],exclude=[*down_proj]")
     assert set(sparse_layers(result.module)) == {
@@ -338,3 +343,10 @@ def test_program_capture_keeps_sparse_layers_as_dialect_nodes():
     assert isinstance(program, Program)
     ops = [str(n.target) for n in program.exported.graph.nodes if n.op == "call_function"]
     assert ops.count("modelfold.nm_linear.default") == 28
+
+
+def test_lora_on_a_sparse_model_reports_the_sparse_layers():
+    first = sparsify("llama", "targets=[*mlp*]")
+    second = modelfold.transform(first.program, "lora{rank=2}", context=QUIET)
+    skipped = second.program.log[-1].skipped
+    assert len(skipped) == 4 * 3 and all("N:M sparse layer" in s["reason"] for s in skipped)
