@@ -389,6 +389,11 @@ def is_sparse_layer(module: nn.Module) -> bool:
     return isinstance(module, (NMLinear, NMQuantLinear))
 
 
+def sparse_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """Every N:M layer (``NMLinear``, ``NMQuantLinear``) of ``module`` by path."""
+    return {name: mod for name, mod in module.named_modules() if is_sparse_layer(mod)}
+
+
 def sparse_bytes(module: nn.Module) -> int:
     """Bytes of a sparse layer's stored tensors (values / codes, indices, grid, bias)."""
     return sum(t.numel() * t.element_size() for t in (*module.parameters(recurse=False),
@@ -399,4 +404,5 @@ def sparse_bytes(module: nn.Module) -> int:
 __all__ = ["NMLinear", "NMQuantLinear", "SparsityFormatError", "check_pattern", "check_shape",
            "compress", "container_bits", "decompress", "group_nonzeros", "index_bits",
            "is_sparse_layer", "kept_positions", "nm_linear", "nm_mask", "nm_quant_linear",
-           "nm_quant_weight", "pack_indices", "satisfies_nm", "sparse_bytes", "unpack_indices"]
+           "nm_quant_weight", "pack_indices", "satisfies_nm", "sparse_bytes", "sparse_layers",
+           "unpack_indices"]

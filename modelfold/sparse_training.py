@@ -137,25 +137,29 @@ class CastSchedule:
     @torch.no_grad()
     def after_step(self, step: int, lr: float) -> None:
         threshold = lr * self.decay_at(step)
+        record = step % self.cfg.mask_every == 0 or step == self.steps
         flips, dropped_norm, kept_norm = 0, 0.0, 0.0
         for layer in self.layers.values():
             w = layer.weight
-            dropped = ~layer.keep
-            if threshold > 0:
-                shrunk = torch.sign(w) * (w.abs() - threshold).clamp_min(0)
-                w.copy_(torch.where(dropped, shrunk, w))
+            if threshold > 0:  # proximal L1 step on the dropped weights only
+                shrunk = w.abs().sub_(threshold).clamp_min_(0).mul_(torch.sign(w))
+                torch.where(layer.keep, w, shrunk, out=w)
             if step < self.harden_step and step % self.cfg.mask_every == 0:
                 keep = nm_mask(w.abs(), layer.n, layer.m)
                 flips += int((keep != layer.keep).sum()) // 2
                 layer.keep.copy_(keep)
-            dropped_norm += float((w * ~layer.keep).pow(2).sum())
-            kept_norm += float((w * layer.keep).pow(2).sum())
+            if record:
+                sq = w.square()
+                total = float(sq.sum())
+                kept = float(sq[layer.keep].sum())
+                kept_norm += kept
+                dropped_norm += total - kept
         self.set_alpha(step)
-        if step % self.cfg.mask_every == 0 or step == self.steps:
+        if record:
             self.history.append({"step": step, "alpha": self.alpha_at(step),
                                  "decay": self.decay_at(step), "mask_flips": flips,
-                                 "dropped_to_kept_norm": (dropped_norm / max(kept_norm, 1e-30))
-                                 ** 0.5})
+                                 "dropped_to_kept_norm": (max(dropped_norm, 0.0)
+                                                          / max(kept_norm, 1e-30)) ** 0.5})
 
 
 def _stack_targets(module: nn.Module, layers_path: str, cfg: CastConfig) -> dict[str, nn.Module]:
