@@ -351,6 +351,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             raise _UserError("--sparse-aware training cannot resume (its masks are not "
                              "checkpointed); rerun it")
         CastConfig.from_options(sparse_options, pass_name="sparse-training")
+        options.setdefault("lr", 1e-4)  # every weight of the sparse layers trains: not LoRA's 1e-3
         if args.teacher is not None and "kl_weight" not in options \
                 and "hidden_weight" not in options:
             options.setdefault("ce_weight", 0.33)

@@ -64,7 +64,7 @@ def test_sparsegpt_beats_magnitude_on_real_text(base, sparsegpt, text):
     ppl_sparsegpt = _ppl(sparsegpt.module, base.tokenizer, text)
     ppl_magnitude = _ppl(magnitude.module, base.tokenizer, text)
     assert dense < ppl_sparsegpt < ppl_magnitude
-    assert ppl_sparsegpt < 3 * dense  # calibrated 2:4 stays usable; magnitude does not
+    assert ppl_sparsegpt < 5 * dense < ppl_magnitude  # calibrated 2:4 stays usable; magnitude not
 
 
 def test_sparse_then_int4_keeps_the_pattern_on_the_real_model(sparsegpt, text):
@@ -74,7 +74,7 @@ def test_sparse_then_int4_keeps_the_pattern_on_the_real_model(sparsegpt, text):
     assert len(layers) == 210 and all(isinstance(m, NMQuantLinear) for m in layers.values())
     assert all(int(group_nonzeros(m.weight, 4).max()) <= 2 for m in layers.values())
     ppl = _ppl(result.module, result.program.tokenizer, text)
-    assert ppl < 1.5 * _ppl(sparsegpt.module, result.program.tokenizer, text)
+    assert ppl < 2 * _ppl(sparsegpt.module, result.program.tokenizer, text)
 
 
 def test_sparse_training_runs_on_the_real_model_and_stays_2_4(base, sparsegpt):
@@ -87,3 +87,19 @@ def test_sparse_training_runs_on_the_real_model_and_stays_2_4(base, sparsegpt):
     assert all(int(group_nonzeros(m.weight, 4).max()) <= 2
                for m in sparse_layers(program.module).values())
     assert report["perplexity_after"] < 3 * report["perplexity_before"]
+
+
+def test_the_compressed_onnx_artifact_is_smaller_and_matches_the_sparse_model(sparsegpt, tmp_path):
+    from modelfold.backends.onnxruntime.runtime import OnnxCausalLM
+
+    manifest = modelfold.export(sparsegpt.program, tmp_path / "onnx")
+    dense_fp32_bytes = 4 * sum(p.numel() for p in modelfold.load("smollm2-135m").module.parameters())
+    assert manifest["sparse"]["mode"] == "compressed" and manifest["sparse"]["layers"] == 210
+    assert manifest["onnx_bytes"] < 0.7 * dense_fp32_bytes
+    parity = manifest["parity"]
+    assert parity["prefill_max_abs_diff"] < 1e-3 and parity["decode_max_abs_diff"] < 1e-3
+    ids = sparsegpt.program.tokenizer("The history of the Roman Empire", return_tensors="pt")
+    lm = OnnxCausalLM(tmp_path / "onnx")
+    expected = sparsegpt.module.generate(**ids, max_new_tokens=8, do_sample=False)[0].tolist()
+    prompt = ids["input_ids"][0].tolist()
+    assert lm.generate(prompt, 8)["tokens"] == expected
