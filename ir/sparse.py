@@ -117,14 +117,19 @@ def kept_positions(mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.argsort(key, dim=-1)[..., :n].reshape(rows, -1)
 
 
+def pack_padded(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers ``[R, C]`` -> uint8 ``[R, ceil(C * bits / 8)]``, low bits first, the last byte
+    zero-padded."""
+    per = 8 // bits
+    rows, cols = values.shape
+    padded = torch.zeros(rows, -(-cols // per) * per, dtype=torch.int32)
+    padded[:, :cols] = values.to(torch.int32)
+    return pack_rows(padded, bits)
+
+
 def pack_indices(positions: torch.Tensor, m: int) -> torch.Tensor:
     """Positions ``[R, C]`` (0 .. m-1) -> uint8 ``[R, ceil(C / per)]``, ``index_bits(m)`` each."""
-    bits = index_bits(m)
-    per = 8 // bits
-    rows, cols = positions.shape
-    padded = torch.zeros(rows, -(-cols // per) * per, dtype=torch.int32)
-    padded[:, :cols] = positions.to(torch.int32)
-    return pack_rows(padded, bits)
+    return pack_padded(positions, index_bits(m))
 
 
 def unpack_indices(packed: torch.Tensor, m: int, count: int) -> torch.Tensor:
@@ -138,6 +143,12 @@ def column_indices(indices: torch.Tensor, in_features: int, n: int, m: int) -> t
     positions = unpack_indices(indices, m, count)
     base = torch.arange(count, device=indices.device) // n * m
     return positions + base
+
+
+def keep_mask(indices: torch.Tensor, in_features: int, n: int, m: int) -> torch.Tensor:
+    """Packed ``indices`` -> the keep mask (bool ``[R, K]``)."""
+    cols = column_indices(indices, in_features, n, m)
+    return torch.zeros(indices.shape[0], in_features, dtype=torch.bool).scatter_(1, cols, True)
 
 
 def compress(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int
@@ -296,9 +307,7 @@ class NMLinear(nn.Module):
 
     def mask(self) -> torch.Tensor:
         """Kept positions (bool ``[N, K]``)."""
-        cols = column_indices(self.indices, self.in_features, self.n, self.m)
-        return torch.zeros(self.out_features, self.in_features, dtype=torch.bool).scatter_(
-            1, cols, True)
+        return keep_mask(self.indices, self.in_features, self.n, self.m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.modelfold.nm_linear(x, self.values, self.indices, self.bias,
@@ -342,11 +351,8 @@ class NMQuantLinear(nn.Module):
         k = codes.shape[1]
         cols = column_indices(indices, k, n, m)
         kept = torch.gather(codes.to(torch.int32), 1, cols)
-        bits = fmt.storage_bits
-        per = 8 // bits
-        padded = torch.zeros(kept.shape[0], -(-kept.shape[1] // per) * per, dtype=torch.int32)
-        padded[:, :kept.shape[1]] = kept
-        return cls(pack_rows(padded, bits), indices, scales, zero_points, k, fmt, n, m, bias)
+        return cls(pack_padded(kept, fmt.storage_bits), indices, scales, zero_points, k, fmt, n,
+                   m, bias)
 
     @property
     def fmt(self) -> QuantFormat:
@@ -370,9 +376,8 @@ class NMQuantLinear(nn.Module):
         return pack_weight(dense, QuantFormat(self.storage_bits, self.block_size, True))
 
     def mask(self) -> torch.Tensor:
-        cols = column_indices(self.indices, self.in_features, self.n, self.m)
-        return torch.zeros(self.out_features, self.in_features, dtype=torch.bool).scatter_(
-            1, cols, True)
+        """Kept positions (bool ``[N, K]``)."""
+        return keep_mask(self.indices, self.in_features, self.n, self.m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.modelfold.nm_quant_linear(
@@ -403,6 +408,6 @@ def sparse_bytes(module: nn.Module) -> int:
 
 __all__ = ["NMLinear", "NMQuantLinear", "SparsityFormatError", "check_pattern", "check_shape",
            "compress", "container_bits", "decompress", "group_nonzeros", "index_bits",
-           "is_sparse_layer", "kept_positions", "nm_linear", "nm_mask", "nm_quant_linear",
+           "is_sparse_layer", "keep_mask", "kept_positions", "nm_linear", "nm_mask", "nm_quant_linear",
            "nm_quant_weight", "pack_indices", "satisfies_nm", "sparse_bytes", "sparse_layers",
            "unpack_indices"]

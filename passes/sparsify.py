@@ -38,7 +38,13 @@ from modelfold.passes.base import Pass, PassConfig, PassError, PreconditionError
 from modelfold.passes.calibration import calibration_batches
 from modelfold.passes.gptq import HessianAccumulator
 from modelfold.passes.layerwise import LayerwiseRunner
-from modelfold.passes.quantize import find_targets, linear_weight, plot_layer_errors, replace_module
+from modelfold.passes.quantize import (
+    find_targets,
+    linear_weight,
+    plot_layer_errors,
+    replace_module,
+    weight_error,
+)
 from modelfold.passes.registry import register_pass
 from modelfold.passes.sparsegpt import prune
 
@@ -207,8 +213,7 @@ class NMSparsify(Pass):
             "sparsity": float((dense == 0).float().mean()),
             "max_nonzeros_per_group": int(group_nonzeros(dense, cfg.m).max()),
             "nm_invariant": satisfies_nm(dense, cfg.n, cfg.m),
-            "weight_error": float(((weight - dense) ** 2).sum() / (weight ** 2).sum().clamp_min(
-                1e-30)),
+            "weight_error": weight_error(weight, dense),
         }
         if result.output_error is not None:
             entry["output_error"] = result.output_error
