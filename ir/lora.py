@@ -316,17 +316,24 @@ def set_active_adapters(module: nn.Module, names: str | list[str]) -> None:
 def merge_adapters(module: nn.Module, names: list[str] | None = None) -> int:
     """Merge (active) adapters into float base weights; returns the number of layers merged.
 
-    Raises ``LoraError`` before changing anything if a targeted layer has a packed base.
+    Raises ``LoraError`` before changing anything if a targeted layer has a packed base or a
+    base weight shared with other layers.
     """
     layers = lora_layers(module)
     wanted = {path: [n for n in (names if names is not None else layer.active)
                      if n in layer.adapters]
               for path, layer in layers.items()}
+    uses: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     for path, names_here in wanted.items():
         if names_here and not layers[path].can_merge():
             raise LoraError(f"{path}: cannot merge into a {type(layers[path].base_layer).__name__} "
                             "base (packed weights); keep the adapters unmerged or merge before "
                             "quantizing")
+        if names_here and uses.get(id(layers[path].base_layer.weight), 0) > 1:
+            raise LoraError(f"{path}: its base weight is shared with other layers (tie-layers); "
+                            "merging would change them too. Keep the adapters unmerged")
     return sum(bool(layers[path].merge(names_here)) for path, names_here in wanted.items())
 
 

@@ -175,6 +175,24 @@ def train(model: TransformResult | Program | nn.Module, **options: Any) -> dict[
     return _train(model, **options)
 
 
+def uptrain(model: TransformResult | Program | nn.Module, *, teacher: nn.Module,
+            **options: Any) -> dict[str, Any]:
+    """Distil the original model (``teacher``) into a ``tie-layers`` model: trains the shared
+    weights and the relaxation adapters; see ``modelfold.recursive.uptrain``."""
+    from modelfold.recursive import uptrain as _uptrain
+
+    return _uptrain(model, teacher=teacher, **options)
+
+
+def save_recursive(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Write a ``tie-layers`` model as ``base/`` (checkpoint, shared weights once) and
+    ``adapter/`` (PEFT LoRA of the per-depth relaxation); see ``modelfold.recursive``."""
+    from modelfold.recursive import save_recursive as _save
+
+    return _save(result, out_dir, overwrite=overwrite)
+
+
 def sparse_train(model: TransformResult | Program | nn.Module, **options: Any) -> dict[str, Any]:
     """Sparsity-aware training of an N:M sparse model (``nm-sparsify`` first), ending exactly N:M;
     see ``modelfold.sparse_training.sparse_train`` (teacher, sparse_options, training options)."""

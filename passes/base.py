@@ -95,6 +95,10 @@ class Pass:
     config_class: ClassVar[type[PassConfig]] = PassConfig
     kind: ClassVar[str] = "exact"  # "analysis" | "exact" | "lossy"
     summary: ClassVar[str] = ""
+    # An exact pass that evaluates the same function in another order (a sum of factors instead
+    # of one product) may move the logits by float rounding that grows with their size: the
+    # allowed change is ``exact_atol + exact_rtol * max|logits|``.
+    exact_rtol: ClassVar[float] = 0.0
 
     def __init__(self, config: PassConfig | None = None, **options: Any):
         if config is not None and options:

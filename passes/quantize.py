@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -182,6 +183,13 @@ def find_targets(program: Program, targets: tuple[str, ...], exclude: tuple[str,
                 skipped.append({"target": path, "reason": sparse or "already sparse and quantized"})
                 continue
             selected.setdefault(index, {})[path] = module
+    uses = Counter(id(p) for _, p in program.module.named_parameters(remove_duplicate=False))
+    for path, module in (item for group in selected.values() for item in group.items()):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and uses[id(weight)] > 1:
+            raise PassError(f"{what}: {path} shares its weight with other layers (tie-layers); "
+                            f"{what} would give every depth its own copy and undo the sharing. "
+                            f"This is not supported yet: run {what} on an untied model")
     for pattern in targets:
         if not any(matches(p, (pattern,)) for p in all_linear) and pattern != "*":
             example = all_linear[0] if all_linear else "(none found)"

@@ -47,4 +47,5 @@ def _load_builtin_passes() -> None:
         quantize,
         smooth_quant,
         sparsify,
+        tie_layers,
     )

@@ -176,6 +176,8 @@ def export_onnx(
     else:
         _resave(out_dir / UNOPTIMIZED_FILE, out_dir / MODEL_FILE, external_data_threshold_bytes)
         _remove_model(out_dir / UNOPTIMIZED_FILE)
+    facts["shared_initializers"] = _dedupe_initializers(out_dir / MODEL_FILE,
+                                                        external_data_threshold_bytes)
     facts["optimize_seconds"] = round(time.perf_counter() - start, 3)
     facts["optimization_level"] = optimization_level if optimize else "disabled"
     facts["opset"] = opset
@@ -456,6 +458,56 @@ def _resave(src: Path, dst: Path, threshold_bytes: int) -> None:
         location=dst.name + ".data",
         size_threshold=threshold_bytes,
     )
+
+
+def _dedupe_initializers(path: Path, threshold_bytes: int) -> dict[str, int]:
+    """Stores every distinct initializer value once; returns how many copies and bytes went.
+
+    Layer tying shares one weight among many layers. torch.onnx folds each use's
+    ``Transpose(W)`` into its own constant, so the file would hold one transposed copy per
+    depth. Copies are found by value (dtype, shape, bytes) and every use is pointed at the first
+    one. Initializers that are also graph inputs (overridable, e.g. LoRA adapter slots) are left
+    alone, and so are constants under 1 KiB. The file is rewritten only when there is something
+    to remove.
+    """
+    import hashlib
+
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=True)
+    graph = model.graph
+    overridable = {i.name for i in graph.input}
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    saved = 0
+    for init in graph.initializer:
+        if init.name in overridable:
+            continue
+        array = numpy_helper.to_array(init)
+        if array.nbytes < 1024:  # small constants: not worth a rewrite of the file
+            continue
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(array.tobytes()).hexdigest())
+        if key in first:
+            rename[init.name] = first[key]
+            saved += array.nbytes
+        else:
+            first[key] = init.name
+    if not rename:
+        return {"removed": 0, "bytes_saved": 0}
+    kept = [init for init in graph.initializer if init.name not in rename]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for output in graph.output:
+        if output.name in rename:
+            raise RuntimeError(f"initializer {output.name} is a graph output; cannot deduplicate")
+    _remove_model(path)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=threshold_bytes)
+    return {"removed": len(rename), "bytes_saved": int(saved)}
 
 
 def _remove_model(path: Path) -> None:

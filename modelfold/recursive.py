@@ -1,0 +1,129 @@
+"""Recursive (layer-tied) models after ``tie-layers``: uptraining, the shared base and its
+per-depth relaxation adapters.
+
+    result = modelfold.transform("smollm2-135m", "tie-layers{unique=15,relax_rank=64}")
+    modelfold.uptrain(result, teacher=modelfold.load().module, steps=20)
+    modelfold.save_recursive(result, "out/")   # out/base (shared weights once) + out/adapter (PEFT)
+
+``out/base`` is a modelfold checkpoint of the recursive model without the relaxation: every
+shared tensor is stored once and ``modelfold.load`` re-ties it. ``out/adapter`` holds the
+per-depth deltas as a PEFT LoRA adapter (``lora_alpha = r``, one module per depth and linear
+layer). With PEFT::
+
+    base = modelfold.load("out/base").module
+    model = peft.PeftModel.from_pretrained(base, "out/adapter")
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from modelfold.adapters import save_adapter
+from modelfold.assets import atomic_output
+from modelfold.ir.lora import LoraError, LoraLinear, lora_layers
+
+
+class RecursiveError(ValueError):
+    """The model is not a tied (recursive) model, or lacks the named relaxation adapter."""
+
+
+def _program(model: Any):
+    from modelfold.ir.program import Program
+
+    program = getattr(model, "program", None) or (model if isinstance(model, Program) else None)
+    if program is None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected a TransformResult, Program or model; got "
+                            f"{type(model).__name__}")
+        program = Program(model)
+    return program
+
+
+def tying_record(model: Any) -> dict[str, Any]:
+    """The details of the ``tie-layers`` pass that made ``model`` (from its pass log)."""
+    program = _program(model)
+    for record in reversed(program.log):
+        if record.name == "tie-layers":
+            return record.details
+    raise RecursiveError("the model has no tie-layers pass in its log; run "
+                         "modelfold.transform(model, 'tie-layers{unique=K,...}') first")
+
+
+def recursive_base(model: Any, adapter: str = "relax"):
+    """A copy of the recursive model without its relaxation adapters (a ``Program``).
+
+    Layers whose only adapter is ``adapter`` go back to their base layer; shared tensors stay
+    shared in the copy.
+    """
+    from modelfold.ir.program import Program
+    from modelfold.passes.quantize import replace_module
+
+    program = _program(model)
+    module = copy.deepcopy(program.module)  # the memo keeps shared Parameters shared
+    layers = {p: m for p, m in lora_layers(module).items() if adapter in m.adapters}
+    if not layers:
+        raise RecursiveError(f"the model has no relaxation adapter named {adapter!r} "
+                             "(tie-layers with relax_rank=0 has none: save it with modelfold.save)")
+    for path, layer in layers.items():
+        if layer.merged:
+            raise LoraError(f"{path}: merged adapters cannot be separated from the shared base")
+        if list(layer.adapters) == [adapter]:
+            replace_module(module, path, layer.base_layer)
+        else:
+            layer.delete_adapter(adapter)
+    base = Program(module, spec=program.spec, tokenizer=program.tokenizer, source=program.source)
+    base.log = copy.deepcopy(program.log)
+    return base
+
+
+def save_recursive(model: Any, out_dir: str | Path, *, adapter: str = "relax",
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Write ``out_dir/base`` (checkpoint, shared tensors once) and ``out_dir/adapter`` (PEFT
+    LoRA with the per-depth relaxation) of a relaxed recursive model; returns their facts.
+
+    A pure recursive model (no relaxation) is written as ``out_dir/base`` only.
+    """
+    from modelfold.checkpoint import check_destination, save_checkpoint
+
+    record = tying_record(model)
+    out = Path(out_dir)
+    check_destination(out, overwrite)
+    relaxed = bool(record.get("relax_rank"))
+    facts: dict[str, Any] = {"unique": record["unique"], "layers": record["layers"]}
+    with atomic_output(out) as tmp:
+        tmp.mkdir(parents=True)
+        base = recursive_base(model, adapter) if relaxed else _program(model)
+        facts["base"] = save_checkpoint(base, tmp / "base")
+        facts["base_bytes"] = (tmp / "base" / "model.safetensors").stat().st_size
+        if relaxed:
+            info = save_adapter(model, tmp / "adapter", name=adapter)
+            facts["adapter"] = {k: v for k, v in info.items() if k != "path"}
+            facts["adapter_bytes"] = info["bytes"]
+    return facts
+
+
+def uptrain(model: Any, *, teacher: nn.Module, **options: Any) -> dict[str, Any]:
+    """Distil the original model into the recursive one with the fine-tuning engine.
+
+    Trains what ``tie-layers`` marked trainable (shared weights, per-depth vectors, relaxation
+    adapters). Defaults: ``kl_weight=1`` (T^2 KL to the teacher), ``ce_weight=0``, ``lr=1e-4``;
+    any ``modelfold.finetune.TrainConfig`` option (``steps``, ``batch_size``, ``seq_len`` ...)
+    overrides them, and ``checkpoint_dir`` / ``tokenizer`` pass through to ``train``.
+    """
+    from modelfold.finetune import TrainConfig, train
+
+    tying_record(model)
+    passthrough = {k: options.pop(k) for k in ("checkpoint_dir", "tokenizer", "resume",
+                                                "step_callback", "progress", "log") if k in options}
+    options.setdefault("kl_weight", 1.0)
+    options.setdefault("ce_weight", 0.0)
+    options.setdefault("lr", 1e-4)
+    config = TrainConfig.from_options(options)
+    return train(model, config=config, teacher=teacher, **passthrough)
+
+
+__all__ = ["RecursiveError", "recursive_base", "save_recursive", "tying_record", "uptrain"]
