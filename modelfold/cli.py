@@ -359,6 +359,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     elif args.teacher is not None and "kl_weight" not in options \
             and "hidden_weight" not in options:
         options["kl_weight"] = 1.0
+    if "tie-layers" in args.pipeline:
+        options.setdefault("lr", 1e-4)  # the shared weights train too, not only adapters
     config = TrainConfig.from_options(options)  # bad options fail before any loading
     build_pipeline(args.pipeline)
     if args.save_model is not None:
@@ -394,6 +396,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         target = out / ("adapter" if name == names[0] else f"adapter-{name}")
         saved = save_adapter(result, target, name=name, overwrite=True)
         summary.setdefault("adapters", {})[name] = {"path": str(target), "bytes": saved["bytes"]}
+    tying = next((r.details for r in result.program.log if r.name == "tie-layers"), None)
+    if tying and tying.get("adapter") in names:
+        # the adapter is the per-depth relaxation: write the shared base it applies to
+        from modelfold.recursive import recursive_base
+
+        modelfold.save(recursive_base(result, tying["adapter"]), out / "base", overwrite=True)
+        summary["recursive_base"] = str(out / "base")
     if args.save_model is not None:
         modelfold.save(result, args.save_model, overwrite=args.overwrite)
         summary["checkpoint"] = args.save_model
@@ -413,6 +422,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                   "parameters)")
         for name, facts in summary.get("adapters", {}).items():
             print(f"adapter '{name}' (PEFT format): {facts['path']}/")
+        if "recursive_base" in summary:
+            print(f"shared base for the relaxation adapter: {summary['recursive_base']}/")
         print(f"report: {out / 'report.md'}")
     return 0
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from modelfold.adapters import save_adapter
 from modelfold.assets import atomic_output
-from modelfold.ir.lora import LoraError, LoraLinear, lora_layers
+from modelfold.ir.lora import LoraError, lora_layers
 
 
 class RecursiveError(ValueError):

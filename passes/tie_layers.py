@@ -39,7 +39,7 @@ from torch import nn
 
 from modelfold.ir.lora import LoraAdapter, LoraLinear, base_shape, base_weight
 from modelfold.ir.program import Program
-from modelfold.passes.base import Pass, PassConfig, PassError, PreconditionError, option
+from modelfold.passes.base import Pass, PassConfig, PreconditionError, option
 from modelfold.passes.quantize import is_linear, replace_module
 from modelfold.passes.registry import register_pass
 
@@ -261,7 +261,7 @@ class TieLayers(Pass):
                                 "reason": "MoE expert tensors are shared without relaxation "
                                 "(LoRA adapts linear layers only); full rank is not exact"})
         bar = tqdm(total=len(stack) * len(linears), desc="tie-layers: SVD relaxation",
-                   unit="layer", leave=False)
+                   unit="layer", leave=False, mininterval=2.0)
         for depth, layer in enumerate(stack):
             entry: dict[str, Any] = {"depth": depth, "shared": share[depth], "layers": {}}
             for rel in linears:

@@ -24,29 +24,16 @@ from pathlib import Path
 import torch
 
 import modelfold
-from modelfold.corpus import corpus_text
-from modelfold.evaluate import evaluate
 from modelfold.passes.manager import PassContext
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import eager_ppl, load_results, save_results  # noqa: E402
 
 QUIET = PassContext(log=None, verify=False, measure=False)
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ((2, 4), (4, 8))
 # OPT-125M at 2:4 (AST README, METHODS.md): dense 27.76, SparseGPT 45.58, Wanda 60.91
 PUBLISHED_OPT125M = {"dense": 27.76, "sparsegpt": 45.58, "wanda": 60.91}
-
-
-def load_results(out: Path) -> dict:
-    path = out / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def save_results(out: Path, results: dict) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-
-
-def eager_ppl(module, tokenizer, chars: int) -> float:
-    text = corpus_text("wikipedia", "evaluation")
-    return evaluate(module, tokenizer, text, chars=chars, progress=False)["perplexity"]
 
 
 def sparsegpt_checkpoint(out: Path, args) -> Path:

@@ -12,7 +12,7 @@ import torch
 
 import modelfold
 from modelfold.ir.architecture import UnsupportedArchitectureError
-from modelfold.ir.lora import LoraError, LoraLinear, lora_layers, merge_adapters
+from modelfold.ir.lora import LoraError, lora_layers, merge_adapters
 from modelfold.passes.base import PassError, PreconditionError
 from modelfold.passes.manager import PassContext
 from modelfold.passes.tie_layers import depth_map, stepwise_sources, tied_groups
@@ -220,7 +220,10 @@ def test_onnx_artifact_stores_shared_weights_once_and_generates(tmp_path):
         result = _tie(copy.deepcopy(model), f"unique={k}")
         facts = modelfold.export(result, tmp_path / f"k{k}", backend="onnxruntime")
         assert facts["parity"]["prefill_max_abs_diff"] < 1e-4
+        past = [name for name in facts["onnx"]["inputs"] if name.startswith("past_key_values")]
+        assert len(past) == 2 * 6  # a key and a value per effective depth
         sizes[k] = (tmp_path / f"k{k}" / "model.onnx.data").stat().st_size
+    assert facts["onnx"]["shared_initializers"]["removed"] > 0
     block = sum(p.numel() for p in model.model.layers.parameters()) * 4
     # 4 of 6 layers' weights are gone from the file (small constants may move between files)
     assert sizes[6] - sizes[2] >= 0.9 * block * 4 / 6
@@ -284,3 +287,24 @@ def test_model_without_a_layer_stack_is_a_clear_error():
     model.model.layers = torch.nn.Sequential(*model.model.layers)  # not a ModuleList
     with pytest.raises(UnsupportedArchitectureError, match="layer stack"):
         modelfold.transform(model, "tie-layers{unique=2}")
+
+
+def test_finetune_cli_uptrains_and_writes_base_and_peft_adapter(tmp_path, capsys):
+    from modelfold.cli import main as cli_main
+
+    src = tmp_path / "tiny"
+    tiny_model("llama", num_hidden_layers=6).save_pretrained(src)
+    out = tmp_path / "run"
+    code = cli_main(["finetune", str(src), "-p", "tie-layers{unique=3,init=average,relax_rank=2}",
+                     "-o", str(out), "--steps", "3", "--batch-size", "2", "--seq-len", "16",
+                     "--teacher", "--train-option", "corpus=random",
+                     "--save-model", str(tmp_path / "saved"), "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["adapters"]["relax"]["path"] == str(out / "adapter")
+    report = json.loads((out / "training.json").read_text())
+    assert report["training"]["config"]["lr"] == 1e-4 and report["training"]["config"]["kl_weight"] == 1.0
+    whole = modelfold.load(str(tmp_path / "saved"))
+    base = modelfold.load(summary["recursive_base"])
+    theirs = peft.PeftModel.from_pretrained(base.module, str(out / "adapter")).eval()
+    torch.testing.assert_close(_logits(theirs), _logits(whole.module), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,24 @@
+"""Shared helpers of the benchmark scripts: results.json accumulation and eager perplexity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from modelfold.corpus import corpus_text
+from modelfold.evaluate import evaluate
+
+
+def load_results(out: Path) -> dict:
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_results(out: Path, results: dict) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def eager_ppl(module, tokenizer, chars: int) -> float:
+    """Perplexity on the first ``chars`` characters of the wikipedia evaluation split."""
+    text = corpus_text("wikipedia", "evaluation")
+    return evaluate(module, tokenizer, text, chars=chars, progress=False)["perplexity"]
