@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from modelfold.ir.tying import parameter_uses
+
 ADAPTER_KINDS = ("lora", "pissa", "xs", "sb", "nola")
 
 
@@ -323,15 +325,13 @@ def merge_adapters(module: nn.Module, names: list[str] | None = None) -> int:
     wanted = {path: [n for n in (names if names is not None else layer.active)
                      if n in layer.adapters]
               for path, layer in layers.items()}
-    uses: dict[int, int] = {}
-    for _, p in module.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
+    uses = parameter_uses(module)
     for path, names_here in wanted.items():
         if names_here and not layers[path].can_merge():
             raise LoraError(f"{path}: cannot merge into a {type(layers[path].base_layer).__name__} "
                             "base (packed weights); keep the adapters unmerged or merge before "
                             "quantizing")
-        if names_here and uses.get(id(layers[path].base_layer.weight), 0) > 1:
+        if names_here and uses[id(layers[path].base_layer.weight)] > 1:
             raise LoraError(f"{path}: its base weight is shared with other layers (tie-layers); "
                             "merging would change them too. Keep the adapters unmerged")
     return sum(bool(layers[path].merge(names_here)) for path, names_here in wanted.items())

@@ -17,6 +17,7 @@ from torch.export import ExportedProgram
 
 from modelfold.ir.architecture import Architecture, describe
 from modelfold.ir.capture import ExportSpec, capture, owning_module
+from modelfold.ir.tying import parameter_names
 
 DIALECT_NAMESPACE = "modelfold"
 
@@ -95,10 +96,7 @@ class Program:
 
     def parameter_aliases(self) -> dict[str, list[str]]:
         """Canonical parameter name -> every name it appears under (tied weights share one)."""
-        by_id: dict[int, list[str]] = {}
-        for name, p in self.module.named_parameters(remove_duplicate=False):
-            by_id.setdefault(id(p), []).append(name)
-        return {names[0]: names for names in by_id.values()}
+        return {names[0]: names for names in parameter_names(self.module).values()}
 
     def unique_tensors(self) -> list[torch.Tensor]:
         seen: dict[int, torch.Tensor] = {}

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from modelfold.adapters import save_adapter
+from modelfold.adapters import _module_of, save_adapter
 from modelfold.assets import atomic_output
 from modelfold.ir.lora import LoraError, lora_layers
 
@@ -34,13 +34,8 @@ class RecursiveError(ValueError):
 def _program(model: Any):
     from modelfold.ir.program import Program
 
-    program = getattr(model, "program", None) or (model if isinstance(model, Program) else None)
-    if program is None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"expected a TransformResult, Program or model; got "
-                            f"{type(model).__name__}")
-        program = Program(model)
-    return program
+    module, program = _module_of(model)
+    return program if program is not None else Program(module)
 
 
 def tying_record(model: Any) -> dict[str, Any]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +44,7 @@ from modelfold.ir.quant import (
     quantize_rtn,
 )
 from modelfold.ir.sparse import NMLinear, NMQuantLinear, is_sparse_layer, satisfies_nm
+from modelfold.ir.tying import parameter_uses
 from modelfold.passes.base import Pass, PassConfig, PassError, PreconditionError, option
 from modelfold.passes.calibration import calibration_batches
 from modelfold.passes.layerwise import LayerwiseRunner
@@ -183,7 +183,7 @@ def find_targets(program: Program, targets: tuple[str, ...], exclude: tuple[str,
                 skipped.append({"target": path, "reason": sparse or "already sparse and quantized"})
                 continue
             selected.setdefault(index, {})[path] = module
-    uses = Counter(id(p) for _, p in program.module.named_parameters(remove_duplicate=False))
+    uses = parameter_uses(program.module)
     for path, module in (item for group in selected.values() for item in group.items()):
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and uses[id(weight)] > 1:

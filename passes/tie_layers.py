@@ -29,7 +29,6 @@ with a teacher for distillation); embeddings and the LM head stay frozen.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +38,7 @@ from torch import nn
 
 from modelfold.ir.lora import LoraAdapter, LoraLinear, base_shape, base_weight
 from modelfold.ir.program import Program
+from modelfold.ir.tying import parameter_uses, tied_groups
 from modelfold.passes.base import Pass, PassConfig, PreconditionError, option
 from modelfold.passes.quantize import is_linear, replace_module
 from modelfold.passes.registry import register_pass
@@ -130,8 +130,7 @@ def check_stack(program: Program) -> nn.ModuleList:
                 f"tie-layers: layer {index} does not have the parameters of layer 0 (differs in "
                 f"{', '.join(f'{n} {list(s)} {d}' for n, (s, d) in diff)}); only identical "
                 "layers can share weights")
-    uses = Counter(id(p) for layer in stack for p in _layer_params(layer).values())
-    if any(count > 1 for count in uses.values()):
+    if any(count > 1 for count in parameter_uses(stack).values()):
         raise PreconditionError("tie-layers: the layer stack already shares parameters between "
                                 "layers (tie-layers ran before); tie the original model once")
     return stack
@@ -170,7 +169,7 @@ class TieLayers(Pass):
         cfg = self.config
         arch = program.arch
         module = program.module
-        stack = check_stack(program)
+        stack = module.get_submodule(arch.layers)  # checked by requires()
         n, k = arch.num_layers, cfg.unique
         share = depth_map(n, k, cfg.sharing)
         groups = [[d for d in range(n) if share[d] == j] for j in range(k)]
@@ -345,14 +344,6 @@ def _unique_count(stack: nn.Module, adapters: bool = False) -> int:
             continue
         seen[id(p)] = p.numel()
     return sum(seen.values())
-
-
-def tied_groups(module: nn.Module) -> list[list[str]]:
-    """Names that share one tensor, for every tensor that appears under several names."""
-    by_id: dict[int, list[str]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return [names for names in by_id.values() if len(names) > 1]
 
 
 __all__ = ["TieLayers", "TieLayersConfig", "depth_map", "stepwise_sources", "tied_groups"]

@@ -449,7 +449,11 @@ def _optimize_with_ort(
 def _resave(src: Path, dst: Path, threshold_bytes: int) -> None:
     """Rewrites `src` as `dst` with the external-data threshold applied."""
     _remove_model(dst)
-    model = onnx.load(str(src), load_external_data=True)
+    _save_external(onnx.load(str(src), load_external_data=True), dst, threshold_bytes)
+
+
+def _save_external(model: onnx.ModelProto, dst: Path, threshold_bytes: int) -> None:
+    """Saves `model` as `dst` + `dst.data` (initializers of at least `threshold_bytes`)."""
     onnx.save_model(
         model,
         str(dst),
@@ -494,6 +498,9 @@ def _dedupe_initializers(path: Path, threshold_bytes: int) -> dict[str, int]:
             first[key] = init.name
     if not rename:
         return {"removed": 0, "bytes_saved": 0}
+    outputs = sorted(rename.keys() & {o.name for o in graph.output})
+    if outputs:
+        raise RuntimeError(f"initializers {outputs} are graph outputs; cannot deduplicate them")
     kept = [init for init in graph.initializer if init.name not in rename]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -501,12 +508,8 @@ def _dedupe_initializers(path: Path, threshold_bytes: int) -> dict[str, int]:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
-    for output in graph.output:
-        if output.name in rename:
-            raise RuntimeError(f"initializer {output.name} is a graph output; cannot deduplicate")
     _remove_model(path)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=threshold_bytes)
+    _save_external(model, path, threshold_bytes)
     return {"removed": len(rename), "bytes_saved": int(saved)}
 
 

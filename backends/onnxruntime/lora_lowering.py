@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import re
 import tempfile
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from torch import nn
 from modelfold.backends.onnxruntime.runtime import ADAPTER_SUFFIX, ADAPTERS_DIR
 from modelfold.backends.onnxruntime.translations import ensure_registered
 from modelfold.ir.lora import LoraAdapter, LoraLinear, adapter_names, lora_layers
+from modelfold.ir.tying import parameter_uses
 
 __all__ = [
     "ADAPTERS_DIR",
@@ -259,7 +259,7 @@ def _merged_for_export(
 ) -> Iterator[None]:
     # A weight that appears under several names (layer tying shares Parameters) serves other
     # layers too: merging into it would change them.
-    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    uses = parameter_uses(model)
     merged: list[str] = []
     kept: list[dict[str, Any]] = []
     saved: list[tuple[LoraLinear, torch.Tensor, list[str]]] = []
