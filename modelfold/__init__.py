@@ -135,6 +135,26 @@ def export(result: TransformResult | Program | nn.Module, out_dir: str | Path, *
                           lora=lora, sparse=sparse)
 
 
+def compile(result: TransformResult | Program | nn.Module, *, backend: str = "triton",
+            **options: Any) -> Any:
+    """Compile a (transformed) model for a GPU: Triton kernels for the dialect ops (quantized,
+    N:M sparse, LoRA layers; LoRA fused into its base), ``torch.compile`` (Inductor) for the rest.
+
+    Returns a ``CompiledModel`` (call it like the model, or ``.logits(ids)``,
+    ``.generate(prompt_ids, n)``; ``.kernels`` lists the kernel of every lowered layer).
+    Options: ``device``, ``dtype`` (default float16), ``interpret`` (run the kernels in Triton's
+    CPU interpreter: the only way without a CUDA GPU, which otherwise raises
+    ``TritonBackendError``), ``inductor`` (default True), ``copy_module``. See
+    ``modelfold.backends.triton.compile``.
+    """
+    if backend != "triton":
+        raise ValueError(f"compile supports backend='triton'; got {backend!r} (for ONNX Runtime "
+                         "use modelfold.export(result, out_dir, backend='onnxruntime'))")
+    from modelfold.backends.triton.compile import compile_model
+
+    return compile_model(result, **options)
+
+
 def save(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
          overwrite: bool = False) -> dict[str, Any]:
     """Save a (transformed) model as a checkpoint folder that ``load`` rebuilds without re-running
@@ -201,5 +221,5 @@ def sparse_train(model: TransformResult | Program | nn.Module, **options: Any) -
     return _sparse_train(model, **options)
 
 
-__all__ = ["TransformResult", "export", "load", "load_adapter", "save", "save_adapter",
+__all__ = ["TransformResult", "compile", "export", "load", "load_adapter", "save", "save_adapter",
            "sparse_train", "train", "transform"]

@@ -59,8 +59,10 @@ def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onn
     from modelfold.passes.report import write_report
 
     if backend == "triton":
-        raise ArtifactError("the Triton backend is not built yet (issue 7); "
-                            "use backend='onnxruntime'")
+        raise ArtifactError("the Triton backend compiles in the running process instead of "
+                            "writing an artifact: use modelfold.compile(result, backend='triton') "
+                            "(CLI: eval / generate --backend triton), and modelfold.save to keep "
+                            "the transformed model")
     if backend not in BACKENDS:
         raise ArtifactError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
     out = Path(out_dir)

@@ -270,6 +270,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from modelfold.corpus import corpus_text
 
         text, text_name = corpus_text(args.corpus, args.split), f"{args.corpus}:{args.split}"
+    if is_artifact(args.target) and args.backend == "triton":
+        raise _UserError(f"'{args.target}' is an ONNX artifact (it runs on ONNX Runtime); "
+                         "--backend triton takes a model or checkpoint")
     if is_artifact(args.target):
         from transformers import AutoTokenizer
 
@@ -290,8 +293,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise _UserError(f"perplexity needs a causal LM; '{args.target}' is an "
                              f"{program.arch.kind}")
         target, tokenizer = program.module, program.tokenizer
+        if args.backend == "triton":
+            target = _triton_compile(program, args).module
     result = evaluate(target, tokenizer, text, chars=args.chars, window=args.window,
                       batch_size=args.batch_size, progress=not args.json)
+    if args.backend == "triton":
+        result["runtime"] = "triton-interpreter" if args.interpret else "triton"
     result = {"model": args.target, "adapter": args.adapter, "text": text_name, **result}
     if args.json:
         _print_json(result)
@@ -300,6 +307,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"tokens in {result['windows']} windows of {args.window}, {text_name}, "
               f"{result['seconds']:.1f}s)")
     return 0
+
+
+def _triton_compile(program: Any, args: argparse.Namespace) -> Any:
+    import modelfold
+
+    compiled = modelfold.compile(program, backend="triton", interpret=args.interpret,
+                                 dtype=args.dtype, inductor=not args.no_inductor)
+    if not args.json:
+        print(f"compiled: {compiled.summary()}", file=sys.stderr)
+    return compiled
 
 
 def _apply_adapter(program: Any, adapter: str, *, quiet: bool) -> None:
@@ -449,7 +466,11 @@ def _training_markdown(trained: dict[str, Any]) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from modelfold.artifact import is_artifact
 
-    if not is_artifact(args.artifact):
+    if args.backend == "triton":
+        if is_artifact(args.artifact):
+            raise _UserError(f"'{args.artifact}' is an ONNX artifact (it runs on ONNX Runtime); "
+                             "--backend triton takes a model or checkpoint")
+    elif not is_artifact(args.artifact):
         from modelfold.checkpoint import is_checkpoint
 
         if is_checkpoint(args.artifact):
@@ -459,11 +480,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          "make one with `modelfold convert`")
     if args.max_new_tokens < 1:
         raise _UserError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
-    from transformers import AutoTokenizer
+    if args.backend == "triton":
+        import modelfold
 
-    from modelfold.backends.onnxruntime.runtime import OnnxCausalLM
+        program = modelfold.load(args.artifact)
+        if args.adapter:
+            _apply_adapter(program, args.adapter, quiet=args.json)
+        tokenizer = program.tokenizer
+        if tokenizer is None:
+            raise _UserError(f"'{args.artifact}' has no tokenizer to encode the prompt")
+    else:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.artifact)
+        tokenizer = AutoTokenizer.from_pretrained(args.artifact)
     if args.chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                             add_generation_prompt=True, tokenize=True)
@@ -473,8 +502,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise _UserError("the prompt is empty")
-    lm = OnnxCausalLM(args.artifact, adapter=args.adapter) if args.adapter \
-        else OnnxCausalLM(args.artifact)
+    if args.backend == "triton":
+        lm = _triton_compile(program, args)
+    else:
+        from modelfold.backends.onnxruntime.runtime import OnnxCausalLM
+
+        lm = OnnxCausalLM(args.artifact, adapter=args.adapter) if args.adapter \
+            else OnnxCausalLM(args.artifact)
     out = lm.generate(list(ids), args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     text = tokenizer.decode(out["new_tokens"], skip_special_tokens=True)
     result = {"prompt": args.prompt, "text": text, "new_tokens": out["new_tokens"],
@@ -605,30 +639,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chars", type=int, default=200_000, help="characters of text (default 200000)")
     p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--batch-size", type=int, default=4)
+    _add_backend_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="greedy generation from an artifact (KV cache)")
-    p.add_argument("artifact")
+    p = sub.add_parser("generate", help="greedy generation from an artifact (KV cache), or from a "
+                                        "model / checkpoint with --backend triton")
+    p.add_argument("artifact", help="artifact folder (or model / checkpoint with --backend triton)")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--adapter", metavar="NAME_OR_FILE",
-                   help="ONNX Runtime adapter of an artifact exported with --lora-export inputs")
+                   help="ONNX Runtime adapter of an artifact exported with --lora-export inputs "
+                        "(with --backend triton: a PEFT adapter folder)")
+    _add_backend_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
     return parser
 
 
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["default", "triton"], default="default",
+                   help="triton: compile a model / checkpoint with the Triton kernels + "
+                        "torch.compile (needs a CUDA GPU, or --interpret)")
+    p.add_argument("--interpret", action="store_true",
+                   help="with --backend triton: run the kernels in Triton's CPU interpreter "
+                        "(slow; for machines without a GPU)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="with --backend triton: compute dtype (default float16 on a GPU, float32 "
+                        "in the interpreter)")
+    p.add_argument("--no-inductor", action="store_true",
+                   help="with --backend triton: skip torch.compile (kernels only, eager PyTorch)")
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from modelfold.artifact import ArtifactError
     from modelfold.assets import AssetError
+    from modelfold.backends.triton.compile import TritonBackendError
     from modelfold.ir.capture import CaptureError
     from modelfold.ir.verify import VerificationError
     from modelfold.passes.base import PassError
 
     return (_UserError, AssetError, ArtifactError, PassError, CaptureError, VerificationError,
-            ValueError, FileNotFoundError)
+            TritonBackendError, ValueError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

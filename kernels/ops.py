@@ -1,0 +1,144 @@
+"""The Triton backend's ``torch.library`` ops, and the CUDA implementations of the dialect ops.
+
+Backend ops (namespace ``modelfold_triton``; ``custom_op`` + ``register_fake``, so
+``torch.compile`` traces them as single opaque calls and Inductor compiles everything around
+them). Each linear op takes an optional LoRA pair, fused into the same kernel:
+
+- ``quant_linear(x, qweight, scales, zero_points?, bias?, lora_a?, lora_b?, scaling, in_features,
+  bits, block_size)``
+- ``nm_linear(x, values, indices, bias?, lora_a?, lora_b?, scaling, in_features, n, m)``
+- ``nm_quant_linear(x, codes, indices, scales, zero_points?, bias?, lora_a?, lora_b?, scaling,
+  in_features, bits, block_size, n, m)``
+- ``lora_linear(x, weight, bias?, lora_a, lora_b, scaling)`` (fused LoRA over a float weight)
+- ``lora_delta(x, lora_a, lora_b, scaling)``, ``w8a8_linear(x, qweight_t, weight_scales, bias?)``,
+  ``quant_embedding(ids, qweight, scales, zero_points?, embedding_dim, bits, block_size)``
+
+Importing this module also registers the kernels as the ``cuda`` implementation of every dialect
+op (``modelfold::quant_linear``, ``nm_linear``, ``nm_quant_linear``, ``lora_delta``,
+``w8a8_linear``, ``quant_embedding``): on a GPU, an eager transformed model then runs them too.
+(A plain ``custom_op`` rather than ``torch.library.triton_op``: ``triton_op`` / ``wrap_triton``
+fail under ``torch.export`` in interpreter mode; see DESIGN.md.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from modelfold.kernels import int8, linear
+
+NAMESPACE = "modelfold_triton"
+
+
+def _out(x: Tensor, n_out: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], n_out))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::quant_linear", mutates_args=())
+def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, zero_points: Tensor | None,
+                 bias: Tensor | None, lora_a: Tensor | None, lora_b: Tensor | None,
+                 scaling: float, in_features: int, bits: int, block_size: int) -> Tensor:
+    return linear.quant_linear(x, qweight, scales, zero_points, bias, in_features, bits,
+                               block_size, lora_a, lora_b, scaling)
+
+
+@quant_linear.register_fake
+def _(x, qweight, scales, zero_points, bias, lora_a, lora_b, scaling, in_features, bits,
+      block_size):
+    return _out(x, qweight.shape[0])
+
+
+@torch.library.custom_op(f"{NAMESPACE}::nm_linear", mutates_args=())
+def nm_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None,
+              lora_a: Tensor | None, lora_b: Tensor | None, scaling: float, in_features: int,
+              n: int, m: int) -> Tensor:
+    return linear.nm_linear(x, values, indices, bias, in_features, n, m, lora_a, lora_b, scaling)
+
+
+@nm_linear.register_fake
+def _(x, values, indices, bias, lora_a, lora_b, scaling, in_features, n, m):
+    return _out(x, values.shape[0])
+
+
+@torch.library.custom_op(f"{NAMESPACE}::nm_quant_linear", mutates_args=())
+def nm_quant_linear(x: Tensor, codes: Tensor, indices: Tensor, scales: Tensor,
+                    zero_points: Tensor | None, bias: Tensor | None, lora_a: Tensor | None,
+                    lora_b: Tensor | None, scaling: float, in_features: int, bits: int,
+                    block_size: int, n: int, m: int) -> Tensor:
+    return linear.nm_quant_linear(x, codes, indices, scales, zero_points, bias, in_features,
+                                  bits, block_size, n, m, lora_a, lora_b, scaling)
+
+
+@nm_quant_linear.register_fake
+def _(x, codes, indices, scales, zero_points, bias, lora_a, lora_b, scaling, in_features, bits,
+      block_size, n, m):
+    return _out(x, codes.shape[0])
+
+
+@torch.library.custom_op(f"{NAMESPACE}::lora_linear", mutates_args=())
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                scaling: float) -> Tensor:
+    return linear.dense_linear(x, weight, bias, lora_a, lora_b, scaling)
+
+
+@lora_linear.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling):
+    return _out(x, weight.shape[0])
+
+
+@torch.library.custom_op(f"{NAMESPACE}::lora_delta", mutates_args=())
+def lora_delta(x: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    return linear.lora_delta(x, lora_a, lora_b, scaling)
+
+
+@lora_delta.register_fake
+def _(x, lora_a, lora_b, scaling):
+    return _out(x, lora_b.shape[0])
+
+
+@torch.library.custom_op(f"{NAMESPACE}::w8a8_linear", mutates_args=())
+def w8a8_linear(x: Tensor, qweight_t: Tensor, weight_scales: Tensor, bias: Tensor | None
+                ) -> Tensor:
+    return int8.w8a8_linear(x, qweight_t, weight_scales, bias)
+
+
+@w8a8_linear.register_fake
+def _(x, qweight_t, weight_scales, bias):
+    return _out(x, qweight_t.shape[1])
+
+
+@torch.library.custom_op(f"{NAMESPACE}::quant_embedding", mutates_args=())
+def quant_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, zero_points: Tensor | None,
+                    embedding_dim: int, bits: int, block_size: int) -> Tensor:
+    return int8.quant_embedding(ids, qweight, scales, zero_points, embedding_dim, bits,
+                                block_size)
+
+
+@quant_embedding.register_fake
+def _(ids, qweight, scales, zero_points, embedding_dim, bits, block_size):
+    return scales.new_empty((*ids.shape, embedding_dim))
+
+
+# -- the kernels as the CUDA implementation of the dialect ops ----------------------------------
+def _register_dialect_cuda() -> None:
+    import modelfold.ir.lora  # noqa: F401  (defines modelfold::lora_delta)
+    import modelfold.ir.quant  # noqa: F401
+    import modelfold.ir.sparse  # noqa: F401
+
+    reg = torch.library.register_kernel
+    reg("modelfold::quant_linear", "cuda")(
+        lambda x, qweight, scales, zero_points, bias, in_features, bits, block_size:
+        linear.quant_linear(x, qweight, scales, zero_points, bias, in_features, bits, block_size))
+    reg("modelfold::nm_linear", "cuda")(
+        lambda x, values, indices, bias, in_features, n, m:
+        linear.nm_linear(x, values, indices, bias, in_features, n, m))
+    reg("modelfold::nm_quant_linear", "cuda")(
+        lambda x, codes, indices, scales, zero_points, bias, in_features, bits, block_size, n, m:
+        linear.nm_quant_linear(x, codes, indices, scales, zero_points, bias, in_features, bits,
+                               block_size, n, m))
+    reg("modelfold::lora_delta", "cuda")(linear.lora_delta)
+    reg("modelfold::w8a8_linear", "cuda")(int8.w8a8_linear)
+    reg("modelfold::quant_embedding", "cuda")(int8.quant_embedding)
+
+
+_register_dialect_cuda()
