@@ -26,7 +26,7 @@ from modelfold.kernels._runtime import (
     launch,
     next_pow2,
 )
-from modelfold.kernels.linear import _packed, _zero_point
+from modelfold.kernels.linear import _packed, _zero_point, interpret_tiles
 
 W8A8_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
@@ -35,7 +35,6 @@ W8A8_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
 ]
-W8A8_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}
 ROW_BLOCK = 1024
 # Adding and subtracting 1.5 * 2^23 rounds a float32 |v| < 2^22 to the nearest integer, ties to
 # even (IEEE round-to-nearest), like torch.round.
@@ -114,7 +113,7 @@ def w8a8_linear(x: torch.Tensor, qweight_t: torch.Tensor, weight_scales: torch.T
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"])
 
-    launch(_w8a8_kernel, _w8a8_tuned, grid, args, config, W8A8_INTERPRET)
+    launch(_w8a8_kernel, _w8a8_tuned, grid, args, config, interpret_tiles(m, n_out, k, gemv=False))
     return out.reshape(*x.shape[:-1], n_out)
 
 

@@ -61,9 +61,18 @@ GEMV_CONFIGS = [
     {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 2, "num_warps": 8, "num_stages": 3},
     {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 8, "num_stages": 2},
 ]
-# Under the interpreter every program is a Python loop iteration: few, large tiles.
-GEMM_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 256}
-GEMV_INTERPRET = {"BLOCK_N": 256, "BLOCK_K": 256, "SPLIT_K": 1}
+# Under the interpreter every program is a Python loop iteration: few, large tiles, no larger
+# than the problem (interpret_tiles).
+INTERPRET_MAX_TILE = 512
+
+
+def interpret_tiles(m: int, n: int, k: int, gemv: bool) -> dict[str, int]:
+    """The tile configuration used under the interpreter for an ``[m, k] x [k, n]`` product."""
+    bn = min(INTERPRET_MAX_TILE, max(16, next_pow2(n)))
+    bk = min(INTERPRET_MAX_TILE, max(16, next_pow2(k)))
+    if gemv:
+        return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}
+    return {"BLOCK_M": min(64, max(16, next_pow2(m))), "BLOCK_N": bn, "BLOCK_K": bk}
 
 
 # The kernels call no @jit helper of triton.language (tl.zeros, tl.sum, tl.cdiv): those are
@@ -261,13 +270,15 @@ def run_linear(op: str, x: torch.Tensor, n_out: int, k: int, *, fmt: int,
     if use_gemv:
         out = torch.zeros((m, n_out), dtype=torch.float32, device=x.device)
         args.update(out_ptr=out, out_row=out.stride(0))
-        launch(_gemv_kernel, _gemv_tuned, _gemv_grid(m, n_out), args, config, GEMV_INTERPRET)
+        launch(_gemv_kernel, _gemv_tuned, _gemv_grid(m, n_out), args, config,
+               interpret_tiles(m, n_out, k, gemv=True))
         out = out.to(x.dtype)
     else:
         out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
         args.update(out_ptr=out, out_row=out.stride(0), M_BUCKET=next_pow2(m),
                     DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
-        launch(_gemm_kernel, _gemm_tuned, _gemm_grid(m, n_out), args, config, GEMM_INTERPRET)
+        launch(_gemm_kernel, _gemm_tuned, _gemm_grid(m, n_out), args, config,
+               interpret_tiles(m, n_out, k, gemv=False))
     return out.reshape(*lead, n_out)
 
 
