@@ -38,7 +38,7 @@ W8A8_CONFIGS = [
 ROW_BLOCK = 1024
 # Adding and subtracting 1.5 * 2^23 rounds a float32 |v| < 2^22 to the nearest integer, ties to
 # even (IEEE round-to-nearest), like torch.round.
-_ROUND_MAGIC = 12582912.0
+_ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit

@@ -87,7 +87,7 @@ def _zero_point(z_ptr, rows, grp, mask, z_row, HAS_ZP: tl.constexpr, BITS: tl.co
         zb = tl.load(z_ptr + rows * z_row + grp // per, mask=mask, other=0).to(tl.int32)
         z = (zb >> ((grp % per) * BITS)) & ((1 << BITS) - 1)
     else:
-        z = tl.full(grp.shape, 1 << (BITS - 1), tl.int32)
+        z = tl.full(mask.shape, 1 << (BITS - 1), tl.int32)  # full tile shape (a loop carry)
     return z
 
 
