@@ -42,7 +42,6 @@ from modelfold.kernels._runtime import (
 )
 
 NONE, DENSE, QUANT, NM, NM_QUANT = 0, 1, 2, 3, 4
-FORMAT_NAMES = {NONE: "lora", DENSE: "dense", QUANT: "quant", NM: "nm", NM_QUANT: "nm_quant"}
 GEMV_MAX_M = 4
 
 GEMM_CONFIGS = [
