@@ -261,6 +261,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from modelfold.artifact import is_artifact
     from modelfold.evaluate import evaluate
 
+    _check_backend_args(args)
     if args.text:
         text_path = Path(args.text)
         if not text_path.is_file():
@@ -307,6 +308,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"tokens in {result['windows']} windows of {args.window}, {text_name}, "
               f"{result['seconds']:.1f}s)")
     return 0
+
+
+def _check_backend_args(args: argparse.Namespace) -> None:
+    if args.backend != "triton":
+        used = [f for f, on in (("--interpret", args.interpret), ("--dtype", args.dtype),
+                                ("--no-inductor", args.no_inductor)) if on]
+        if used:
+            raise _UserError(f"{', '.join(used)} only apply with --backend triton")
 
 
 def _triton_compile(program: Any, args: argparse.Namespace) -> Any:
@@ -466,6 +475,7 @@ def _training_markdown(trained: dict[str, Any]) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from modelfold.artifact import is_artifact
 
+    _check_backend_args(args)
     if args.backend == "triton":
         if is_artifact(args.artifact):
             raise _UserError(f"'{args.artifact}' is an ONNX artifact (it runs on ONNX Runtime); "

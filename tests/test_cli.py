@@ -167,3 +167,5 @@ def test_triton_backend_eval_and_generate(capsys, small_model_dir, tmp_path):
         capsys.readouterr()
         assert main(["eval", str(ckpt), "--chars", "100", "--backend", "triton"]) == 2
         assert "needs an NVIDIA GPU" in capsys.readouterr().err
+    assert main(["generate", str(ckpt), "Hi", "--interpret"]) == 2
+    assert "--interpret only apply with --backend triton" in capsys.readouterr().err
