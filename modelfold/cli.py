@@ -175,6 +175,7 @@ def _inspect_model(target: str, graph_file: str | None) -> dict[str, Any]:
         title = f"{type(program.module).__name__} ({arch.num_layers} layers) dataflow"
         text = to_html(graph, title=title) if graph_file.endswith((".html", ".htm")) \
             else to_svg(graph, title=title)
+        Path(graph_file).parent.mkdir(parents=True, exist_ok=True)
         Path(graph_file).write_text(text)
         info["graph_file"] = graph_file
         info["dataflow"] = {"nodes": graph.number_of_nodes(), "edges": graph.number_of_edges()}

@@ -83,7 +83,7 @@ def test_generate_and_inspect(capsys, artifact, small_model_dir, tmp_path):
     info = run_json(capsys, ["inspect", str(artifact)])
     assert info["type"] == "artifact" and "MatMul" in info["op_counts"]
     assert "past_key_values.0.key" in info["inputs"] and "past_key_values.2.key" not in info["inputs"]
-    graph = tmp_path / "graph.html"
+    graph = tmp_path / "new" / "graph.html"  # a missing folder is created
     info = run_json(capsys, ["inspect", str(small_model_dir), "--graph", str(graph)])
     assert info["architecture"]["num_layers"] == 3 and info["dialect_ops"] == {}
     assert info["breakdown"]["embeddings"]["parameters"] == 49152 * 64
