@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import re
 import statistics
@@ -267,12 +266,11 @@ def print_report(meta: dict[str, Any], rows: list[dict[str, Any]],
 
 def save(out: Path, meta: dict[str, Any], rows, checks) -> Path:
     """Accumulate in ``out``/results.json, one entry per device (the interpreter's included)."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    from benchlib import load_results, save_results
+
+    results = load_results(out)
     results[meta["device"]] = {**meta, "rows": rows, "gemv_targets": checks}
-    path.write_text(json.dumps(results, indent=2))
-    return path
+    return save_results(out, results)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

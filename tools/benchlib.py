@@ -14,8 +14,14 @@ def load_results(out: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_results(out: Path, results: dict) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+def save_results(out: Path, results: dict) -> Path:
+    """Write ``out``/results.json (through a temporary file: an interrupted run keeps the old one)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+    return path
 
 
 def eager_ppl(module, tokenizer, chars: int) -> float:

@@ -171,7 +171,7 @@ class _Lowering:
         return self.memo[key]
 
     def linear(self, base: nn.Module, lora: tuple | None) -> TritonLinear | None:
-        from modelfold.ir.lora import is_conv1d
+        from modelfold.ir.lora import base_shape, is_conv1d
         from modelfold.ir.quant import QuantLinear, W8A8Linear
         from modelfold.ir.sparse import NMLinear, NMQuantLinear
 
@@ -207,7 +207,7 @@ class _Lowering:
             t.update(weight=base.weight.detach().t().contiguous().clone(), bias=k(base.bias))
         else:
             return None
-        out_f, in_f = _shape(base)
+        in_f, out_f = base_shape(base)
         return TritonLinear(kind, t, meta, in_f, out_f)
 
     def run(self, model: nn.Module) -> dict[str, str]:
@@ -245,13 +245,6 @@ class _Lowering:
 
 def _inside(path: str, done: dict[str, str]) -> bool:
     return any(path.startswith(p + ".") for p in done)
-
-
-def _shape(base: nn.Module) -> tuple[int, int]:
-    from modelfold.ir.lora import base_shape
-
-    in_f, out_f = base_shape(base)
-    return out_f, in_f
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
