@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from modelfold.errors import ModelfoldError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(ModelfoldError, ValueError):
     """The model's structure is not one modelfold understands."""
 
 

@@ -1,64 +1,66 @@
-"""Capture a model into a ``torch.export.ExportedProgram`` with dynamic batch and sequence dims."""
+"""Capture a model into a ``torch.export.ExportedProgram`` with the backends' signature.
+
+The graph is captured once, at the pre-decomposition level (``aten.linear`` stays one node), with
+the signature of ``modelfold.ir.signature`` and named dynamic dims (batch, sequence,
+past_sequence, total_sequence) shared by every input that has them.
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
+from modelfold.errors import ModelfoldError
+from modelfold.ir.signature import (
+    WRAPPED_PREFIX,
+    Signature,
+    example_inputs,
+    exportable_experts,
+    signature_module,
+)
 
-class CaptureError(RuntimeError):
+
+class CaptureError(ModelfoldError, RuntimeError):
     """``torch.export`` could not capture the model."""
 
 
-@dataclass
-class ExportSpec:
-    """What the model is called with when captured.
+def dynamic_shapes(signature: Signature) -> dict[str, object]:
+    """``dynamic_shapes`` for ``torch.export``: every dim the signature names is
+    ``Dim.DYNAMIC`` (its range inferred from the model, e.g. at most ``max_position_embeddings``
+    tokens for BERT; an error if the model code specializes it).
 
-    Attributes:
-        example_inputs: keyword inputs, e.g. ``{"input_ids": LongTensor[2, 8]}``. Every dynamic
-            dim needs an example size >= 2 (a size of 1 gets specialized by torch.export).
-        dynamic_dims: per input, the dims that are dynamic, e.g. ``{"input_ids": (0, 1)}``.
-        static_kwargs: non-tensor keyword arguments (``use_cache=False`` for decoders).
+    Inputs that share a dim (batch, sequence) are unified by the graph itself; the names come
+    back through ``modelfold.ir.signature.Signature.dims``. torch.export traces with example
+    sizes >= 2 and derives ranges from them (total_sequence >= 4); the captured graph is correct
+    at the sizes a prefill (P = 0) and a decode step (S = 1) use (checked on every family), so
+    graph modules made from it run without those range checks (``modelfold.ir.graph.runnable``).
     """
-
-    example_inputs: dict[str, torch.Tensor]
-    dynamic_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    static_kwargs: dict[str, object] = field(default_factory=dict)
-
-    @classmethod
-    def for_model(cls, module: nn.Module, kind: str, *, batch: int = 2, seq: int = 8) -> ExportSpec:
-        """The default spec: ``input_ids [batch, seq]`` (and an attention mask for encoders)."""
-        if batch < 2 or seq < 2:
-            raise ValueError(f"example batch and seq must be >= 2 (got {batch}, {seq}): "
-                             "torch.export specializes dynamic dims whose example size is 1")
-        vocab = getattr(getattr(module, "config", None), "vocab_size", 2)
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (batch, seq), generator=gen)  # [B, S]
-        if kind == "encoder":
-            return cls({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                       {"input_ids": (0, 1), "attention_mask": (0, 1)})
-        return cls({"input_ids": ids}, {"input_ids": (0, 1)}, {"use_cache": False})
-
-    def dynamic_shapes(self) -> dict:
-        shapes: dict[str, object] = {
-            name: {d: Dim.DYNAMIC for d in self.dynamic_dims.get(name, ())}
-            for name in self.example_inputs}
-        shapes.update({name: None for name in self.static_kwargs})
-        return shapes
+    shapes = {name: {axis: Dim.DYNAMIC for axis in signature.dims.get(name, {})}
+              for name in signature.inputs}
+    if signature.kind == "causal-lm":
+        fixed = {n: shapes.pop(n) for n in signature.inputs[:3]}
+        return {**fixed, "past": tuple(shapes[n] for n in signature.past_names)}
+    return shapes
 
 
-def capture(module: nn.Module, spec: ExportSpec) -> ExportedProgram:
-    """Export ``module`` at the pre-decomposition level (``aten.linear`` stays one node)."""
+def capture(module: nn.Module, signature: Signature) -> ExportedProgram:
+    """Export ``module`` behind ``signature`` at the pre-decomposition level.
+
+    Raises:
+        CaptureError: ``torch.export`` failed (the message names the model and the first line of
+            the reason).
+    """
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
-            return torch.export.export(
-                module, (), kwargs={**spec.example_inputs, **spec.static_kwargs},
-                dynamic_shapes=spec.dynamic_shapes(), strict=False)
+        with torch.no_grad(), exportable_experts(module):
+            wrapper = signature_module(module, signature)
+            args = example_inputs(module, signature)
+            return torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes(signature),
+                                       strict=False)
+    except ModelfoldError:
+        raise
     except Exception as exc:  # torch.export raises many unrelated types; name the model
         raise CaptureError(
             f"torch.export could not capture {type(module).__name__}: "
@@ -68,7 +70,8 @@ def capture(module: nn.Module, spec: ExportSpec) -> ExportedProgram:
 
 
 def owning_module(node: torch.fx.Node) -> str:
-    """Module path that produced ``node`` (last ``nn_module_stack`` entry), "" at top level."""
+    """Module path of the model that produced ``node`` (last ``nn_module_stack`` entry), "" at
+    top level or in the signature wrapper itself."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
@@ -77,5 +80,12 @@ def owning_module(node: torch.fx.Node) -> str:
 
 
 def _normalize(path: str) -> str:
-    # torch.export writes ModuleList entries as "layers.3", older versions as "layers[3]"
-    return path.replace("[", ".").replace("]", "").removeprefix("L['self'].")
+    # torch.export writes ModuleList entries as "layers.3", older versions as "layers[3]"; the
+    # model sits under the signature wrapper's attribute
+    path = path.replace("[", ".").replace("]", "").removeprefix("L['self'].")
+    if path == WRAPPED_PREFIX.rstrip("."):
+        return ""
+    return path.removeprefix(WRAPPED_PREFIX)
+
+
+__all__ = ["CaptureError", "capture", "dynamic_shapes", "owning_module"]

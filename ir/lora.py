@@ -25,11 +25,22 @@ Adapter kinds (``LoraAdapter.kind``), all reducing to an effective pair ``(A [r,
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from modelfold.errors import ModelfoldError
+from modelfold.ir.module_types import register_module_type
+from modelfold.ir.modules import (
+    add_to_linear_weight,
+    is_linear,
+    linear_shape,
+    linear_weight,
+    new_linear,
+    replace_module,
+)
 from modelfold.ir.tying import parameter_uses
 
 ADAPTER_KINDS = ("lora", "pissa", "xs", "sb", "nola")
@@ -166,7 +177,7 @@ class LoraAdapter(nn.Module):
                 f"scaling={self.scaling:g}{extra}")
 
 
-class LoraError(ValueError):
+class LoraError(ModelfoldError, ValueError):
     """An adapter operation that cannot be done (unknown adapter, merge into a packed base...)."""
 
 
@@ -181,7 +192,7 @@ class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_shape(base_layer)
+        self.in_features, self.out_features = linear_shape(base_layer)
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
@@ -189,7 +200,7 @@ class LoraLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight as ``[out, in]`` (dequantized for a packed base)."""
-        return base_weight(self.base_layer)
+        return linear_weight(self.base_layer)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -219,7 +230,7 @@ class LoraLinear(nn.Module):
         self.active = list(dict.fromkeys([*names, *self.merged]))
 
     def can_merge(self) -> bool:
-        return isinstance(self.base_layer, nn.Linear) or is_conv1d(self.base_layer)
+        return is_linear(self.base_layer)
 
     def merge(self, names: list[str] | None = None) -> list[str]:
         """Fold active adapters into the base weight (float bases only); returns the merged names."""
@@ -234,7 +245,7 @@ class LoraLinear(nn.Module):
             for n in names:
                 if n not in self.active:
                     raise LoraError(f"adapter {n!r} is not active; activate it before merging")
-                _add_to_weight(self.base_layer, self.adapter(n).delta_weight())
+                add_to_linear_weight(self.base_layer, self.adapter(n).delta_weight())
                 self.merged.append(n)
         return names
 
@@ -243,7 +254,7 @@ class LoraLinear(nn.Module):
                  if n in self.merged]
         with torch.no_grad():
             for n in reversed(names):
-                _add_to_weight(self.base_layer, -self.adapter(n).delta_weight())
+                add_to_linear_weight(self.base_layer, -self.adapter(n).delta_weight())
                 self.merged.remove(n)
         return names
 
@@ -266,31 +277,7 @@ class LoraLinear(nn.Module):
                 f"active={self.active}, merged={self.merged}")
 
 
-# -- base-layer helpers --------------------------------------------------------------------------
-def is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
-
-
-def base_shape(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear-like layer."""
-    if is_conv1d(module):
-        k, n = module.weight.shape
-        return int(k), int(n)
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return int(module.in_features), int(module.out_features)
-    raise LoraError(f"{type(module).__name__} is not a linear layer LoRA can adapt")
-
-
-def base_weight(module: nn.Module) -> torch.Tensor:
-    """Weight ``[out, in]`` of a linear-like layer (a ``Conv1D``'s ``[in, out]`` transposed)."""
-    return module.weight.t() if is_conv1d(module) else module.weight
-
-
-def _add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
-    w = module.weight
-    w.data += (delta.t() if is_conv1d(module) else delta).to(w.dtype)
-
-
+# -- model-level helpers -------------------------------------------------------------------------
 def lora_layers(module: nn.Module) -> dict[str, LoraLinear]:
     """Module path -> ``LoraLinear`` for every adapted layer of ``module``."""
     return {path: m for path, m in module.named_modules() if isinstance(m, LoraLinear)}
@@ -349,14 +336,40 @@ def unwrap(module: nn.Module, *, merge: bool = True) -> int:
     if merge:
         merge_adapters(module)
     for path, layer in layers.items():
-        parent_path, _, name = path.rpartition(".")
-        parent = module.get_submodule(parent_path) if parent_path else module
-        setattr(parent, name, layer.base_layer)
+        replace_module(module, path, layer.base_layer)
     return len(layers)
 
 
+# -- checkpoints -------------------------------------------------------------------------------
+# The base layer is described here (a float Linear / Conv1D is built here; a packed base has its
+# own manifest entry, swapped in after this one). Adapters are rebuilt from their constructor facts.
+def _describe_lora_linear(m: LoraLinear) -> dict[str, Any]:
+    base = m.base_layer
+    return {"in_features": m.in_features, "out_features": m.out_features,
+            "base": type(base).__name__, "has_bias": getattr(base, "bias", None) is not None,
+            "active": list(m.active), "merged": list(m.merged),
+            "adapters": {name: {"kind": a.kind, "rank": a.rank, "alpha": a.alpha,
+                                "dropout": a.dropout, "rslora": a.rslora, "nola_k": a.nola_k,
+                                "seed": a.seed} for name, a in m.adapters.items()}}
+
+
+def _build_lora_linear(f: dict[str, Any]) -> LoraLinear:
+    k, n = f["in_features"], f["out_features"]
+    # a float Linear / Conv1D, or a placeholder that the packed base's own entry replaces
+    base = new_linear("Conv1D" if f["base"] == "Conv1D" else "Linear", k, n, bias=f["has_bias"])
+    layer = LoraLinear(base)
+    for name, a in f["adapters"].items():
+        layer.add_adapter(name, LoraAdapter(a["kind"], k, n, a["rank"], a["alpha"],
+                                            dropout=a["dropout"], rslora=a["rslora"],
+                                            nola_k=a["nola_k"], seed=a["seed"]), activate=False)
+    layer.active, layer.merged = list(f["active"]), list(f["merged"])
+    return layer
+
+
+register_module_type(LoraLinear, _describe_lora_linear, _build_lora_linear)
+
+
 __all__ = [
-    "ADAPTER_KINDS", "LoraAdapter", "LoraError", "LoraLinear", "adapter_names", "base_shape",
-    "base_weight", "lora_delta", "lora_layers", "merge_adapters", "set_active_adapters",
-    "unmerge_adapters", "unwrap",
+    "ADAPTER_KINDS", "LoraAdapter", "LoraError", "LoraLinear", "adapter_names", "lora_delta",
+    "lora_layers", "merge_adapters", "set_active_adapters", "unmerge_adapters", "unwrap",
 ]

@@ -1,23 +1,30 @@
 """``Program``: the object every pass receives and returns.
 
 The ``nn.Module`` is the source of truth for parameters and structure. The
-``torch.export.ExportedProgram`` is derived from it lazily and re-captured after a pass changes
-the module (``invalidate()``), together with the node <-> module index.
+``torch.export.ExportedProgram`` is derived from it: captured once with the signature the backends
+run (``modelfold.ir.signature``: a KV-cache decoder, or an encoder), re-captured lazily after a
+module pass changes the module (``invalidate()``), with every graph pass applied so far replayed
+on the new capture. The pass manager verifies that graph after every pass, and the backends lower
+it (the ONNX exporter takes the very ``ExportedProgram`` object that was verified last).
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.export import ExportedProgram
 
 from modelfold.ir.architecture import Architecture, describe
-from modelfold.ir.capture import ExportSpec, capture, owning_module
+from modelfold.ir.capture import capture, owning_module
+from modelfold.ir.signature import Signature, signature_for
 from modelfold.ir.tying import parameter_names
+
+if TYPE_CHECKING:
+    from modelfold.passes.base import GraphPass
 
 DIALECT_NAMESPACE = "modelfold"
 
@@ -37,6 +44,7 @@ class PassRecord:
     fidelity: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    level: str = "module"
 
 
 class Program:
@@ -44,33 +52,75 @@ class Program:
 
     Args:
         module: the model (a Hugging Face ``PreTrainedModel``).
-        spec: how to call it for capture; defaults to ``input_ids [2, 8]`` with dynamic dims.
         tokenizer: optional; used for calibration data and copied into exported artifacts.
         source: where the model came from (a directory), recorded in manifests.
+
+    Attributes:
+        graph_passes: the graph passes applied so far, in order; replayed on every re-capture.
+        verified_graph: the ``ExportedProgram`` the last verification ran on (None before one).
+        captures: how many times the module was captured (a backend that lowers the verified
+            graph does not add one).
     """
 
-    def __init__(self, module: nn.Module, *, spec: ExportSpec | None = None,
-                 tokenizer: Any = None, source: str | None = None):
+    def __init__(self, module: nn.Module, *, tokenizer: Any = None, source: str | None = None):
         self.module = module.eval()
         self.arch: Architecture = describe(module)
-        self.spec = spec or ExportSpec.for_model(module, self.arch.kind)
         self.tokenizer = tokenizer
         self.source = source
         self.log: list[PassRecord] = []
         self.analyses: dict[str, dict[str, Any]] = {}
+        self.graph_passes: list[GraphPass] = []
+        self.verified_graph: ExportedProgram | None = None
+        self.captures = 0
+        self._signature: Signature | None = None
         self._exported: ExportedProgram | None = None
+        self._graph_module: tuple[int, torch.fx.GraphModule] | None = None
 
     # -- derived state -------------------------------------------------------------------------
     @property
+    def signature(self) -> Signature:
+        """Inputs and outputs of the captured graph (read from the module: layers, KV heads)."""
+        if self._signature is None:
+            self._signature = signature_for(self.module)
+        return self._signature
+
+    @property
     def exported(self) -> ExportedProgram:
-        """The captured graph; re-captured on first use after ``invalidate()``."""
+        """The captured graph with the graph passes applied; captured on first use after
+        ``invalidate()``."""
         if self._exported is None:
-            self._exported = capture(self.module, self.spec)
+            ep = capture(self.module, self.signature)
+            self.captures += 1
+            for graph_pass in self.graph_passes:
+                ep, _ = graph_pass.rewrite(self, ep)
+            self._exported = ep
         return self._exported
 
     @property
     def is_captured(self) -> bool:
         return self._exported is not None
+
+    def apply_graph_pass(self, graph_pass: GraphPass) -> dict[str, Any]:
+        """Rewrite the current graph with ``graph_pass`` and keep it for later re-captures;
+        returns the pass's details."""
+        ep, details = graph_pass.rewrite(self, self.exported)
+        self.graph_passes.append(graph_pass)
+        self._exported = ep
+        self.verified_graph = None
+        return details
+
+    def converted(self, *, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> Program:
+        """This program on another device / in another float dtype: a copy of the module moved
+        there (integer storage such as packed weights keeps its dtype; tied tensors stay tied),
+        with the same graph passes, captured there when its graph is needed."""
+        import copy
+
+        module = copy.deepcopy(self.module).to(device=device, dtype=dtype)
+        other = Program(module, tokenizer=self.tokenizer, source=self.source)
+        other.log = list(self.log)
+        other.graph_passes = list(self.graph_passes)
+        return other
 
     def invalidate(self, *, keep_analyses: bool = False) -> None:
         """Call after changing the module: drops the graph and re-reads the architecture.
@@ -78,9 +128,20 @@ class Program:
         Analyses describe the old module, so they are dropped too unless ``keep_analyses``.
         """
         self._exported = None
+        self._signature = None
+        self.verified_graph = None
         self.arch = describe(self.module)
         if not keep_analyses:  # "_"-prefixed entries are run bookkeeping, not analyses
             self.analyses = {k: v for k, v in self.analyses.items() if k.startswith("_")}
+
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The current graph as a callable module (inputs and outputs in signature order)."""
+        from modelfold.ir.graph import runnable
+
+        ep = self.exported
+        if self._graph_module is None or self._graph_module[0] != id(ep):
+            self._graph_module = (id(ep), runnable(ep))
+        return self._graph_module[1]
 
     def node_modules(self) -> dict[str, str]:
         """Graph node name -> owning module path (``model.layers.3.self_attn.q_proj``)."""
@@ -168,11 +229,42 @@ class Program:
     # -- running -------------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Eager forward of the module: logits ``[B, S, V]`` (last hidden state for encoders)."""
+        """Logits ``[B, S, V]`` (last hidden state for encoders) of the program.
+
+        Without graph passes the module runs eagerly (it is what the graph was captured from);
+        once a graph pass has rewritten the graph, the graph itself runs.
+        """
+        if self.graph_passes:
+            return self.graph_logits(input_ids)
+        return self.module_logits(input_ids)
+
+    @torch.no_grad()
+    def module_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the eager module (forward hooks on its layers see the call: calibration)."""
         if self.arch.kind == "encoder":
-            out = self.module(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-            return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            from modelfold.ir.signature import Encoder
+
+            return Encoder(self.module)(*self._encoder_inputs(input_ids))
         return self.module(input_ids=input_ids, use_cache=False).logits
+
+    @torch.no_grad()
+    def graph_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the captured graph for ``input_ids`` ``[B, S]`` (no padding, empty cache)."""
+        from modelfold.ir.signature import graph_inputs
+
+        sig = self.signature
+        args = self._encoder_inputs(input_ids) if sig.kind == "encoder" \
+            else graph_inputs(sig, input_ids)
+        out = self.graph_module()(*args)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _encoder_inputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        from modelfold.ir.signature import TOKEN_TYPE_IDS
+
+        args = [input_ids, torch.ones_like(input_ids)]
+        if TOKEN_TYPE_IDS in self.signature.inputs:
+            args.append(torch.zeros_like(input_ids))
+        return args
 
     def summary(self) -> dict[str, Any]:
         return {"family": self.arch.family, "kind": self.arch.kind,

@@ -30,15 +30,19 @@ Dialect ops (``torch.library.custom_op`` + ``register_fake``; one graph node eac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from modelfold.errors import ModelfoldError
+from modelfold.ir.module_types import register_module_type
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MIN_BLOCK = 16
 
 
-class QuantFormatError(ValueError):
+class QuantFormatError(ModelfoldError, ValueError):
     """A quantization format or tensor shape that the layout cannot represent."""
 
 
@@ -488,6 +492,59 @@ def quantized_bytes(module: nn.Module) -> int:
 def describe_format(bits: int, group_size: int, symmetric: bool) -> str:
     g = "per-channel" if group_size == -1 else f"g{group_size}"
     return f"int{bits} {g} {'sym' if symmetric else 'asym'}"
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+# Shapes follow the MatMulNBits layout above: qweight [N, k_blocks, block * storage_bits / 8],
+# scales [N, k_blocks], zero_points [N, ceil(k_blocks * storage_bits / 8)].
+def _empty_packed(rows: int, in_features: int, fmt: QuantFormat, has_zero_points: bool
+                  ) -> PackedWeight:
+    kb, bits = fmt.k_blocks(in_features), fmt.storage_bits
+    qweight = torch.empty(rows, kb, fmt.block_size * bits // 8, dtype=torch.uint8)
+    zero_points = torch.empty(rows, -(-kb * bits // 8), dtype=torch.uint8) \
+        if has_zero_points else None
+    return PackedWeight(qweight, torch.empty(rows, kb), zero_points, in_features, fmt)
+
+
+def _describe_quant_linear(m: QuantLinear) -> dict[str, Any]:
+    return {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
+            "block_size": m.block_size, "symmetric": m.symmetric,
+            "has_bias": m.bias is not None, "has_zero_points": m.zero_points is not None}
+
+
+def _build_quant_linear(f: dict[str, Any]) -> QuantLinear:
+    fmt = QuantFormat(f["bits"], f["block_size"], f["symmetric"])
+    packed = _empty_packed(f["out_features"], f["in_features"], fmt, f["has_zero_points"])
+    return QuantLinear(packed, torch.empty(f["out_features"]) if f["has_bias"] else None)
+
+
+def _describe_quant_embedding(m: QuantEmbedding) -> dict[str, Any]:
+    return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim, "bits": m.bits,
+            "block_size": m.block_size, "symmetric": m.symmetric, "padding_idx": m.padding_idx,
+            "has_zero_points": m.zero_points is not None}
+
+
+def _build_quant_embedding(f: dict[str, Any]) -> QuantEmbedding:
+    fmt = QuantFormat(f["bits"], f["block_size"], f["symmetric"])
+    packed = _empty_packed(f["num_embeddings"], f["embedding_dim"], fmt, f["has_zero_points"])
+    return QuantEmbedding(packed, padding_idx=f["padding_idx"])
+
+
+def _describe_w8a8_linear(m: W8A8Linear) -> dict[str, Any]:
+    return {"in_features": m.in_features, "out_features": m.out_features,
+            "has_bias": m.bias is not None}
+
+
+def _build_w8a8_linear(f: dict[str, Any]) -> W8A8Linear:
+    # The constructor quantizes a float weight; quantizing zeros is cheap (O(N*K)) and keeps
+    # this independent of the class's private attribute layout.
+    n, k = f["out_features"], f["in_features"]
+    return W8A8Linear(torch.zeros(n, k), torch.empty(n) if f["has_bias"] else None)
+
+
+register_module_type(QuantLinear, _describe_quant_linear, _build_quant_linear)
+register_module_type(QuantEmbedding, _describe_quant_embedding, _build_quant_embedding)
+register_module_type(W8A8Linear, _describe_w8a8_linear, _build_w8a8_linear)
 
 
 __all__ = [

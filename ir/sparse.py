@@ -27,9 +27,13 @@ Dialect ops (``torch.library.custom_op`` + ``register_fake``; one graph node eac
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from modelfold.errors import ModelfoldError
+from modelfold.ir.module_types import register_module_type
 from modelfold.ir.quant import (
     QuantFormat,
     container_bits,
@@ -43,7 +47,7 @@ from modelfold.ir.quant import (
 MAX_M = 256
 
 
-class SparsityFormatError(ValueError):
+class SparsityFormatError(ModelfoldError, ValueError):
     """An N:M pattern or a weight shape that the compressed layout cannot represent."""
 
 
@@ -404,6 +408,43 @@ def sparse_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(recurse=False),
                                                        *module.buffers(recurse=False))
                if t is not None)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+# Shapes follow the layout above: values / codes hold K*n/m kept entries per row, indices are packed
+# index_bits(m) per entry; the quantized form has MatMulNBits' scales and zero points.
+def _describe_nm_linear(m: NMLinear) -> dict[str, Any]:
+    return {"in_features": m.in_features, "out_features": m.out_features, "n": m.n, "m": m.m,
+            "values": list(m.values.shape), "indices": list(m.indices.shape),
+            "has_bias": m.bias is not None}
+
+
+def _build_nm_linear(f: dict[str, Any]) -> NMLinear:
+    return NMLinear(torch.empty(f["values"]), torch.empty(f["indices"], dtype=torch.uint8),
+                    f["in_features"], f["n"], f["m"],
+                    torch.empty(f["out_features"]) if f["has_bias"] else None)
+
+
+def _describe_nm_quant_linear(m: NMQuantLinear) -> dict[str, Any]:
+    return {"in_features": m.in_features, "out_features": m.out_features, "n": m.n, "m": m.m,
+            "bits": m.bits, "block_size": m.block_size, "symmetric": m.symmetric,
+            "codes": list(m.codes.shape), "indices": list(m.indices.shape),
+            "scales": list(m.scales.shape),
+            "zero_points": None if m.zero_points is None else list(m.zero_points.shape),
+            "has_bias": m.bias is not None}
+
+
+def _build_nm_quant_linear(f: dict[str, Any]) -> NMQuantLinear:
+    u8 = torch.uint8
+    zp = None if f["zero_points"] is None else torch.empty(f["zero_points"], dtype=u8)
+    return NMQuantLinear(torch.empty(f["codes"], dtype=u8), torch.empty(f["indices"], dtype=u8),
+                         torch.empty(f["scales"]), zp, f["in_features"],
+                         QuantFormat(f["bits"], f["block_size"], f["symmetric"]), f["n"], f["m"],
+                         torch.empty(f["out_features"]) if f["has_bias"] else None)
+
+
+register_module_type(NMLinear, _describe_nm_linear, _build_nm_linear)
+register_module_type(NMQuantLinear, _describe_nm_quant_linear, _build_nm_quant_linear)
 
 
 __all__ = ["NMLinear", "NMQuantLinear", "SparsityFormatError", "check_pattern", "check_shape",

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 import triton
 
+from modelfold.errors import ModelfoldError
 
-class KernelError(ValueError):
+
+class KernelError(ModelfoldError, ValueError):
     """A tensor a kernel cannot take: wrong device, dtype, shape or memory layout."""
 
 

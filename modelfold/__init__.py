@@ -106,20 +106,22 @@ def transform(model: Any, passes: str | list[Any] | Path, *, tokenizer: Any = No
 
 
 def export(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
-           backend: str = "onnxruntime", overwrite: bool = False, parity: bool = True,
-           accuracy_level: int = 0, lora: str = "merge",
-           sparse: str = "compressed") -> dict[str, Any]:
+           backend: str = "onnxruntime", overwrite: bool = False, options: Any = None,
+           progress: bool | Any = False, **option_values: Any) -> dict[str, Any]:
     """Lower a (transformed) model to a self-contained artifact folder; returns its manifest.
 
-    The folder is written under a temporary name and moved into place only when complete, so an
-    interrupted export leaves no partial output. ``accuracy_level`` is the compute type of the
-    ``MatMulNBits`` nodes of quantized linears (0: float, as torch; 4: int8 activations, faster
-    on CPU; 1/2/3: fp32/fp16/bf16). ``lora`` says what becomes of LoRA adapters: "merge"
-    (default: folded into float weights, kept as branches on quantized ones), "separate"
-    (branches), or "inputs" (one base artifact, an ONNX Runtime adapter file per adapter under
-    ``adapters/``, applied with ``OnnxCausalLM(artifact, adapter=name)``). ``sparse`` says how
-    N:M sparse layers are stored: "compressed" (default: kept values / codes + packed indices,
-    decompressed by ONNX Runtime when it loads the model, so they run at dense speed) or "dense".
+    The Program's verified graph is what is lowered (no second capture). The folder is written
+    under a temporary name and moved into place only when complete, so an interrupted export
+    leaves no partial output. ``options`` is a
+    ``modelfold.backends.onnxruntime.options.ExportOptions`` (or give its fields as keyword
+    arguments): ``accuracy_level`` (the ``MatMulNBits`` compute type of quantized linears: 0
+    float, as torch; 4 int8 activations, faster on CPU), ``lora`` ("merge": folded into float
+    weights, kept as branches on quantized ones; "separate"; "inputs": one base artifact and an
+    ONNX Runtime adapter file per adapter under ``adapters/``), ``sparse`` ("compressed": kept
+    values / codes + packed indices, decompressed when ONNX Runtime loads the model; "dense"),
+    ``parity``, ``disable`` (graph passes of the lowering to skip) and the optimizer settings.
+    ``progress=True`` prints the export's phases with their elapsed time to stderr (or pass a
+    callable taking one line).
     """
     from modelfold.artifact import write_artifact
     from modelfold.ir.program import Program
@@ -130,9 +132,14 @@ def export(result: TransformResult | Program | nn.Module, out_dir: str | Path, *
         program, pipeline = result, ""
     else:
         program, pipeline = Program(result), ""
+    if progress is True:
+        import sys
+
+        def progress(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
     return write_artifact(program, out_dir, backend=backend, pipeline=pipeline,
-                          overwrite=overwrite, parity=parity, accuracy_level=accuracy_level,
-                          lora=lora, sparse=sparse)
+                          overwrite=overwrite, options=options, progress=progress or None,
+                          **option_values)
 
 
 def compile(result: TransformResult | Program | nn.Module, *, backend: str = "triton",
@@ -144,7 +151,7 @@ def compile(result: TransformResult | Program | nn.Module, *, backend: str = "tr
     ``.generate(prompt_ids, n)``; ``.kernels`` lists the kernel of every lowered layer).
     Options: ``device``, ``dtype`` (default float16), ``interpret`` (run the kernels in Triton's
     CPU interpreter: the only way without a CUDA GPU, which otherwise raises
-    ``TritonBackendError``), ``inductor`` (default True), ``copy_module``. See
+    ``TritonBackendError``), ``inductor`` (default True). See
     ``modelfold.backends.triton.compile``.
     """
     if backend != "triton":

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from modelfold.assets import atomic_output
-from modelfold.ir.lora import LoraAdapter, LoraError, LoraLinear, base_shape, is_conv1d, lora_layers
+from modelfold.ir.lora import LoraAdapter, LoraError, LoraLinear, lora_layers
+from modelfold.ir.modules import is_conv1d, linear_shape, replace_module
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -209,7 +210,6 @@ def load_adapter(model: Any, path: str | Path, *, name: str = "default", activat
             (a different family or size, a layer this model lacks, or mismatched shapes).
     """
     from modelfold.passes.lora import is_adaptable, mark_trainable
-    from modelfold.passes.quantize import replace_module
 
     module, program = _module_of(model)
     config, pairs, sidecar = read_adapter(path)
@@ -231,7 +231,7 @@ def load_adapter(model: Any, path: str | Path, *, name: str = "default", activat
                                "not a linear layer")
         if isinstance(target, LoraLinear) and name in target.adapters:
             raise AdapterError(f"{p} already has an adapter named {name!r}; load with another name")
-        k, n = base_shape(target.base_layer if isinstance(target, LoraLinear) else target)
+        k, n = linear_shape(target.base_layer if isinstance(target, LoraLinear) else target)
         r = a.shape[0]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != k or b.shape != (n, r):
             raise AdapterError(f"adapter '{path}': {p} has lora_A {tuple(a.shape)} and lora_B "

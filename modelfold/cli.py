@@ -15,11 +15,14 @@ Bad input ends with one ``modelfold: error: ...`` line on stderr and exit status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
+
+from modelfold.errors import UsageError
 
 
 def _print_json(obj: Any) -> None:
@@ -44,13 +47,13 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
     passes = registered_passes()
     if args.json:
-        _print_json({name: {"kind": cls.kind, "summary": cls.summary,
+        _print_json({name: {"kind": cls.kind, "level": cls.level, "summary": cls.summary,
                             "doc": (cls.__doc__ or "").strip(),
                             "options": cls.config_class.describe_options()}
                      for name, cls in passes.items()})
         return 0
     for name, cls in passes.items():
-        print(f"{name}  ({cls.kind})")
+        print(f"{name}  ({cls.kind}, {cls.level} pass)")
         print(f"    {cls.summary or (cls.__doc__ or '').strip()}")
         for opt in cls.config_class.describe_options():
             print(f"    {opt['name']:<12} {opt['type']:<28} default {opt['default']:<12} "
@@ -82,29 +85,46 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import modelfold
+    from modelfold.artifact import MANIFEST
+    from modelfold.assets import check_output, output_lock
     from modelfold.checkpoint import check_destination
-    from modelfold.passes.manager import PassContext
-    from modelfold.passes.pipeline import build_pipeline
 
     if args.output is None and args.save_model is None:
         raise _UserError("nothing to write: give -o OUT/ for an ONNX Runtime artifact and/or "
                          "--save-model DIR/ for a checkpoint that modelfold can reload")
     out = Path(args.output) if args.output is not None else None
-    if out is not None and out.exists() and not args.overwrite:
-        raise _UserError(f"output folder '{out}' already exists; choose another or pass "
-                         "--overwrite")
+    if out is not None:
+        check_output(out, overwrite=args.overwrite, what="artifact", markers=(MANIFEST,))
     if args.save_model is not None:
         if out is not None and Path(args.save_model).resolve() == out.resolve():
             raise _UserError("-o and --save-model must name different folders")
         check_destination(args.save_model, args.overwrite)
+    with contextlib.ExitStack() as locks:  # a second convert to the same output fails at once
+        for path in (out, args.save_model):
+            if path is not None:
+                locks.enter_context(output_lock(path))
+        return _convert(args, out)
+
+
+def _convert(args: argparse.Namespace, out: Path | None) -> int:
+    import modelfold
+    from modelfold.backends.onnxruntime.options import ExportOptions
+    from modelfold.passes.manager import PassContext
+    from modelfold.passes.pipeline import build_pipeline
+
+    # Everything that can be checked is checked before the model loads.
+    disabled = tuple(args.disable or ())
+    export_options = ExportOptions(parity=not args.no_parity, accuracy_level=args.accuracy_level,
+                                   lora=args.lora_export, sparse=args.sparse_export,
+                                   disable=disabled)
+    export_options.check_graph_passes()
     if args.pipeline:
-        build_pipeline(args.pipeline)  # fail on a bad pipeline before loading the model
+        build_pipeline(args.pipeline)
     program = modelfold.load(args.model)
     if args.adapter:
         _apply_adapter(program, args.adapter, quiet=args.json)
     if args.pipeline:
-        context = PassContext(verify=not args.no_verify)
+        context = PassContext(verify=not args.no_verify, disabled=disabled)
         result = modelfold.transform(program, args.pipeline, context=context)
     else:  # convert the model as it is (e.g. a checkpoint saved by --save-model)
         result = modelfold.TransformResult(program, "")
@@ -120,9 +140,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(summary)
         return 0
-    manifest = modelfold.export(result, out, overwrite=args.overwrite, parity=not args.no_parity,
-                                accuracy_level=args.accuracy_level, lora=args.lora_export,
-                                sparse=args.sparse_export)
+    manifest = modelfold.export(result, out, overwrite=args.overwrite, options=export_options,
+                                progress=_stderr_line)
     summary.update({"output": str(out), "parameters": manifest["model"]["parameters"],
                     "layers": manifest["model"]["layers"], "onnx_bytes": manifest["onnx_bytes"],
                     "parity": manifest["parity"]})
@@ -139,9 +158,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+GRAPH_FORMATS = (".svg", ".html", ".htm")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from modelfold.artifact import is_artifact
 
+    if args.graph and not args.graph.lower().endswith(GRAPH_FORMATS):
+        raise _UserError(f"--graph writes SVG or HTML; give a file ending in "
+                         f"{', '.join(GRAPH_FORMATS)} (got {args.graph!r})")
     if is_artifact(args.target):
         info = _inspect_artifact(Path(args.target))
         if args.graph:
@@ -205,10 +234,14 @@ def _inspect_artifact(path: Path) -> dict[str, Any]:
 
     import onnx
 
-    from modelfold.artifact import read_manifest
+    from modelfold.artifact import ArtifactError, read_manifest
 
     manifest = read_manifest(path)
-    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    try:
+        model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    except Exception as exc:  # a missing, truncated or damaged protobuf
+        raise ArtifactError(f"'{path / 'model.onnx'}' cannot be read (missing, corrupt or "
+                            f"truncated?): {type(exc).__name__}") from exc
     ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
     init_bytes = sum(
         int(next((e.value for e in t.external_data if e.key == "length"), 0)) or len(t.raw_data)
@@ -264,10 +297,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _check_backend_args(args)
     if args.text:
-        text_path = Path(args.text)
-        if not text_path.is_file():
-            raise _UserError(f"--text file '{text_path}' does not exist")
-        text, text_name = text_path.read_text(encoding="utf-8", errors="replace"), str(text_path)
+        text, text_name = _read_text_file(Path(args.text)), str(args.text)
     else:
         from modelfold.corpus import corpus_text
 
@@ -276,15 +306,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise _UserError(f"'{args.target}' is an ONNX artifact (it runs on ONNX Runtime); "
                          "--backend triton takes a model or checkpoint")
     if is_artifact(args.target):
-        from transformers import AutoTokenizer
+        from modelfold.artifact import artifact_tokenizer, open_artifact
 
-        from modelfold.backends.onnxruntime.runtime import OnnxCausalLM
-
-        if args.adapter:  # an ONNX Runtime adapter of an artifact exported with --lora-export inputs
-            target = OnnxCausalLM(args.target, adapter=args.adapter)
-        else:
-            target = OnnxCausalLM(args.target)
-        tokenizer = AutoTokenizer.from_pretrained(args.target)
+        # an adapter of an artifact exported with --lora-export inputs
+        target = open_artifact(args.target, adapter=args.adapter)
+        tokenizer = artifact_tokenizer(args.target)
     else:
         import modelfold
 
@@ -296,11 +322,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              f"{program.arch.kind}")
         target, tokenizer = program.module, program.tokenizer
         if args.backend == "triton":
-            target = _triton_compile(program, args).module
+            target = _triton_compile(program, args)
     result = evaluate(target, tokenizer, text, chars=args.chars, window=args.window,
                       batch_size=args.batch_size, progress=not args.json)
-    if args.backend == "triton":
-        result["runtime"] = "triton-interpreter" if args.interpret else "triton"
     result = {"model": args.target, "adapter": args.adapter, "text": text_name, **result}
     if args.json:
         _print_json(result)
@@ -309,6 +333,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"tokens in {result['windows']} windows of {args.window}, {text_name}, "
               f"{result['seconds']:.1f}s)")
     return 0
+
+
+def _read_text_file(path: Path) -> str:
+    """A UTF-8 text file for ``eval --text``; a binary or non-UTF-8 file is refused."""
+    if not path.is_file():
+        raise _UserError(f"--text file '{path}' does not exist")
+    data = path.read_bytes()
+    if b"\x00" in data[:1 << 20]:
+        raise _UserError(f"--text file '{path}' is binary (it contains NUL bytes); give a UTF-8 "
+                         "text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _UserError(f"--text file '{path}' is not UTF-8 text (invalid byte at offset "
+                         f"{exc.start}); give a UTF-8 text file") from None
+    if not text.strip():
+        raise _UserError(f"--text file '{path}' is empty")
+    return text
 
 
 def _check_backend_args(args: argparse.Namespace) -> None:
@@ -339,6 +381,24 @@ def _apply_adapter(program: Any, adapter: str, *, quiet: bool) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from modelfold.assets import check_output, output_lock
+
+    out = Path(args.output)
+    if out.exists() and not (args.resume or args.overwrite):
+        raise _UserError(f"output folder '{out}' already exists; choose another, pass --resume to "
+                         "continue its training, or --overwrite")
+    if not args.resume:
+        check_output(out, overwrite=args.overwrite, what="fine-tuning output",
+                     markers=FINETUNE_MARKERS)
+    with output_lock(out):
+        return _finetune(args, out)
+
+
+# What a `finetune` output folder holds (so --overwrite replaces only such folders).
+FINETUNE_MARKERS = ("training.json", "checkpoints", "adapter", "report.md")
+
+
+def _finetune(args: argparse.Namespace, out: Path) -> int:
     import json as _json
 
     import modelfold
@@ -347,10 +407,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from modelfold.passes.manager import PassContext
     from modelfold.passes.pipeline import build_pipeline
 
-    out = Path(args.output)
-    if out.exists() and not (args.resume or args.overwrite):
-        raise _UserError(f"output folder '{out}' already exists; choose another, pass --resume to "
-                         "continue its training, or --overwrite")
     if args.overwrite and not args.resume and out.exists():
         import shutil
 
@@ -377,7 +433,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if args.resume:
             raise _UserError("--sparse-aware training cannot resume (its masks are not "
                              "checkpointed); rerun it")
-        CastConfig.from_options(sparse_options, pass_name="sparse-training")
+        CastConfig.from_options(sparse_options)
         options.setdefault("lr", 1e-4)  # every weight of the sparse layers trains: not LoRA's 1e-3
         if args.teacher is not None and "kl_weight" not in options \
                 and "hidden_weight" not in options:
@@ -501,9 +557,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if tokenizer is None:
             raise _UserError(f"'{args.artifact}' has no tokenizer to encode the prompt")
     else:
-        from transformers import AutoTokenizer
+        from modelfold.artifact import artifact_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.artifact)
+        tokenizer = artifact_tokenizer(args.artifact)
     if args.chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                             add_generation_prompt=True, tokenize=True)
@@ -513,13 +569,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise _UserError("the prompt is empty")
+    context = _context_length(program.module.config if args.backend == "triton"
+                              else _artifact_config(Path(args.artifact)))
+    if context is not None and len(ids) + args.max_new_tokens > context:
+        raise _UserError(f"the prompt ({len(ids)} tokens) plus --max-new-tokens "
+                         f"{args.max_new_tokens} is more than the model's context length of "
+                         f"{context} tokens; lower --max-new-tokens to at most "
+                         f"{max(context - len(ids), 0)}")
     if args.backend == "triton":
         lm = _triton_compile(program, args)
     else:
-        from modelfold.backends.onnxruntime.runtime import OnnxCausalLM
+        from modelfold.artifact import open_artifact
 
-        lm = OnnxCausalLM(args.artifact, adapter=args.adapter) if args.adapter \
-            else OnnxCausalLM(args.artifact)
+        lm = open_artifact(args.artifact, adapter=args.adapter)
     out = lm.generate(list(ids), args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     text = tokenizer.decode(out["new_tokens"], skip_special_tokens=True)
     result = {"prompt": args.prompt, "text": text, "new_tokens": out["new_tokens"],
@@ -535,8 +597,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _artifact_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def _context_length(config: Any) -> int | None:
+    """The longest sequence the model's positions cover (None when the config does not say)."""
+    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 # -- parser ----------------------------------------------------------------------------------
-class _UserError(Exception):
+class _UserError(UsageError):
     """Bad command-line input (printed as one line, exit 2)."""
 
 
@@ -587,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=0,
                    help="MatMulNBits compute type for quantized linears: 0 float like torch "
                         "(default), 4 int8 activations (faster on CPU, less exact)")
+    p.add_argument("--disable", action="append", metavar="PASS",
+                   help="skip this pass: one of the pipeline's, or a graph pass the ONNX "
+                        "lowering applies by default (e.g. tied-linear); repeatable")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
 
@@ -683,21 +765,12 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="with --backend triton: skip torch.compile (kernels only, eager PyTorch)")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from modelfold.artifact import ArtifactError
-    from modelfold.assets import AssetError
-    from modelfold.backends.triton.compile import TritonBackendError
-    from modelfold.ir.capture import CaptureError
-    from modelfold.ir.verify import VerificationError
-    from modelfold.passes.base import PassError
-
-    return (_UserError, AssetError, ArtifactError, PassError, CaptureError, VerificationError,
-            TritonBackendError, ValueError, FileNotFoundError)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A ``ModelfoldError`` (anything the input caused) prints one line and
+    returns 2; any other exception is a bug and propagates with its traceback (exit status 1)."""
     args = build_parser().parse_args(argv)
     from modelfold.assets import interrupt_guard
+    from modelfold.errors import ModelfoldError
 
     try:
         with interrupt_guard() as interrupted:
@@ -710,12 +783,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("modelfold: interrupted (no partial output was kept)", file=sys.stderr)
         return 130
-    except Exception as exc:
-        if isinstance(exc, _user_errors()):
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"modelfold: error: {message}", file=sys.stderr)
-            return 2
-        raise
+    except ModelfoldError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"modelfold: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

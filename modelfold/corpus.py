@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelfold.assets import AssetError, asset_path, atomic_output, is_installed
+from modelfold.errors import OptionError
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +45,7 @@ def _canonical_split(split: str) -> str:
     try:
         return _SPLIT_ALIASES[split]
     except (KeyError, TypeError):
-        raise ValueError(
+        raise OptionError(
             f"split={split!r} is not a corpus split; use 'calibration' (alias 'calib', 'train') "
             "or 'evaluation' (alias 'eval')"
         ) from None
@@ -60,7 +61,7 @@ def corpus_dir(name: str = "wikipedia") -> Path:
     try:
         path = asset_path(name, kind="corpus")
     except KeyError:
-        raise ValueError(f"corpus={name!r} is not a known corpus (known: 'wikipedia')") from None
+        raise OptionError(f"corpus={name!r} is not a known corpus (known: 'wikipedia')") from None
     if not is_installed(name):
         raise AssetError(f"corpus {name!r} is not installed; run `modelfold assets pull {name}`")
     return path
@@ -174,17 +175,17 @@ def calibration_batches(
 
     for option, value in (("n_samples", n_samples), ("seq_len", seq_len), ("seed", seed)):
         if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{option} must be an int, got {value!r}")
+            raise OptionError(f"{option} must be an int, got {value!r}")
     if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        raise OptionError(f"n_samples must be >= 1, got {n_samples}")
     if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        raise OptionError(f"seq_len must be >= 2, got {seq_len}")
 
     ids = corpus_token_ids(tokenizer, corpus=corpus, split="calibration")  # [N]
     bos = getattr(tokenizer, "bos_token_id", None)
     body = seq_len - 1 if bos is not None else seq_len
     if ids.numel() < body:
-        raise ValueError(
+        raise OptionError(
             f"seq_len={seq_len} is longer than the {corpus!r} calibration split "
             f"({ids.numel()} tokens with this tokenizer)"
         )

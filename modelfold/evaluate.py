@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from modelfold.errors import OptionError, UsageError
+
 LogitsFn = Callable[[torch.Tensor], Any]  # [B, S] int64 -> [B, S, V] (torch or numpy)
 
 
@@ -23,10 +25,10 @@ def eval_windows(tokenizer: Any, text: str, *, window: int = 512) -> list[torch.
     from modelfold.corpus import tokenize_text
 
     if window < 2:
-        raise ValueError(f"window must be >= 2 tokens; got {window}")
+        raise OptionError(f"window must be >= 2 tokens; got {window}")
     ids = tokenize_text(tokenizer, text)
     if ids.numel() < 2:
-        raise ValueError("the text is too short to evaluate (fewer than 2 tokens)")
+        raise UsageError("the text is too short to evaluate (fewer than 2 tokens)")
     bos = tokenizer.bos_token_id
     prefix = torch.tensor([bos] if bos is not None else [], dtype=torch.long)
     chunks = []
@@ -70,13 +72,15 @@ def torch_logits_fn(module: torch.nn.Module) -> LogitsFn:
 
 def evaluate(target: Any, tokenizer: Any, text: str, *, chars: int = 200_000, window: int = 512,
              batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
-    """Perplexity of ``target`` (an ``nn.Module`` or an ``OnnxCausalLM``) on ``text[:chars]``."""
+    """Perplexity of ``target`` on ``text[:chars]``: an ``nn.Module`` (a Hugging Face causal LM),
+    or a runtime with ``logits(ids)`` (an ``OnnxCausalLM``, a Triton ``CompiledModel``)."""
     if chars < 1:
-        raise ValueError(f"--chars must be >= 1; got {chars}")
+        raise OptionError(f"--chars must be >= 1; got {chars}")
     windows = eval_windows(tokenizer, text[:chars], window=window)
     if isinstance(target, torch.nn.Module):
         fn, runtime = torch_logits_fn(target), "torch"
     else:
-        fn, runtime = (lambda ids: target.logits(ids.numpy())), "onnxruntime"
+        fn, runtime = (lambda ids: target.logits(ids.numpy())), getattr(target, "runtime",
+                                                                        "onnxruntime")
     result = perplexity(fn, windows, batch_size=batch_size, progress=progress)
     return {**result, "runtime": runtime, "chars": min(chars, len(text)), "window": window}

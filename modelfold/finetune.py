@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelfold.passes.base import PassConfig, option
+from modelfold.errors import OptionError
+from modelfold.options import Options, option
 from modelfold.train_checkpoints import (
     TrainError,
     checkpoint_to_resume,
@@ -41,8 +42,10 @@ from modelfold.train_checkpoints import (
 
 
 @dataclass(frozen=True)
-class TrainConfig(PassConfig):
+class TrainConfig(Options):
     """Options of a training run (``TrainConfig.from_options`` accepts CLI-style strings)."""
+
+    label = "training"
 
     steps: int = option(100, "optimizer steps")
     lr: float = option(1e-3, "peak learning rate (AdamW)")
@@ -70,22 +73,22 @@ class TrainConfig(PassConfig):
             value, kind = getattr(self, f.name), type(f.default)
             ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
             if not ok or (kind is not bool and isinstance(value, bool)):
-                raise TypeError(f"train option '{f.name}' must be {kind.__name__}; got {value!r}")
+                raise OptionError(f"train option '{f.name}' must be {kind.__name__}; got {value!r}")
         minimum = {"steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 2, "eval_chars": 1,
                    "warmup_steps": 0, "eval_every": 0, "checkpoint_every": 0, "log_every": 0}
         for name, low in minimum.items():
             if getattr(self, name) < low:
-                raise ValueError(f"train option '{name}' must be >= {low}; got {getattr(self, name)}")
+                raise OptionError(f"train option '{name}' must be >= {low}; got {getattr(self, name)}")
         for name in ("lr", "temperature", "max_grad_norm"):
             value = getattr(self, name)
             if not value > 0 or not math.isfinite(value):
-                raise ValueError(f"train option '{name}' must be > 0; got {value}")
+                raise OptionError(f"train option '{name}' must be > 0; got {value}")
         for name in ("weight_decay", "ce_weight", "kl_weight", "hidden_weight"):
             value = getattr(self, name)
             if not value >= 0 or not math.isfinite(value):
-                raise ValueError(f"train option '{name}' must be >= 0; got {value}")
+                raise OptionError(f"train option '{name}' must be >= 0; got {value}")
         if self.ce_weight == self.kl_weight == self.hidden_weight == 0:
-            raise ValueError("train options ce_weight, kl_weight and hidden_weight are all 0: "
+            raise OptionError("train options ce_weight, kl_weight and hidden_weight are all 0: "
                              "at least one loss must be on")
         if self.corpus != "random":
             from modelfold.assets import asset_path
@@ -93,7 +96,7 @@ class TrainConfig(PassConfig):
             try:
                 asset_path(self.corpus, kind="corpus")
             except KeyError:
-                raise ValueError(f"train option 'corpus' must be 'random' or a known corpus "
+                raise OptionError(f"train option 'corpus' must be 'random' or a known corpus "
                                  f"('wikipedia'); got {self.corpus!r}") from None
 
 

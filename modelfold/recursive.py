@@ -24,10 +24,12 @@ from torch import nn
 
 from modelfold.adapters import _module_of, save_adapter
 from modelfold.assets import atomic_output
+from modelfold.errors import ModelfoldError
 from modelfold.ir.lora import LoraError, lora_layers
+from modelfold.ir.modules import replace_module
 
 
-class RecursiveError(ValueError):
+class RecursiveError(ModelfoldError, ValueError):
     """The model is not a tied (recursive) model, or lacks the named relaxation adapter."""
 
 
@@ -55,7 +57,6 @@ def recursive_base(model: Any, adapter: str = "relax"):
     shared in the copy.
     """
     from modelfold.ir.program import Program
-    from modelfold.passes.quantize import replace_module
 
     program = _program(model)
     module = copy.deepcopy(program.module)  # the memo keeps shared Parameters shared
@@ -70,7 +71,7 @@ def recursive_base(model: Any, adapter: str = "relax"):
             replace_module(module, path, layer.base_layer)
         else:
             layer.delete_adapter(adapter)
-    base = Program(module, spec=program.spec, tokenizer=program.tokenizer, source=program.source)
+    base = Program(module, tokenizer=program.tokenizer, source=program.source)
     base.log = copy.deepcopy(program.log)
     return base
 

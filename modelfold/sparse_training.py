@@ -41,14 +41,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelfold.errors import OptionError
+from modelfold.ir.architecture import Architecture, describe
+from modelfold.ir.modules import is_linear, linear_weight, replace_module
 from modelfold.ir.sparse import NMLinear, check_pattern, nm_mask, satisfies_nm
-from modelfold.passes.base import PassConfig, option
+from modelfold.ir.targets import SELECT, Skip, TargetSpec, select_layers
+from modelfold.options import Options, option
 from modelfold.train_checkpoints import TrainError
 
 
 @dataclass(frozen=True)
-class CastConfig(PassConfig):
+class CastConfig(Options):
     """Options of sparsity-aware training (the rest are ``TrainConfig``'s)."""
+
+    label = "sparse-training"
 
     n: int = option(0, "kept weights per group, for training from a dense model (0: use the "
                        "model's NMLinear layers and their pattern)")
@@ -61,21 +67,22 @@ class CastConfig(PassConfig):
                                     "and frozen")
     mask_every: int = option(10, "steps between mask recomputations (CAST's T1)")
     scale: bool = option(True, "train a per-output-channel weight scale")
-    targets: str = option("*", "glob over layer-stack module paths of the layers to train "
-                               "(with n/m: the dense linears to make sparse)")
+    targets: TargetSpec = option(TargetSpec(("*",)), "layers of the stack to train ('*', bare "
+                                 "names, globs over module paths, 're:<regex>'; with n/m: the "
+                                 "dense linears to make sparse)")
 
     def validate(self) -> None:
         if (self.n, self.m) != (0, 0):
             check_pattern(self.n, self.m)
         if self.decay < 0:
-            raise ValueError(f"sparse-training option 'decay' must be >= 0; got {self.decay}")
+            raise OptionError(f"sparse-training option 'decay' must be >= 0; got {self.decay}")
         if not 0 <= self.alpha <= 1:
-            raise ValueError(f"sparse-training option 'alpha' must be in [0, 1]; got {self.alpha}")
+            raise OptionError(f"sparse-training option 'alpha' must be in [0, 1]; got {self.alpha}")
         if not 0 < self.harden_at <= 1:
-            raise ValueError(f"sparse-training option 'harden_at' must be in (0, 1]; "
+            raise OptionError(f"sparse-training option 'harden_at' must be in (0, 1]; "
                              f"got {self.harden_at}")
         if self.mask_every < 1:
-            raise ValueError(f"sparse-training option 'mask_every' must be >= 1; "
+            raise OptionError(f"sparse-training option 'mask_every' must be >= 1; "
                              f"got {self.mask_every}")
 
 
@@ -162,60 +169,46 @@ class CastSchedule:
                                                           / max(kept_norm, 1e-30)) ** 0.5})
 
 
-def _stack_targets(module: nn.Module, layers_path: str, cfg: CastConfig) -> dict[str, nn.Module]:
-    import fnmatch
-
-    from modelfold.passes.quantize import is_linear
-
-    stack = module.get_submodule(layers_path)
-    found = {}
-    for index, layer in enumerate(stack):
-        for rel, mod in layer.named_modules():
-            path = f"{layers_path}.{index}.{rel}"
-            if not fnmatch.fnmatchcase(path, cfg.targets):
-                continue
-            if isinstance(mod, NMLinear) or (cfg.n and is_linear(mod) and
-                                              not isinstance(mod, SparseTrainLinear)):
-                found[path] = mod
-    return found
-
-
-def prepare(module: nn.Module, layers_path: str, cfg: CastConfig
+def prepare(module: nn.Module, arch: Architecture, cfg: CastConfig
             ) -> tuple[dict[str, SparseTrainLinear], list[dict[str, str]]]:
     """Swap the target layers for ``SparseTrainLinear`` and freeze everything else."""
-    from modelfold.passes.quantize import linear_weight, replace_module
 
-    targets = _stack_targets(module, layers_path, cfg)
-    if not targets:
-        what = "linear layers" if cfg.n else "N:M sparse layers (run nm-sparsify first, or give n and m)"
-        raise TrainError(f"sparse training: no {what} in the layer stack match {cfg.targets!r}")
-    for p in module.parameters():
-        p.requires_grad_(False)
-    layers, skipped = {}, []
-    for path, mod in targets.items():
+    def classify(path: str, mod: nn.Module):
         if isinstance(mod, NMLinear):
             if cfg.n and (mod.n, mod.m) != (cfg.n, cfg.m):
                 raise TrainError(f"sparse training: {path} is {mod.n}:{mod.m} sparse but "
                                  f"n={cfg.n}, m={cfg.m} were asked for")
+            return SELECT
+        if cfg.n and is_linear(mod):
+            k = linear_weight(mod).shape[1]
+            return Skip(f"input size {k} is not a multiple of m={cfg.m}; left dense") \
+                if k % cfg.m else SELECT
+        return None
+
+    selection = select_layers(module, arch, cfg.targets, TargetSpec(), classify,
+                              what="sparse training")
+    if not len(selection):
+        what = "linear layers" if cfg.n else "N:M sparse layers (run nm-sparsify first, or give n and m)"
+        raise TrainError(f"sparse training: no {what} in the layer stack match "
+                         f"{list(cfg.targets)}")
+    for p in module.parameters():
+        p.requires_grad_(False)
+    layers = {}
+    for path, mod in selection.items():
+        if isinstance(mod, NMLinear):
             new = SparseTrainLinear(mod.weight, mod.bias, mod.n, mod.m, mod.mask(),
                                     scale=cfg.scale)
         else:
             w = linear_weight(mod).detach()
-            if w.shape[1] % cfg.m:
-                skipped.append({"target": path, "reason": f"input size {w.shape[1]} is not a "
-                                f"multiple of m={cfg.m}; left dense"})
-                continue
             new = SparseTrainLinear(w, mod.bias, cfg.n, cfg.m, nm_mask(w.abs(), cfg.n, cfg.m),
                                     scale=cfg.scale)
         replace_module(module, path, new)
         layers[path] = new
-    return layers, skipped
+    return layers, selection.skipped
 
 
 def harden(module: nn.Module, layers: dict[str, SparseTrainLinear]) -> list[str]:
     """Replace every ``SparseTrainLinear`` by its exact ``NMLinear``; returns invariant breakers."""
-    from modelfold.passes.quantize import replace_module
-
     bad = []
     for path, layer in layers.items():
         new = layer.harden()
@@ -248,7 +241,7 @@ def sparse_train(model: Any, *, teacher: nn.Module | None = None, tokenizer: Any
     from modelfold.finetune import TrainConfig, print_to_stderr, train
     from modelfold.finetune import _unwrap as unwrap
 
-    cfg = CastConfig.from_options(dict(sparse_options or {}), pass_name="sparse-training")
+    cfg = CastConfig.from_options(dict(sparse_options or {}))
     if train_options.pop("resume", False):
         raise TrainError("sparse training cannot resume from a checkpoint (its masks are not "
                          "checkpointed); rerun it")
@@ -259,14 +252,9 @@ def sparse_train(model: Any, *, teacher: nn.Module | None = None, tokenizer: Any
     train_options.setdefault("lr", 1e-4)
     config = TrainConfig.from_options(train_options)
     module, _tok, program = unwrap(model, tokenizer)
-    if program is None or program.arch is None:
-        from modelfold.ir.architecture import describe
-
-        layers_path = describe(module).layers
-    else:
-        layers_path = program.arch.layers
+    arch = describe(module) if program is None else program.arch
     start = time.perf_counter()
-    layers, skipped = prepare(module, layers_path, cfg)
+    layers, skipped = prepare(module, arch, cfg)
     schedule = CastSchedule(layers, cfg, config.steps)
     try:
         report = train(model, config=config, tokenizer=tokenizer, teacher=teacher,

@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from modelfold.errors import ModelfoldError
+
 if TYPE_CHECKING:
     from modelfold.finetune import TrainConfig
 
 
-class TrainError(ValueError):
+class TrainError(ModelfoldError, ValueError):
     """Training cannot start or continue (nothing trainable, no teacher, bad checkpoint...)."""
 
 

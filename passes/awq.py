@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from modelfold.ir.modules import linear_weight, set_linear_weight
 from modelfold.ir.quant import QuantFormat, pseudo_quantize
 from modelfold.passes.base import PreconditionError
+from modelfold.passes.gptq_layerwise import gptq_layer
 
 if TYPE_CHECKING:
     from modelfold.ir.program import Program
@@ -131,8 +133,6 @@ def quantize_awq(qpass: Quantize, program: Program, runner: LayerwiseRunner,
             ratio = _search_scale(qpass, runner, index, layer, group, search)
             scales_used[group.name] = ratio
         if cfg.method == "awq-gptq":
-            from modelfold.passes.gptq_layerwise import gptq_layer
-
             report += gptq_layer(qpass, program, runner, index, targets)
         else:
             clip = {}
@@ -151,7 +151,6 @@ def quantize_awq(qpass: Quantize, program: Program, runner: LayerwiseRunner,
 
 def _search_scale(qpass: Quantize, runner: LayerwiseRunner, index: int, layer: nn.Module,
                   group: ScaleGroup, search: slice) -> float:
-    from modelfold.passes.quantize import linear_weight, set_linear_weight
 
     cfg = qpass.config
     inspect = layer.get_submodule(group.inspect)
@@ -194,8 +193,6 @@ def _search_scale(qpass: Quantize, runner: LayerwiseRunner, index: int, layer: n
 
 def fold_into_prev(program: Program, prev: nn.Module, kind: str, s: torch.Tensor) -> None:
     """Divide the output channels of ``prev`` (a norm or a linear) by ``s``."""
-    from modelfold.passes.quantize import linear_weight, set_linear_weight
-
     if kind == "linear":
         w = linear_weight(prev).detach()
         set_linear_weight(prev, w / s[:, None])
@@ -215,7 +212,6 @@ def _search_clip(qpass: Quantize, runner: LayerwiseRunner, index: int, layer: nn
                  n_tokens: int = 512, n_grid: int = 20, max_shrink: float = 0.5
                  ) -> dict[str, float]:
     """Clip each linear's groups (not q / k) to the range that minimises the output error."""
-    from modelfold.passes.quantize import linear_weight, set_linear_weight
 
     attn = runner.program.arch.layer.attention_proj
     no_clip = {prefix + attn[r] for r in ("q", "k", "qkv") if r in attn}

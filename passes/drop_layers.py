@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from modelfold.errors import OptionError
 from modelfold.ir.program import Program
 from modelfold.passes.base import Pass, PassConfig, PreconditionError, option
 from modelfold.passes.layer_importance import ANALYSIS_KEY
@@ -29,14 +30,14 @@ class DropLayersConfig(PassConfig):
 
     def validate(self) -> None:
         if self.layers and self.count:
-            raise ValueError("drop-layers takes either 'layers' or 'count', not both")
+            raise OptionError("drop-layers takes either 'layers' or 'count', not both")
         if not self.layers and self.count < 1:
-            raise ValueError("drop-layers needs 'layers=[i,...]' or 'count' >= 1; "
+            raise OptionError("drop-layers needs 'layers=[i,...]' or 'count' >= 1; "
                              f"got count={self.count}")
         if any(i < 0 for i in self.layers):
-            raise ValueError(f"drop-layers option 'layers' must be >= 0; got {list(self.layers)}")
+            raise OptionError(f"drop-layers option 'layers' must be >= 0; got {list(self.layers)}")
         if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"drop-layers option 'layers' repeats an index: {list(self.layers)}")
+            raise OptionError(f"drop-layers option 'layers' repeats an index: {list(self.layers)}")
 
 
 @register_pass

@@ -48,3 +48,9 @@ def compare(reference: torch.Tensor, output: torch.Tensor, *, logits: bool = Tru
         result["kl"] = max(kl, 0.0)
         result["top1_agreement"] = (ref.argmax(-1) == out.argmax(-1)).double().mean().item()
     return result
+
+
+def weight_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """Relative squared error of an approximated weight: ``||W - W_q||^2 / ||W||^2``."""
+    w = weight.detach().float()
+    return float(((w - approx.float()) ** 2).sum() / (w ** 2).sum().clamp_min(1e-30))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from modelfold.ir.modules import linear_weight
 from modelfold.ir.quant import PackedWeight
 from modelfold.ir.sparse import NMLinear
 from modelfold.passes.gptq import HessianAccumulator, gptq_quantize
@@ -92,15 +93,12 @@ def gptq_layer(qpass: Quantize, program: Program, runner: LayerwiseRunner, index
 
 
 def _in_features(module: nn.Module) -> int:
-    from modelfold.passes.quantize import linear_weight
-
     return linear_weight(module).shape[1]
 
 
 def _quantize_group(qpass: Quantize, program: Program, modules: dict[str, nn.Module],
                     hessian: torch.Tensor, cfg: Any) -> list[dict[str, Any]]:
     """GPTQ on the row-concatenation of linears that share one input (one Hessian)."""
-    from modelfold.passes.quantize import linear_weight
 
     weights = [linear_weight(m).detach().float() for m in modules.values()]
     stacked = torch.cat(weights, 0)

@@ -16,30 +16,20 @@ import torch
 from tqdm.auto import tqdm
 
 from modelfold.ir.program import Program
-from modelfold.passes.base import Pass, PassConfig, option
-from modelfold.passes.calibration import calibration_batches
+from modelfold.passes.base import Pass, option
+from modelfold.passes.calibration import CalibrationConfig, calibration_option
 from modelfold.passes.registry import register_pass
 
 ANALYSIS_KEY = "layer-importance"
 
 
 @dataclass(frozen=True)
-class LayerImportanceConfig(PassConfig):
+class LayerImportanceConfig(CalibrationConfig):
+    n_samples: int = calibration_option("n_samples", 32)
+    seq_len: int = calibration_option("seq_len", 256)
+    batch_size: int = calibration_option("batch_size", 4)
     metric: Literal["angular", "cosine"] = option(
         "angular", "angular: arccos(cos)/pi between layer input and output; cosine: 1 - cos")
-    corpus: str = option("wikipedia", "calibration corpus ('random' for models without text)")
-    n_samples: int = option(32, "calibration sequences")
-    seq_len: int = option(256, "tokens per calibration sequence")
-    batch_size: int = option(4, "sequences per forward pass")
-    seed: int = option(0, "calibration sampling seed")
-
-    def validate(self) -> None:
-        for name in ("n_samples", "seq_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"layer-importance option '{name}' must be >= 1; "
-                                 f"got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ValueError(f"layer-importance option 'seq_len' must be >= 2; got {self.seq_len}")
 
 
 def _first_tensor(value: Any) -> torch.Tensor:
@@ -58,8 +48,7 @@ class LayerImportance(Pass):
     @torch.no_grad()
     def run(self, program: Program) -> dict[str, Any]:
         cfg = self.config
-        ids = calibration_batches(program, corpus=cfg.corpus, n_samples=cfg.n_samples,
-                                  seq_len=cfg.seq_len, seed=cfg.seed)  # [N, S]
+        ids = cfg.calibration_ids(program)  # [N, S]
         layers = program.module.get_submodule(program.arch.layers)
         totals = torch.zeros(len(layers), dtype=torch.float64)
         count = 0
@@ -86,10 +75,9 @@ class LayerImportance(Pass):
             handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
             handles.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
         try:
-            for start in tqdm(range(0, len(ids), cfg.batch_size), desc="layer-importance",
-                              unit="batch", leave=False):
-                batch = ids[start:start + cfg.batch_size]
-                program.logits(batch)
+            for batch in tqdm(cfg.batches(ids), desc="layer-importance", unit="batch",
+                              leave=False):
+                program.module_logits(batch)
                 count += batch.shape[0] * (batch.shape[1] - 1)
         finally:
             for h in handles:

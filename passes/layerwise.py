@@ -86,7 +86,7 @@ class LayerwiseRunner:
 
         handle = self.stack[0].register_forward_hook(hook, with_kwargs=True)
         try:
-            self.program.logits(self.batches[0][:1, :8])
+            self.program.module_logits(self.batches[0][:1, :8])
         except _Stop:
             pass
         finally:
@@ -100,7 +100,7 @@ class LayerwiseRunner:
             self.stack[i] = _Recorder(i, self.kwargs, self.hidden, self.tuple_output)
         try:
             for batch in self.batches:
-                self.program.logits(batch)
+                self.program.module_logits(batch)
         finally:
             for i, layer in enumerate(originals):
                 self.stack[i] = layer

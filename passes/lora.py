@@ -9,7 +9,7 @@ Initialisations (``init``; see METHODS.md section 6):
 - ``xs`` (LoRA-XS): frozen ``B = U_r``, ``A = S_r V_r^T``, trainable ``r x r`` core ``R = 0``
   (the reference draws ``N(0, 1e-5)``; zero keeps the model exact and its gradient is non-zero);
 - ``sb`` (LoRA-SB): the first full fine-tuning update is estimated as ``-lr * sign(sum grad W)``
-  over ``sb_samples`` calibration sequences; ``B = U_r``, ``A = V_r^T``, ``R = S_r / s`` from its
+  over ``n_samples`` calibration sequences; ``B = U_r``, ``A = V_r^T``, ``R = S_r / s`` from its
   SVD. The model changes by that (truncated) first step, so the pass is reported as lossy;
 - ``nola``: ``A = A_0 + sum alpha_i A_i``, ``B = sum beta_j B_j`` over ``nola_k`` seeded random
   bases, ``alpha = beta = 0``; only the coefficients are stored.
@@ -29,137 +29,82 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from modelfold.ir.lora import LoraAdapter, LoraLinear, base_shape, base_weight, lora_layers
+from modelfold.errors import OptionError
+from modelfold.ir.lora import LoraAdapter, LoraLinear, lora_layers
+from modelfold.ir.modules import is_linear, linear_shape, linear_weight, replace_module, to_storage
 from modelfold.ir.program import Program
+from modelfold.ir.quant import QuantLinear, W8A8Linear
 from modelfold.ir.sparse import is_sparse_layer
-from modelfold.passes.base import Pass, PassConfig, PassError, PreconditionError, option
-from modelfold.passes.quantize import is_linear, matches, replace_module
+from modelfold.ir.targets import SELECT, Selection, Skip, TargetSpec, select_layers
+from modelfold.passes.base import Pass, PassError, PreconditionError, option
+from modelfold.passes.calibration import CalibrationConfig, calibration_option
 from modelfold.passes.registry import register_pass
 
 INITS = ("lora", "pissa", "xs", "sb", "nola")
-ALL_LINEAR = "all-linear"
 
 
 @dataclass(frozen=True)
-class LoraConfig(PassConfig):
+class LoraConfig(CalibrationConfig):
+    # calibration (LoRA-SB's gradient estimate only)
+    n_samples: int = calibration_option("n_samples", 16)
+    seq_len: int = calibration_option("seq_len", 256)
+    batch_size: int = calibration_option("batch_size", 4)
+    seed: int = option(0, "seed of the random initialisations and of the calibration sampling")
     rank: int = option(8, "adapter rank r (LoRA-XS / LoRA-SB: the size of the r x r core)")
     alpha: float | None = option(None, "scaling numerator: scaling = alpha / rank "
                                        "(alpha / sqrt(rank) with rslora); default: alpha = rank")
     dropout: float = option(0.0, "dropout on the adapter input during training")
-    targets: tuple[str, ...] = option((ALL_LINEAR,), "layers to adapt: 'all-linear', bare names "
-                                      "matched as path suffixes (q_proj), globs over module paths "
-                                      "(model.layers.1*.mlp.*), or 're:<regex>'")
-    exclude: tuple[str, ...] = option((), "layers to leave alone (same syntax)")
+    targets: TargetSpec = option(TargetSpec(("all-linear",)), "layers to adapt: 'all-linear', "
+                                 "bare names matched as path suffixes (q_proj), globs over module "
+                                 "paths (model.layers.1*.mlp.*), or 're:<regex>'")
+    exclude: TargetSpec = option(TargetSpec(), "layers to leave alone (same syntax)")
     init: Literal["lora", "pissa", "xs", "sb", "nola"] = option(
         "lora", "initialisation: lora (B=0), pissa, xs (LoRA-XS), sb (LoRA-SB), nola")
     name: str = option("default", "adapter name (several named adapters may coexist)")
     rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(rank)")
     rank_cap: bool = option(False, "cap the rank at min(in, out) per layer instead of failing")
     nola_k: int = option(64, "NOLA: random bases per factor")
-    sb_samples: int = option(16, "LoRA-SB: calibration sequences for the gradient estimate")
-    sb_seq_len: int = option(256, "LoRA-SB: tokens per sequence")
     sb_lr: float = option(1e-3, "LoRA-SB: learning rate of the estimated first update")
-    corpus: str = option("wikipedia", "LoRA-SB calibration corpus ('random' for tiny models)")
-    seed: int = option(0, "seed of the random initialisations")
 
     def validate(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"lora option 'rank' must be >= 1; got {self.rank}")
+            raise OptionError(f"lora option 'rank' must be >= 1; got {self.rank}")
         if self.alpha is not None and self.alpha <= 0:
-            raise ValueError(f"lora option 'alpha' must be > 0; got {self.alpha}")
+            raise OptionError(f"lora option 'alpha' must be > 0; got {self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora option 'dropout' must be in [0, 1); got {self.dropout}")
+            raise OptionError(f"lora option 'dropout' must be in [0, 1); got {self.dropout}")
         if not self.targets:
-            raise ValueError("lora option 'targets' is empty; use 'all-linear' or name layers")
+            raise OptionError("lora option 'targets' is empty; use 'all-linear' or name layers")
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", self.name):
-            raise ValueError(f"lora option 'name' must be letters, digits, '_' or '-'; "
+            raise OptionError(f"lora option 'name' must be letters, digits, '_' or '-'; "
                              f"got {self.name!r}")
-        for opt in ("nola_k", "sb_samples", "sb_seq_len"):
-            if getattr(self, opt) < 1:
-                raise ValueError(f"lora option '{opt}' must be >= 1; got {getattr(self, opt)}")
+        if self.nola_k < 1:
+            raise OptionError(f"lora option 'nola_k' must be >= 1; got {self.nola_k}")
         if self.sb_lr <= 0:
-            raise ValueError(f"lora option 'sb_lr' must be > 0; got {self.sb_lr}")
-        for pattern in (*self.targets, *self.exclude):
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as exc:
-                    raise ValueError(f"lora pattern {pattern!r} is not a valid regex: {exc}") \
-                        from None
-
-
-def _patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
-    """PEFT-style bare names (``q_proj``) become suffix globs (``*.q_proj``)."""
-    out = []
-    for p in patterns:
-        if p == ALL_LINEAR:
-            out.append("*")
-        elif p.startswith("re:") or any(c in p for c in "*?[."):
-            out.append(p)
-        else:
-            out.append(f"*.{p}")
-    return tuple(out)
+            raise OptionError(f"lora option 'sb_lr' must be > 0; got {self.sb_lr}")
 
 
 def is_adaptable(module: nn.Module) -> bool:
     """A layer LoRA can wrap: linear, ``Conv1D``, or a quantized linear."""
-    from modelfold.ir.quant import QuantLinear, W8A8Linear
-
     return is_linear(module) or isinstance(module, (QuantLinear, W8A8Linear))
 
 
-def find_lora_targets(program: Program, targets: tuple[str, ...], exclude: tuple[str, ...]
-                      ) -> tuple[dict[str, nn.Module], list[dict[str, str]]]:
-    """Adaptable layers in the layer stack selected by the patterns (``LoraLinear`` s count as
-    their own path), and the selected layers that are skipped, with the reason.
+def _classify(path: str, module: nn.Module):
+    if isinstance(module, LoraLinear):
+        return SELECT  # another adapter on an adapted layer
+    if is_sparse_layer(module):
+        return Skip("N:M sparse layer: LoRA on a sparse base is not supported; no adapter")
+    return SELECT if is_adaptable(module) else None
+
+
+def find_lora_targets(program: Program, targets: TargetSpec, exclude: TargetSpec) -> Selection:
+    """The layers of the stack that ``lora`` adapts (``LoraLinear`` s count as their own path).
 
     Raises:
-        PassError: a pattern matches no adaptable layer.
+        TargetError: a pattern matches no adaptable layer, or nothing is left to adapt.
     """
-    arch = program.arch
-    stack = program.module.get_submodule(arch.layers)
-    experts = arch.layer.mlp_proj.get("experts")
-    router = arch.layer.mlp_proj.get("router")
-    inc, exc = _patterns(targets), _patterns(exclude)
-    candidates: dict[str, nn.Module] = {}
-    skipped: list[dict[str, str]] = []
-    for index, layer in enumerate(stack):
-        prefix = f"{arch.layers}.{index}."
-        inside_lora: list[str] = []
-        for rel, module in layer.named_modules():
-            path = prefix + rel
-            if any(path.startswith(p + ".") for p in inside_lora):
-                continue
-            if experts and rel == experts:
-                if matches(path, inc) and not matches(path, exc):
-                    skipped.append({"target": path, "reason": "MoE experts are batched 3-D "
-                                    "tensors, not linear layers; no adapter"})
-                continue
-            if isinstance(module, LoraLinear):
-                inside_lora.append(path)
-            elif is_sparse_layer(module):
-                if matches(path, inc) and not matches(path, exc):
-                    skipped.append({"target": path, "reason": "N:M sparse layer: LoRA on a "
-                                    "sparse base is not supported; no adapter"})
-                continue
-            elif not is_adaptable(module):
-                continue
-            if router and rel == router and matches(path, inc) and not matches(path, exc):
-                skipped.append({"target": path, "reason": "MoE router: left without an adapter"})
-                continue
-            candidates[path] = module
-    for raw, pattern in zip(targets, inc):
-        if not any(matches(p, (pattern,)) for p in candidates):
-            example = next(iter(candidates), "(none found)")
-            raise PassError(f"lora option 'targets': {raw!r} matches no linear layer (layers "
-                            f"are named like '{example}')")
-    for raw, pattern in zip(exclude, exc):
-        if not any(matches(p, (pattern,)) for p in candidates):
-            raise PassError(f"lora option 'exclude': {raw!r} matches no linear layer")
-    selected = {p: m for p, m in candidates.items() if matches(p, inc) and not matches(p, exc)}
-    if not selected:
-        raise PassError("lora: the targets minus the exclusions leave no layer to adapt")
-    return selected, skipped
+    return select_layers(program.module, program.arch, targets, exclude, _classify, what="lora",
+                         refuse_tied=False, require_any=True)
 
 
 @register_pass
@@ -171,23 +116,21 @@ class Lora(Pass):
     kind = "exact"
     summary = "low-rank adapters (lora, pissa, xs, sb, nola) on linear layers; trainable, PEFT-compatible"
 
-    def __init__(self, config: LoraConfig | None = None, **options: Any):
-        super().__init__(config, **options)
+    def kind_for(self, program: Program) -> str:
         # LoRA-SB starts from an estimated first update, so it changes the outputs on purpose.
-        self.kind = "lossy" if self.config.init == "sb" else "exact"
+        return "lossy" if self.config.init == "sb" else "exact"
 
     def requires(self, program: Program) -> None:
         cfg = self.config
-        if cfg.init == "sb" and cfg.corpus != "random" and program.tokenizer is None:
-            raise PreconditionError("lora init=sb estimates gradients on text and needs a "
-                                    "tokenizer; load the model with one, or use corpus=random")
+        if cfg.init == "sb":
+            cfg.require_text(program, "lora init=sb estimates gradients on text")
         for path, layer in lora_layers(program.module).items():
             if cfg.name in layer.adapters:
                 raise PreconditionError(f"{path} already has an adapter named {cfg.name!r}; "
                                         "give the new one another name=")
 
     def rank_for(self, path: str, module: nn.Module) -> int:
-        k, n = base_shape(module.base_layer if isinstance(module, LoraLinear) else module)
+        k, n = linear_shape(module.base_layer if isinstance(module, LoraLinear) else module)
         limit = min(k, n)
         if self.config.rank <= limit:
             return self.config.rank
@@ -199,7 +142,8 @@ class Lora(Pass):
 
     def run(self, program: Program) -> dict[str, Any]:
         cfg = self.config
-        selected, skipped = find_lora_targets(program, cfg.targets, cfg.exclude)
+        selection = find_lora_targets(program, cfg.targets, cfg.exclude)
+        selected, skipped = dict(selection.items()), selection.skipped
         ranks = {p: self.rank_for(p, m) for p, m in selected.items()}
         if cfg.init == "pissa":
             for path, m in selected.items():
@@ -250,7 +194,7 @@ class Lora(Pass):
             if kind == "lora":
                 nn.init.kaiming_uniform_(ad.lora_A, a=math.sqrt(5), generator=gen)
             elif kind == "pissa":
-                w = base_weight(wrapper.base_layer).float()
+                w = linear_weight(wrapper.base_layer).float()
                 u, sv, vh = torch.linalg.svd(w, full_matrices=False)
                 root = torch.sqrt(sv[:rank] / s)
                 ad.lora_A.copy_(root[:, None] * vh[:rank])
@@ -258,10 +202,9 @@ class Lora(Pass):
                 ad.lora_A0.copy_(ad.lora_A)
                 ad.lora_B0.copy_(ad.lora_B)
                 residual = w - s * (ad.lora_B @ ad.lora_A)
-                target = residual.t() if type(wrapper.base_layer).__name__ == "Conv1D" else residual
-                wrapper.base_layer.weight.copy_(target)
+                wrapper.base_layer.weight.copy_(to_storage(wrapper.base_layer, residual))
             elif kind == "xs":
-                w = base_weight(wrapper.base_layer).float()
+                w = linear_weight(wrapper.base_layer).float()
                 u, sv, vh = torch.linalg.svd(w, full_matrices=False)
                 ad.lora_B.copy_(u[:, :rank])
                 ad.lora_A.copy_(sv[:rank, None] * vh[:rank])
@@ -279,13 +222,10 @@ class Lora(Pass):
         collected with hooks, so packed (quantized) bases work too."""
         from tqdm.auto import tqdm
 
-        from modelfold.passes.calibration import calibration_batches
-
         cfg = self.config
-        ids = calibration_batches(program, corpus=cfg.corpus, n_samples=cfg.sb_samples,
-                                  seq_len=cfg.sb_seq_len, seed=cfg.seed)
+        ids = cfg.calibration_ids(program)
         module = program.module
-        grads = {p: torch.zeros(*base_shape(m)[::-1]) for p, m in selected.items()}
+        grads = {p: torch.zeros(*linear_shape(m)[::-1]) for p, m in selected.items()}
         handles = []
 
         def hook_for(path: str):
@@ -305,10 +245,8 @@ class Lora(Pass):
         was_training = module.training
         module.eval()
         try:
-            batch = 4
-            for start in tqdm(range(0, ids.shape[0], batch), desc="lora-sb gradients",
-                              leave=False, disable=ids.shape[0] <= batch):
-                x = ids[start:start + batch]
+            for x in tqdm(cfg.batches(ids), desc="lora-sb gradients", leave=False,
+                          disable=ids.shape[0] <= cfg.batch_size):
                 logits = module(input_ids=x, use_cache=False).logits
                 loss = torch.nn.functional.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))

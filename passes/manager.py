@@ -64,7 +64,8 @@ class PassManager:
         if ctx.verify:
             verify(program)
         for i, p in enumerate(self.passes, 1):
-            record = PassRecord(name=p.name, options=p.config.to_dict(), kind=p.kind)
+            record = PassRecord(name=p.name, options=p.config.to_dict(), kind=p.kind,
+                                level=p.level)
             if p.name in ctx.disabled:
                 record.skipped.append({"target": p.name, "reason": "disabled by the context"})
                 program.log.append(record)
@@ -72,7 +73,7 @@ class PassManager:
                 continue
             self._say(f"[{i}/{len(self.passes)}] {p!r}")
             p.requires(program)
-            record.kind = p.kind  # a pass may decide in requires() (exact for some programs)
+            record.kind = kind = p.kind_for(program)
             record.params_before = program.parameter_count()
             record.bytes_before = program.parameter_bytes()
             start = time.perf_counter()
@@ -80,7 +81,7 @@ class PassManager:
             record.seconds = time.perf_counter() - start
             record.skipped.extend(details.pop("skipped", []))
             record.details = details
-            if p.kind != "analysis":
+            if p.level == "module" and kind != "analysis":
                 program.invalidate()
             record.params_after = program.parameter_count()
             record.bytes_after = program.parameter_bytes()
@@ -88,26 +89,27 @@ class PassManager:
                 verify(program)
             if ctx.measure:
                 after = program.logits(probe)
-                record.fidelity = self._judge(p, previous, after, original, is_logits)
+                record.fidelity = self._judge(p.name, kind, p.exact_rtol, previous, after,
+                                              original, is_logits)
                 previous = after
             program.log.append(record)
             self._say(f"    done in {record.seconds:.1f}s; params {record.params_before:,} -> "
                       f"{record.params_after:,}" + _fidelity_text(record.fidelity))
         return program
 
-    def _judge(self, p: Pass, previous: torch.Tensor, after: torch.Tensor,
-               original: torch.Tensor, is_logits: bool) -> dict[str, Any]:
+    def _judge(self, name: str, kind: str, exact_rtol: float, previous: torch.Tensor,
+               after: torch.Tensor, original: torch.Tensor, is_logits: bool) -> dict[str, Any]:
         if previous.shape != after.shape:
-            raise PostconditionError(f"{p.name} changed the output shape from "
+            raise PostconditionError(f"{name} changed the output shape from "
                                      f"{tuple(previous.shape)} to {tuple(after.shape)}")
         step = compare(previous, after, logits=is_logits)
-        if p.kind == "analysis" and not torch.equal(previous, after):
-            raise PostconditionError(f"analysis pass {p.name} changed the model's outputs "
+        if kind == "analysis" and not torch.equal(previous, after):
+            raise PostconditionError(f"analysis pass {name} changed the model's outputs "
                                      f"(max abs diff {step['max_abs_diff']:.3g})")
-        tolerance = self.context.exact_atol + p.exact_rtol * float(previous.abs().max())
-        if p.kind == "exact" and step["max_abs_diff"] > tolerance:
+        tolerance = self.context.exact_atol + exact_rtol * float(previous.abs().max())
+        if kind == "exact" and step["max_abs_diff"] > tolerance:
             raise PostconditionError(
-                f"exact pass {p.name} changed the logits by {step['max_abs_diff']:.3g} "
+                f"exact pass {name} changed the logits by {step['max_abs_diff']:.3g} "
                 f"(> tolerance {tolerance:g})")
         total = compare(original, after, logits=is_logits)
         return {**step, **{f"cumulative_{k}": v for k, v in total.items()}}

@@ -5,23 +5,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from modelfold.errors import ModelfoldError
 from modelfold.passes.base import Pass
 from modelfold.passes.registry import get_pass
 
 
-class PipelineSyntaxError(ValueError):
+class PipelineSyntaxError(ModelfoldError, ValueError):
     """A pipeline string or recipe is malformed."""
 
 
+# Top-level keys of a YAML recipe ("description" is free text for people).
+RECIPE_KEYS = {"passes", "description"}
+
+
 def parse_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
-    """Split ``"a{k=v,l=[1,2]},b"`` into ``[("a", {"k": "v", "l": "[1,2]"}), ("b", {})]``."""
+    """Split ``"a{k=v,l=[1,2]},b"`` into ``[("a", {"k": "v", "l": "[1,2]"}), ("b", {})]``.
+
+    Raises:
+        PipelineSyntaxError: an empty element (``a,,b``), a stray or unclosed brace or bracket,
+            an option that is not ``key=value``.
+    """
     items: list[tuple[str, dict[str, str]]] = []
     i, n = 0, len(text)
     while i < n:
-        while i < n and text[i] in " ,\n\t":
+        while i < n and text[i] in " \n\t":
             i += 1
         if i >= n:
             break
+        if text[i] == ",":
+            raise PipelineSyntaxError(f"empty pipeline element at position {i} in {text!r}: "
+                                      "passes are separated by exactly one ','")
         start = i
         while i < n and text[i] not in "{,":
             if text[i] in "}=[]":
@@ -36,7 +49,16 @@ def parse_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
             close = _matching_brace(text, i)
             options = _parse_options(text[i + 1:close], name)
             i = close + 1
+            while i < n and text[i] in " \n\t":
+                i += 1
+            if i < n and text[i] != ",":
+                raise PipelineSyntaxError(f"expected ',' after the options of '{name}' at position "
+                                          f"{i} in {text!r}")
         items.append((name, options))
+        if i < n and text[i] == ",":
+            i += 1
+            if not text[i:].strip():
+                raise PipelineSyntaxError(f"the pipeline {text!r} ends with ','")
     if not items:
         raise PipelineSyntaxError("empty pipeline: name at least one pass, e.g. 'drop-layers{count=2}'")
     return items
@@ -62,14 +84,22 @@ def _parse_options(body: str, name: str) -> dict[str, str]:
             depth += 1
         elif ch == "]":
             depth -= 1
+            if depth < 0:
+                raise PipelineSyntaxError(f"unbalanced ']' in the options of pass '{name}': "
+                                          f"{{{body}}}")
         if ch == "," and depth == 0:
             parts.append(current)
             current = ""
         else:
             current += ch
+    if depth:
+        raise PipelineSyntaxError(f"unclosed '[' in the options of pass '{name}': {{{body}}}")
     parts.append(current)
     for part in (p.strip() for p in parts):
         if not part:
+            if parts != [""]:
+                raise PipelineSyntaxError(f"empty option in the options of pass '{name}': "
+                                          f"{{{body}}}")
             continue
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
@@ -121,13 +151,20 @@ def load_recipe(path: Path) -> list[Pass]:
     import yaml
 
     if not path.is_file():
-        raise FileNotFoundError(f"recipe file '{path}' does not exist")
+        raise PipelineSyntaxError(f"recipe file '{path}' does not exist")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise PipelineSyntaxError(f"recipe '{path}' is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
         raise PipelineSyntaxError(f"recipe '{path}' must be a mapping with a 'passes' list")
+    unknown = sorted(set(data) - RECIPE_KEYS)
+    if unknown:
+        raise PipelineSyntaxError(f"recipe '{path}' has unknown top-level key(s) "
+                                  f"{', '.join(map(repr, unknown))}; a recipe has "
+                                  f"{', '.join(sorted(RECIPE_KEYS))}")
+    if not data["passes"]:
+        raise PipelineSyntaxError(f"recipe '{path}' has an empty 'passes' list")
     return build_pipeline(data["passes"])
 
 

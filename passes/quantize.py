@@ -21,8 +21,6 @@ unties them and the report says so.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from modelfold.errors import OptionError
+from modelfold.ir.modules import is_linear, linear_weight, replace_module
 from modelfold.ir.program import Program
 from modelfold.ir.quant import (
     SUPPORTED_BITS,
@@ -43,27 +43,31 @@ from modelfold.ir.quant import (
     describe_format,
     quantize_rtn,
 )
-from modelfold.ir.sparse import NMLinear, NMQuantLinear, is_sparse_layer, satisfies_nm
-from modelfold.ir.tying import parameter_uses
-from modelfold.passes.base import Pass, PassConfig, PassError, PreconditionError, option
-from modelfold.passes.calibration import calibration_batches
+from modelfold.ir.sparse import NMLinear, NMQuantLinear, satisfies_nm
+from modelfold.ir.targets import SELECT, Selection, Skip, TargetSpec, select_layers
+from modelfold.passes.awq import check_supported, quantize_awq
+from modelfold.passes.base import Pass, PassError, PreconditionError, option
+from modelfold.passes.calibration import CalibrationConfig
+from modelfold.passes.fidelity import weight_error
+from modelfold.passes.gptq_layerwise import quantize_gptq
 from modelfold.passes.layerwise import LayerwiseRunner
 from modelfold.passes.registry import register_pass
+from modelfold.passes.report import plot_layer_errors
 
 METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 
 
 @dataclass(frozen=True)
-class QuantizeConfig(PassConfig):
+class QuantizeConfig(CalibrationConfig):
     bits: int = option(4, "bits per weight: 2, 3, 4 or 8 (3-bit is stored in 4-bit containers)")
     group_size: int = option(128, "weights per scale along the input dimension: a power of 2 >= 16, "
                                   "or -1 for one scale per output channel")
     symmetric: bool = option(False, "symmetric grid (zero point 2^(bits-1)) instead of min/max")
     method: Literal["rtn", "gptq", "awq", "awq-gptq"] = option(
         "rtn", "rtn (no data), gptq, awq or awq-gptq (AWQ scales, then GPTQ; calibrated)")
-    targets: tuple[str, ...] = option(("*",), "linear layers to quantize: glob patterns over module "
-                                              "paths, or 're:<regex>'")
-    exclude: tuple[str, ...] = option((), "linear layers to leave in float (same pattern syntax)")
+    targets: TargetSpec = option(TargetSpec(("*",)), "linear layers to quantize: '*', bare names "
+                                 "(q_proj), globs over module paths, or 're:<regex>'")
+    exclude: TargetSpec = option(TargetSpec(), "linear layers to leave in float (same syntax)")
     embeddings: bool = option(False, "also quantize the token embedding (RTN)")
     lm_head: bool = option(False, "also quantize the LM head (RTN); with tied embeddings and "
                                   "embeddings=true the two stay one tensor")
@@ -78,139 +82,40 @@ class QuantizeConfig(PassConfig):
     awq_grid: int = option(20, "AWQ: scale exponents tried in [0, 1)")
     awq_clip: bool = option(True, "AWQ: search a per-group clipping range")
     awq_samples: int = option(8, "AWQ: calibration sequences used in the scale/clip search")
-    corpus: str = option("wikipedia", "calibration corpus ('random' for models without text)")
-    n_samples: int = option(128, "calibration sequences")
-    seq_len: int = option(512, "tokens per calibration sequence")
-    batch_size: int = option(8, "sequences per forward pass during calibration")
-    seed: int = option(0, "calibration sampling seed")
 
     def validate(self) -> None:
         for name in ("bits", "embedding_bits"):
             value = getattr(self, name)
             if value is not None and value not in SUPPORTED_BITS:
-                raise ValueError(f"quantize option '{name}' must be one of "
+                raise OptionError(f"quantize option '{name}' must be one of "
                                  f"{', '.join(map(str, SUPPORTED_BITS))}; got {value}")
         try:
             block_size_for(self.group_size, 1)
         except QuantFormatError as exc:
-            raise ValueError(f"quantize option 'group_size': {exc}") from None
+            raise OptionError(f"quantize option 'group_size': {exc}") from None
         if not 0 <= self.damp < 1:
-            raise ValueError(f"quantize option 'damp' must be in [0, 1); got {self.damp}")
-        for name in ("n_samples", "seq_len", "batch_size", "awq_grid", "awq_samples"):
+            raise OptionError(f"quantize option 'damp' must be in [0, 1); got {self.damp}")
+        for name in ("awq_grid", "awq_samples"):
             if getattr(self, name) < 1:
-                raise ValueError(f"quantize option '{name}' must be >= 1; got {getattr(self, name)}")
+                raise OptionError(f"quantize option '{name}' must be >= 1; got {getattr(self, name)}")
         if not self.targets and not (self.embeddings or self.lm_head):
-            raise ValueError("quantize option 'targets' is empty; use '*' for every linear layer, "
+            raise OptionError("quantize option 'targets' is empty; use '*' for every linear layer, "
                              "or set embeddings=true / lm_head=true to quantize only those")
-        for pattern in (*self.targets, *self.exclude):
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as exc:
-                    raise ValueError(f"quantize pattern {pattern!r} is not a valid regex: "
-                                     f"{exc}") from None
 
 
 # -- finding the linear layers -----------------------------------------------------------------
-def is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight stored ``[in, out]``)."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+def _classify(path: str, module: nn.Module):
+    if is_linear(module) or isinstance(module, NMLinear):
+        return SELECT
+    if isinstance(module, NMQuantLinear):
+        return Skip("already sparse and quantized")
+    return None
 
 
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as ``[out, in]`` (transposing a ``Conv1D``'s ``[in, out]``)."""
-    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
-
-
-def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Write an ``[out, in]`` weight back into ``module`` (transposing for ``Conv1D``)."""
-    target = weight.t() if type(module).__name__ == "Conv1D" else weight
-    module.weight.data.copy_(target)
-
-
-def matches(path: str, patterns: tuple[str, ...]) -> bool:
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.search(pattern[3:], path):
-                return True
-        elif fnmatch.fnmatchcase(path, pattern):
-            return True
-    return False
-
-
-def find_targets(program: Program, targets: tuple[str, ...], exclude: tuple[str, ...],
-                 *, what: str = "quantize", sparse: str | None = None
-                 ) -> tuple[dict[int, dict[str, nn.Module]], list[dict[str, str]]]:
-    """Linear layers inside the layer stack that the patterns select, grouped by layer index.
-
-    N:M sparse layers (``NMLinear``) are selected when ``sparse`` is None; otherwise they are
-    skipped with ``sparse`` as the reason (they are never silently left out).
-
-    Returns:
-        ``({layer_index: {path: module}}, skipped)``; ``skipped`` lists selected modules that
-        cannot be handled (MoE expert tensors, routers) with the reason.
-
-    Raises:
-        PassError: a pattern matches no linear layer at all.
-    """
-    arch = program.arch
-    stack = program.module.get_submodule(arch.layers)
-    router = arch.layer.mlp_proj.get("router")
-    experts = arch.layer.mlp_proj.get("experts")
-    selected: dict[int, dict[str, nn.Module]] = {}
-    skipped: list[dict[str, str]] = []
-    all_linear: list[str] = []
-    for index, layer in enumerate(stack):
-        prefix = f"{arch.layers}.{index}."
-        for rel, module in layer.named_modules():
-            path = prefix + rel
-            if experts and rel == experts:
-                if matches(path, targets) and not matches(path, exclude):
-                    skipped.append({"target": path, "reason": "MoE experts are batched 3-D "
-                                    "tensors, not linear layers; they stay in float"})
-                continue
-            sparse_layer = is_sparse_layer(module)
-            if not (is_linear(module) or sparse_layer):
-                continue
-            all_linear.append(path)
-            if not matches(path, targets) or matches(path, exclude):
-                continue
-            if router and rel == router:
-                skipped.append({"target": path, "reason": "MoE router: quantizing the expert "
-                                "choice is not supported; it stays in float"})
-                continue
-            if sparse_layer and (sparse is not None or not isinstance(module, NMLinear)):
-                skipped.append({"target": path, "reason": sparse or "already sparse and quantized"})
-                continue
-            selected.setdefault(index, {})[path] = module
-    uses = parameter_uses(program.module)
-    for path, module in (item for group in selected.values() for item in group.items()):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and uses[id(weight)] > 1:
-            raise PassError(f"{what}: {path} shares its weight with other layers (tie-layers); "
-                            f"{what} would give every depth its own copy and undo the sharing. "
-                            f"This is not supported yet: run {what} on an untied model")
-    for pattern in targets:
-        if not any(matches(p, (pattern,)) for p in all_linear) and pattern != "*":
-            example = all_linear[0] if all_linear else "(none found)"
-            raise PassError(f"{what} option 'targets': pattern {pattern!r} matches no linear "
-                            f"layer (linear layers are named like '{example}')")
-    for pattern in exclude:
-        if not any(matches(p, (pattern,)) for p in all_linear):
-            raise PassError(f"{what} option 'exclude': pattern {pattern!r} matches no linear layer")
-    return selected, skipped
-
-
-def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, new)
-
-
-def weight_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    """``||W - W_q||^2 / ||W||^2``."""
-    w = weight.detach().float()
-    return float(((w - approx.float()) ** 2).sum() / (w ** 2).sum().clamp_min(1e-30))
+def find_targets(program: Program, cfg: QuantizeConfig) -> Selection:
+    """The linear layers of the stack that ``quantize`` acts on (N:M sparse ones included)."""
+    return select_layers(program.module, program.arch, cfg.targets, cfg.exclude, _classify,
+                         what="quantize")
 
 
 # -- the pass ------------------------------------------------------------------------------------
@@ -225,8 +130,6 @@ class Quantize(Pass):
 
     def requires(self, program: Program) -> None:
         if self.config.method in ("awq", "awq-gptq"):
-            from modelfold.passes.awq import check_supported
-
             check_supported(program)
             stack = program.module.get_submodule(program.arch.layers)
             if any(isinstance(m, NMLinear) for m in stack.modules()):
@@ -234,11 +137,9 @@ class Quantize(Pass):
                     f"quantize method={self.config.method} rescales weights, which an N:M sparse "
                     "model (nm-sparsify) does not allow; use method=rtn or method=gptq, which "
                     "keep the pattern")
-        if self.config.method != "rtn" and self.config.corpus != "random" \
-                and program.tokenizer is None:
-            raise PreconditionError(
-                f"quantize method={self.config.method} calibrates on text and needs a tokenizer; "
-                "load the model with its tokenizer, or use corpus=random (tiny test models)")
+        if self.config.method != "rtn":
+            self.config.require_text(program, f"quantize method={self.config.method} calibrates "
+                                              "on text")
 
     def format_for(self, in_features: int, bits: int | None = None) -> QuantFormat:
         cfg = self.config
@@ -247,26 +148,22 @@ class Quantize(Pass):
 
     def run(self, program: Program) -> dict[str, Any]:
         cfg = self.config
-        selected, skipped = find_targets(program, cfg.targets, cfg.exclude)
-        count = sum(len(v) for v in selected.values())
+        selection = find_targets(program, cfg)
+        selected, skipped = selection.layers, selection.skipped
+        count = len(selection)
         start = time.perf_counter()
         if cfg.method == "rtn" or not count:
-            layers = self._rtn(program, selected)
+            layers = [self.install(program, path, module, None)
+                      for path, module in selection.items()]
             calibration = None
         else:
-            ids = calibration_batches(program, corpus=cfg.corpus, n_samples=cfg.n_samples,
-                                      seq_len=cfg.seq_len, seed=cfg.seed)
-            calibration = {"corpus": cfg.corpus, "sequences": int(ids.shape[0]),
-                           "tokens_per_sequence": int(ids.shape[1])}
+            ids = cfg.calibration_ids(program)
+            calibration = cfg.calibration_facts(ids)
             runner = LayerwiseRunner(program, ids, batch_size=cfg.batch_size,
                                      desc=f"quantize ({cfg.method})")
             if cfg.method == "gptq":
-                from modelfold.passes.gptq_layerwise import quantize_gptq
-
                 layers = quantize_gptq(self, program, runner, selected)
             else:
-                from modelfold.passes.awq import quantize_awq
-
                 layers = quantize_awq(self, program, runner, selected)
         seconds = time.perf_counter() - start
         head = self._embeddings_and_head(program)
@@ -282,15 +179,6 @@ class Quantize(Pass):
         if calibration:
             details["calibration"] = calibration
         return details
-
-    # -- RTN -------------------------------------------------------------------------------------
-    def _rtn(self, program: Program, selected: dict[int, dict[str, nn.Module]]
-             ) -> list[dict[str, Any]]:
-        layers = []
-        for index in sorted(selected):
-            for path, module in selected[index].items():
-                layers.append(self.install(program, path, module, None))
-        return layers
 
     def install(self, program: Program, path: str, module: nn.Module,
                 packed: PackedWeight | None, *, codes: torch.Tensor | None = None,
@@ -394,26 +282,4 @@ class Quantize(Pass):
         return True
 
 
-def plot_layer_errors(ax: Any, layers: list[dict[str, Any]], *, method: str, baseline: str,
-                      weight_label: str) -> None:
-    """Per-layer error dots on ``ax``: ``output_error`` against ``<baseline>_output_error`` when
-    the layers were calibrated, else ``weight_error`` (quantize and nm-sparsify reports)."""
-    names = [entry["path"].split(".", 2)[-1] for entry in layers]
-    x = range(len(layers))
-    if "output_error" in layers[0]:
-        ax.plot(x, [e[f"{baseline}_output_error"] for e in layers], ".", color="#adb5bd",
-                label=f"{baseline} output error")
-        ax.plot(x, [e["output_error"] for e in layers], ".", color="#c92a2a",
-                label=f"{method} output error")
-        ax.set_ylabel("relative output error")
-    else:
-        ax.plot(x, [e["weight_error"] for e in layers], ".", color="#4c6ef5",
-                label="relative weight error")
-        ax.set_ylabel(weight_label)
-    ax.set_yscale("log")
-    ax.set_xlabel(f"linear layer ({names[0]} ... {names[-1]})")
-    ax.legend(fontsize=8)
-
-
-__all__ = ["Quantize", "QuantizeConfig", "find_targets", "is_linear", "linear_weight",
-           "plot_layer_errors"]
+__all__ = ["Quantize", "QuantizeConfig", "find_targets"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import difflib
 
+from modelfold.errors import ModelfoldError
 from modelfold.passes.base import Pass
 
 _REGISTRY: dict[str, type[Pass]] = {}
 
 
-class UnknownPassError(ValueError):
+class UnknownPassError(ModelfoldError, ValueError):
     """A pipeline names a pass that is not registered."""
 
 
@@ -39,13 +40,9 @@ def registered_passes() -> dict[str, type[Pass]]:
 
 
 def _load_builtin_passes() -> None:
-    # Imported here, not at package import, so `import modelfold` stays fast.
-    from modelfold.passes import (  # noqa: F401
-        drop_layers,
-        layer_importance,
-        lora,
-        quantize,
-        smooth_quant,
-        sparsify,
-        tie_layers,
-    )
+    # Every module of modelfold.passes is imported on first use (not at package import, so
+    # `import modelfold` stays fast); a module defines its passes with @register_pass. Other
+    # packages add passes through the "modelfold.passes" entry-point group.
+    from modelfold.discovery import import_all
+
+    import_all("modelfold.passes", group="modelfold.passes")

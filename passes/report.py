@@ -109,3 +109,24 @@ def write_report(program: Program, out_dir: Path, *, pipeline: str,
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(to_markdown(report))
     return report
+
+
+def plot_layer_errors(ax: Any, layers: list[dict[str, Any]], *, method: str, baseline: str,
+                      weight_label: str) -> None:
+    """Per-layer error dots on ``ax``: ``output_error`` against ``<baseline>_output_error`` when
+    the layers were calibrated, else ``weight_error`` (quantize and nm-sparsify reports)."""
+    names = [entry["path"].split(".", 2)[-1] for entry in layers]
+    x = range(len(layers))
+    if "output_error" in layers[0]:
+        ax.plot(x, [e[f"{baseline}_output_error"] for e in layers], ".", color="#adb5bd",
+                label=f"{baseline} output error")
+        ax.plot(x, [e["output_error"] for e in layers], ".", color="#c92a2a",
+                label=f"{method} output error")
+        ax.set_ylabel("relative output error")
+    else:
+        ax.plot(x, [e["weight_error"] for e in layers], ".", color="#4c6ef5",
+                label="relative weight error")
+        ax.set_ylabel(weight_label)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"linear layer ({names[0]} ... {names[-1]})")
+    ax.legend(fontsize=8)

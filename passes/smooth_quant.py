@@ -24,34 +24,36 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from modelfold.errors import OptionError
+from modelfold.ir.modules import is_linear, linear_weight, replace_module, scale_input_channels
 from modelfold.ir.program import Program
 from modelfold.ir.quant import W8A8Linear
+from modelfold.ir.sparse import is_sparse_layer
+from modelfold.ir.targets import SELECT, Skip, TargetSpec, select_layers
 from modelfold.passes.awq import fold_into_prev
-from modelfold.passes.base import Pass, PassConfig, PreconditionError, option
-from modelfold.passes.calibration import calibration_batches
-from modelfold.passes.quantize import find_targets, linear_weight, replace_module, weight_error
+from modelfold.passes.base import Pass, option
+from modelfold.passes.calibration import CalibrationConfig
+from modelfold.passes.fidelity import weight_error
 from modelfold.passes.registry import register_pass
 
 
 @dataclass(frozen=True)
-class SmoothQuantConfig(PassConfig):
+class SmoothQuantConfig(CalibrationConfig):
     alpha: float = option(0.5, "migration strength: 0 keeps activations, 1 moves all to weights")
     smooth: bool = option(True, "fold the smoothing scales into the preceding norms")
-    targets: tuple[str, ...] = option(("*",), "linear layers to make W8A8 (glob or 're:<regex>')")
-    exclude: tuple[str, ...] = option((), "linear layers to leave in float")
-    corpus: str = option("wikipedia", "calibration corpus ('random' for models without text)")
-    n_samples: int = option(128, "calibration sequences")
-    seq_len: int = option(512, "tokens per calibration sequence")
-    batch_size: int = option(8, "sequences per forward pass")
-    seed: int = option(0, "calibration sampling seed")
+    targets: TargetSpec = option(TargetSpec(("*",)), "linear layers to make W8A8: '*', bare "
+                                 "names (q_proj), globs over module paths, or 're:<regex>'")
+    exclude: TargetSpec = option(TargetSpec(), "linear layers to leave in float (same syntax)")
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"smooth-quant option 'alpha' must be in [0, 1]; got {self.alpha}")
-        for name in ("n_samples", "seq_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"smooth-quant option '{name}' must be >= 1; "
-                                 f"got {getattr(self, name)}")
+            raise OptionError(f"smooth-quant option 'alpha' must be in [0, 1]; got {self.alpha}")
+
+
+def _classify(path: str, module: nn.Module):
+    if is_sparse_layer(module):
+        return Skip("N:M sparse layer: W8A8 has no sparse form; it stays sparse in float")
+    return SELECT if is_linear(module) else None
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -70,19 +72,16 @@ class SmoothQuant(Pass):
     summary = "SmoothQuant scales folded into norms, then int8 weights x per-token int8 activations"
 
     def requires(self, program: Program) -> None:
-        if self.config.corpus != "random" and program.tokenizer is None:
-            raise PreconditionError("smooth-quant calibrates on text and needs a tokenizer; load "
-                                    "the model with its tokenizer, or use corpus=random")
+        self.config.require_text(program, "smooth-quant calibrates on text")
 
     @torch.no_grad()
     def run(self, program: Program) -> dict[str, Any]:
         cfg = self.config
-        selected, skipped = find_targets(
-            program, cfg.targets, cfg.exclude, what="smooth-quant",
-            sparse="N:M sparse layer: W8A8 has no sparse form; it stays sparse in float")
-        targets = {p: m for layer in selected.values() for p, m in layer.items()}
-        ids = calibration_batches(program, corpus=cfg.corpus, n_samples=cfg.n_samples,
-                                  seq_len=cfg.seq_len, seed=cfg.seed)
+        selection = select_layers(program.module, program.arch, cfg.targets, cfg.exclude,
+                                  _classify, what="smooth-quant")
+        skipped = selection.skipped
+        targets = dict(selection.items())
+        ids = cfg.calibration_ids(program)
         act_max, groups = self._statistics(program, ids, targets)
         smoothed = []
         if cfg.smooth:
@@ -109,8 +108,7 @@ class SmoothQuant(Pass):
                                       f"{not_smoothed[0]}); W8A8 without smoothing"})
         return {"alpha": cfg.alpha, "w8a8_layers": len(layers), "smoothed_groups": smoothed,
                 "layers": layers, "skipped": skipped,
-                "calibration": {"corpus": cfg.corpus, "sequences": int(ids.shape[0]),
-                                "tokens_per_sequence": int(ids.shape[1])}}
+                "calibration": cfg.calibration_facts(ids)}
 
     def _statistics(self, program: Program, ids: torch.Tensor, targets: dict[str, nn.Module]
                     ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
@@ -144,9 +142,9 @@ class SmoothQuant(Pass):
         handles = [m.register_forward_hook(norm_hook(p)) for p, m in norms.items()]
         handles += [m.register_forward_hook(linear_hook(p)) for p, m in targets.items()]
         try:
-            for start in tqdm(range(0, len(ids), self.config.batch_size),
-                              desc="smooth-quant statistics", unit="batch", leave=False):
-                program.logits(ids[start:start + self.config.batch_size])
+            for batch in tqdm(self.config.batches(ids), desc="smooth-quant statistics",
+                              unit="batch", leave=False):
+                program.module_logits(batch)
                 first_batch[0] = False
                 last_norm.clear()
         finally:
@@ -164,11 +162,7 @@ class SmoothQuant(Pass):
         s = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp_min(1e-5)
         fold_into_prev(program, module.get_submodule(norm_path), "norm", s)
         for p in linears:
-            lin = module.get_submodule(p)
-            if type(lin).__name__ == "Conv1D":
-                lin.weight.data.mul_(s[:, None])
-            else:
-                lin.weight.data.mul_(s)
+            scale_input_channels(module.get_submodule(p), s)
             act_max[p] = act_max[p] / s
         return s
 

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from modelfold.errors import OptionError
+from modelfold.ir.modules import is_linear, linear_weight, replace_module
 from modelfold.ir.program import Program
 from modelfold.ir.quant import QuantLinear, W8A8Linear
 from modelfold.ir.sparse import (
@@ -31,56 +33,45 @@ from modelfold.ir.sparse import (
     SparsityFormatError,
     check_pattern,
     group_nonzeros,
+    is_sparse_layer,
     satisfies_nm,
     sparse_layers,
 )
-from modelfold.passes.base import Pass, PassConfig, PassError, PreconditionError, option
-from modelfold.passes.calibration import calibration_batches
+from modelfold.ir.targets import SELECT, Skip, TargetSpec, select_layers
+from modelfold.passes.base import Pass, PassError, PreconditionError, option
+from modelfold.passes.calibration import CalibrationConfig
+from modelfold.passes.fidelity import weight_error
 from modelfold.passes.gptq import HessianAccumulator
+from modelfold.passes.gptq_layerwise import shared_input_groups
 from modelfold.passes.layerwise import LayerwiseRunner
-from modelfold.passes.quantize import (
-    find_targets,
-    linear_weight,
-    plot_layer_errors,
-    replace_module,
-    weight_error,
-)
 from modelfold.passes.registry import register_pass
+from modelfold.passes.report import plot_layer_errors
 from modelfold.passes.sparsegpt import prune
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 @dataclass(frozen=True)
-class NMSparsifyConfig(PassConfig):
+class NMSparsifyConfig(CalibrationConfig):
     n: int = option(2, "weights kept in every group of m")
     m: int = option(4, "group size along the input dimension (the input size must be a multiple)")
     method: Literal["magnitude", "wanda", "sparsegpt"] = option(
         "sparsegpt", "magnitude (no data), wanda (|w| x input norm) or sparsegpt (Hessian-based, "
                      "kept weights updated)")
-    targets: tuple[str, ...] = option(("*",), "linear layers to prune: glob patterns over module "
-                                              "paths, or 're:<regex>'")
-    exclude: tuple[str, ...] = option((), "linear layers to leave dense (same pattern syntax)")
+    targets: TargetSpec = option(TargetSpec(("*",)), "linear layers to prune: '*', bare names "
+                                 "(q_proj), globs over module paths, or 're:<regex>'")
+    exclude: TargetSpec = option(TargetSpec(), "linear layers to leave dense (same syntax)")
     damp: float = option(0.01, "SparseGPT: fraction of the mean Hessian diagonal added as damping")
-    corpus: str = option("wikipedia", "calibration corpus ('random' for models without text)")
-    n_samples: int = option(128, "calibration sequences")
-    seq_len: int = option(512, "tokens per calibration sequence")
-    batch_size: int = option(8, "sequences per forward pass during calibration")
-    seed: int = option(0, "calibration sampling seed")
 
     def validate(self) -> None:
         try:
             check_pattern(self.n, self.m)
         except SparsityFormatError as exc:
-            raise ValueError(f"nm-sparsify options 'n', 'm': {exc}") from None
+            raise OptionError(f"nm-sparsify options 'n', 'm': {exc}") from None
         if not 0 <= self.damp < 1:
-            raise ValueError(f"nm-sparsify option 'damp' must be in [0, 1); got {self.damp}")
-        for name in ("n_samples", "seq_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"nm-sparsify option '{name}' must be >= 1; "
-                                 f"got {getattr(self, name)}")
+            raise OptionError(f"nm-sparsify option 'damp' must be in [0, 1); got {self.damp}")
         if not self.targets:
-            raise ValueError("nm-sparsify option 'targets' is empty; use '*' for every linear "
+            raise OptionError("nm-sparsify option 'targets' is empty; use '*' for every linear "
                              "layer of the layer stack")
 
 
@@ -103,17 +94,15 @@ class NMSparsify(Pass):
                 f"nm-sparsify runs on float weights, but the layer stack is already quantized "
                 f"({len(quantized)} layers, e.g. {program.arch.layers}.{quantized[0]}); put "
                 "nm-sparsify before quantize (the quantizer then keeps the N:M pattern)")
-        if cfg.method != "magnitude" and cfg.corpus != "random" and program.tokenizer is None:
-            raise PreconditionError(
-                f"nm-sparsify method={cfg.method} calibrates on text and needs a tokenizer; load "
-                "the model with its tokenizer, or use corpus=random (tiny test models)")
+        if cfg.method != "magnitude":
+            cfg.require_text(program, f"nm-sparsify method={cfg.method} calibrates on text")
 
     def run(self, program: Program) -> dict[str, Any]:
         cfg = self.config
-        selected, skipped = find_targets(program, cfg.targets, cfg.exclude, what="nm-sparsify",
-                                         sparse="already N:M sparse; left as it is")
-        selected, shape_skips = self._split_by_shape(selected)
-        skipped += shape_skips
+        selection = select_layers(program.module, program.arch, cfg.targets, cfg.exclude,
+                                  self._classify, what="nm-sparsify")
+        selected, skipped = selection.layers, selection.skipped
+        shape_skips = [s for s in skipped if s["reason"].startswith("input size")]
         if shape_skips and not selected:
             sizes = sorted({int(s["reason"].split()[2]) for s in shape_skips})
             raise PassError(f"nm-sparsify: m={cfg.m} divides the input size of none of the "
@@ -124,12 +113,10 @@ class NMSparsify(Pass):
         calibration = None
         if cfg.method == "magnitude" or not count:
             layers = [self.install(program, path, module, None)
-                      for index in sorted(selected) for path, module in selected[index].items()]
+                      for path, module in selection.items()]
         else:
-            ids = calibration_batches(program, corpus=cfg.corpus, n_samples=cfg.n_samples,
-                                      seq_len=cfg.seq_len, seed=cfg.seed)
-            calibration = {"corpus": cfg.corpus, "sequences": int(ids.shape[0]),
-                           "tokens_per_sequence": int(ids.shape[1])}
+            ids = cfg.calibration_ids(program)
+            calibration = cfg.calibration_facts(ids)
             runner = LayerwiseRunner(program, ids, batch_size=cfg.batch_size,
                                      desc=f"nm-sparsify ({cfg.method})")
             layers = []
@@ -159,28 +146,21 @@ class NMSparsify(Pass):
             details["calibration"] = calibration
         return details
 
-    def _split_by_shape(self, selected: dict[int, dict[str, nn.Module]]
-                        ) -> tuple[dict[int, dict[str, nn.Module]], list[dict[str, str]]]:
-        m = self.config.m
-        kept: dict[int, dict[str, nn.Module]] = {}
-        skipped = []
-        for index, layer in selected.items():
-            for path, module in layer.items():
-                k = linear_weight(module).shape[1]
-                if k % m:
-                    skipped.append({"target": path, "reason": f"input size {k} is not a multiple "
-                                    f"of m={m}; left dense"})
-                else:
-                    kept.setdefault(index, {})[path] = module
-        return kept, skipped
+    def _classify(self, path: str, module: nn.Module):
+        if is_sparse_layer(module):
+            return Skip("already N:M sparse; left as it is")
+        if not is_linear(module):
+            return None
+        k = linear_weight(module).shape[1]
+        if k % self.config.m:
+            return Skip(f"input size {k} is not a multiple of m={self.config.m}; left dense")
+        return SELECT
 
     @torch.no_grad()
     def _calibrated_layer(self, program: Program, runner: LayerwiseRunner, index: int,
                           targets: dict[str, nn.Module]) -> list[dict[str, Any]]:
         if not targets:
             return []
-        from modelfold.passes.gptq_layerwise import shared_input_groups
-
         groups = shared_input_groups(runner, index, targets)
         heads = {group[0]: group for group in groups}
         acc = {name: HessianAccumulator(linear_weight(targets[name]).shape[1]) for name in heads}

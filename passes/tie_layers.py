@@ -36,11 +36,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from modelfold.ir.lora import LoraAdapter, LoraLinear, base_shape, base_weight
+from modelfold.errors import OptionError
+from modelfold.ir.lora import LoraAdapter, LoraLinear
+from modelfold.ir.modules import from_storage, is_linear, linear_shape, linear_weight, replace_module
 from modelfold.ir.program import Program
 from modelfold.ir.tying import parameter_uses, tied_groups
 from modelfold.passes.base import Pass, PassConfig, PreconditionError, option
-from modelfold.passes.quantize import is_linear, replace_module
 from modelfold.passes.registry import register_pass
 
 INITS = ("stepwise", "average", "lower")
@@ -65,13 +66,13 @@ class TieLayersConfig(PassConfig):
 
     def validate(self) -> None:
         if self.unique < 1:
-            raise ValueError(f"tie-layers option 'unique' (K, the number of shared layers) must be "
+            raise OptionError(f"tie-layers option 'unique' (K, the number of shared layers) must be "
                              f">= 1; got {self.unique}")
         if isinstance(self.relax_rank, int) and self.relax_rank < 0:
-            raise ValueError(f"tie-layers option 'relax_rank' must be >= 0 or 'full'; "
+            raise OptionError(f"tie-layers option 'relax_rank' must be >= 0 or 'full'; "
                              f"got {self.relax_rank}")
         if not self.adapter.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"tie-layers option 'adapter' must be letters, digits, '_' or '-'; "
+            raise OptionError(f"tie-layers option 'adapter' must be letters, digits, '_' or '-'; "
                              f"got {self.adapter!r}")
 
     @property
@@ -148,11 +149,6 @@ class TieLayers(Pass):
     summary = ("layer tying into K recursive layers (stepwise/average/lower init, cycle/sequence "
                "sharing) with per-depth SVD-initialised LoRA relaxation")
 
-    def __init__(self, config: TieLayersConfig | None = None, **options: Any):
-        super().__init__(config, **options)
-        # Full-rank relaxation reproduces the original; K = N is decided per program (requires).
-        self.kind = "exact" if self.config.relax_rank == "full" else "lossy"
-
     def requires(self, program: Program) -> None:
         n, k = program.arch.num_layers, self.config.unique
         if k > n:
@@ -160,10 +156,12 @@ class TieLayers(Pass):
                                     f"choose 1 <= K <= {n}")
         depth_map(n, k, self.config.sharing)
         check_stack(program)
+
+    def kind_for(self, program: Program) -> str:
         # Exact when nothing is shared (K = N) or everything is relaxed at full rank (MoE expert
         # tensors are shared without relaxation).
         full = self.config.relax_rank == "full" and program.arch.mlp_type != "moe"
-        self.kind = "exact" if k == n or full else "lossy"
+        return "exact" if self.config.unique == program.arch.num_layers or full else "lossy"
 
     def run(self, program: Program) -> dict[str, Any]:
         cfg = self.config
@@ -265,13 +263,13 @@ class TieLayers(Pass):
             entry: dict[str, Any] = {"depth": depth, "shared": share[depth], "layers": {}}
             for rel in linears:
                 base = layer.get_submodule(rel)
-                k_in, n_out = base_shape(base)
+                k_in, n_out = linear_shape(base)
                 cap = min(k_in, n_out)
                 rank = cap if cfg.relax_rank == "full" else min(int(cfg.relax_rank), cap)
                 ranks[rel] = rank
                 original = originals[depth][f"{rel}.weight"]
-                w = original.t() if type(base).__name__ == "Conv1D" else original
-                residual = (w.detach().double() - base_weight(base).detach().double())
+                w = from_storage(base, original)
+                residual = (w.detach().double() - linear_weight(base).detach().double())
                 adapter = LoraAdapter("lora", k_in, n_out, rank, alpha=float(rank))
                 u, s, vh = torch.linalg.svd(residual, full_matrices=False)
                 with torch.no_grad():

@@ -47,7 +47,7 @@ def test_ours_loads_in_peft_with_the_same_outputs(tmp_path, family, init):
     base = tiny_model(family)
     result = modelfold.transform(
         copy.deepcopy(base),
-        f"lora{{rank=4,alpha=8,init={init},corpus=random,sb_samples=4,sb_seq_len=16,nola_k=8}}",
+        f"lora{{rank=4,alpha=8,init={init},corpus=random,n_samples=4,seq_len=16,nola_k=8}}",
         context=QUIET)
     _train_stand_in(result.module)
     ours = _logits(result.module)

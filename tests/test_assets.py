@@ -66,7 +66,7 @@ def test_list_assets_in_empty_cache(empty_cache: Path) -> None:
 
 
 def test_pull_rejects_unknown_name(empty_cache: Path) -> None:
-    with pytest.raises(ValueError, match="unknown asset 'gpt-5'"):
+    with pytest.raises(AssetError, match="unknown asset 'gpt-5'"):
         pull(["gpt-5"])
     assert not (empty_cache / "models").exists()
 

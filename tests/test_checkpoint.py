@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import modelfold
-from modelfold import checkpoint as ckpt
 from modelfold.assets import is_installed, load_model
 from modelfold.checkpoint import (
     MANIFEST,
@@ -287,7 +286,9 @@ def scaled_adapter_registered():
         ScaledAdapter, lambda m: {"out_features": m.scale.numel()},
         lambda f: ScaledAdapter(nn.Identity(), f["out_features"]))  # base: its own entry
     yield
-    ckpt._MODULE_TYPES.pop("ScaledAdapter")
+    from modelfold.ir import module_types
+
+    module_types._MODULE_TYPES.pop("ScaledAdapter")
 
 
 def test_registered_wrapper_round_trips(tmp_path, scaled_adapter_registered):

@@ -53,7 +53,7 @@ def rows(r_budget: int, k: int, r_main: int) -> dict[str, tuple[str, str]]:
         f"budget-pissa-r{r_budget}": (f"lora{{rank={r_budget},alpha={2 * r_budget},init=pissa}}",
                                       f"PiSSA r={r_budget} (budget)"),
         f"budget-xs-k{k}": (f"lora{{rank={k},alpha={k},init=xs}}", f"LoRA-XS k={k} (budget)"),
-        f"budget-sb-k{k}": (f"lora{{rank={k},alpha={k},init=sb,sb_samples=32}}",
+        f"budget-sb-k{k}": (f"lora{{rank={k},alpha={k},init=sb,n_samples=32}}",
                             f"LoRA-SB k={k} (budget)"),
     }
 

@@ -1,17 +1,29 @@
-"""Export a model to an optimized ONNX Runtime artifact.
+"""Export a Program to an optimized ONNX Runtime artifact.
 
-Pipeline: wrap the model (KV-cache signature for decoders, `wrappers.py`) ->
-`torch.onnx.export(dynamo=True, custom_translation_table=...)` -> ONNX Runtime graph
-optimizations applied offline -> `model.onnx` + `model.onnx.data` -> parity check against torch.
+The exporter lowers the Program's verified ``ExportedProgram`` (captured once with the backends'
+signature, ``modelfold.ir.signature``): no second capture. Phases, each reported with its
+elapsed time when a ``progress`` callback is given:
+
+1. verify: the Program's graph (``modelfold.ir.verify``), unless the last pass already verified it;
+2. lower: the graph passes this backend applies by default (``default_for`` "onnxruntime", e.g.
+   ``tied-linear``; ``ExportOptions.disable`` skips them) and the graph steps of the registered
+   lowerings (``lowering.py``: LoRA modes, N:M storage modes), each output verified; the last
+   verified graph is the one translated;
+3. translate: ``torch.onnx.export(exported_program, custom_translation_table=...)``;
+4. optimize: ONNX Runtime's graph optimizations, applied offline;
+5. save: ``model.onnx`` + ``model.onnx.data`` (equal initializers stored once);
+6. parity: the artifact against the torch model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +31,21 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 
-from modelfold.backends.onnxruntime import wrappers
-from modelfold.backends.onnxruntime.lora_lowering import check_lora_mode, lora_export
+from modelfold.backends.onnxruntime.lowering import lowerings
+from modelfold.backends.onnxruntime.options import ExportOptions, export_options
 from modelfold.backends.onnxruntime.parity import check_parity
-from modelfold.backends.onnxruntime.quant_lowering import check_accuracy_level, lowering_options
-from modelfold.backends.onnxruntime.runtime import OPTIMIZATION_LEVELS
-from modelfold.backends.onnxruntime.sparse_lowering import check_sparse_mode, sparse_export
+from modelfold.backends.onnxruntime.runtime import MODEL_FILE, OPTIMIZATION_LEVELS
 from modelfold.backends.onnxruntime.translations import translation_table
+from modelfold.errors import ModelfoldError, UsageError
+from modelfold.ir.program import Program
+from modelfold.ir.verify import verify, verify_graph
 
-__all__ = ["OPTIMIZATION_LEVELS", "check_parity", "copy_tokenizer_files", "export_onnx"]
+__all__ = ["OPTIMIZATION_LEVELS", "ExportError", "check_parity", "copy_tokenizer_files",
+           "export_onnx", "lowered_graph"]
 
-MODEL_FILE = "model.onnx"
 UNOPTIMIZED_FILE = "model.unoptimized.onnx"
-
-# Offline optimization level of the artifact. Decode tokens/s of SmolLM2-135M (ORT 1.32, opset 23,
-# 2 threads, 64-token prompt, 64 greedy tokens, median of 5 interleaved runs, session loaded with
-# no further optimization): disabled 37.8, basic 43.8, extended 43.2, all 44.6 (torch eager 14.8);
-# run-to-run noise on this shared machine is about +-3. basic/extended/all are equal within
-# noise. "extended" is chosen: it is the highest level whose output is portable ("all" adds layout
-# transforms for this machine's CPU, and ONNX Runtime documents that such a model must then run on
-# the same hardware); the runtime may still apply "all" at load time.
-DEFAULT_OPTIMIZATION_LEVEL = "extended"
 
 # Files a Hugging Face model/tokenizer directory may hold that an artifact should carry along.
 TOKENIZER_FILES = (
@@ -57,146 +62,212 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 
-# Example sizes for the dynamic dims: all >= 2 (a 1 specializes) and pairwise different, so that
-# torch.export does not unify two dims that merely happen to be equal in the example.
-_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST = 2, 3, 5
+
+class ExportError(ModelfoldError, RuntimeError):
+    """The ONNX exporter could not translate the program (a dialect op with no translation...)."""
 
 
-def export_onnx(
-    model: nn.Module,
-    out_dir: Path,
-    *,
-    opset: int = 23,
-    optimize: bool = True,
-    optimization_level: str = DEFAULT_OPTIMIZATION_LEVEL,
-    keep_unoptimized: bool = False,
-    external_data_threshold_bytes: int = 1024,
-    parity: bool = True,
-    verbose: bool = False,
-    accuracy_level: int = 0,
-    lora: str = "merge",
-    sparse: str = "compressed",
-) -> dict[str, Any]:
-    """Exports `model` to `out_dir/model.onnx` (+ `model.onnx.data`) for ONNX Runtime.
+def export_onnx(model: Program | nn.Module, out_dir: Path, options: ExportOptions | None = None,
+                *, progress: Callable[[str], None] | None = None,
+                **kwargs: Any) -> dict[str, Any]:
+    """Exports a Program (or a model, captured here once) to ``out_dir/model.onnx`` (+ data).
 
-    A decoder (`*ForCausalLM`) becomes a KV-cache model:
-    `input_ids [B,S], attention_mask [B,P+S], position_ids [B,S], past_key_values.{i}.key/value
-    [B,H,P,D]` -> `logits [B,S,V], present.{i}.key/value [B,H,P+S,D]`, with dynamic B, S, P
-    (P = 0 for the prefill). An encoder becomes
-    `input_ids, attention_mask[, token_type_ids]` -> `last_hidden_state`.
+    A decoder becomes a KV-cache model: ``input_ids [B,S], attention_mask [B,T], position_ids
+    [B,S], past_key_values.{i}.key/value [B,H,P,D]`` -> ``logits [B,S,V],
+    present.{i}.key/value [B,H,T,D]``, with dynamic B, S, P (P = 0 for the prefill) and
+    T = P + S. An encoder becomes ``input_ids, attention_mask[, token_type_ids]`` ->
+    ``last_hidden_state``.
 
     Args:
-        model: A Hugging Face model in float32 (any `nn.Module` with a HF config and forward).
-        out_dir: Existing directory to write into (the caller owns atomic moves and manifests).
-        opset: ONNX opset of the default domain. 23 (the default) has `Attention`,
-            `RMSNormalization` and `RotaryEmbedding` ops: SmolLM2-135M decoded at 42.6 tokens/s
-            against 31.3 with opset 18, where those are decomposed into small ops (1,184 vs 2,274
-            nodes after optimization), with the same parity.
-        optimize: Apply ONNX Runtime graph optimizations offline and save the optimized graph.
-        optimization_level: One of `OPTIMIZATION_LEVELS`.
-        keep_unoptimized: Keep `model.unoptimized.onnx` (+ data) next to the optimized model.
-        external_data_threshold_bytes: Initializers at least this large go to `model.onnx.data`.
-        parity: Run `check_parity` on the written artifact and include its result.
-        verbose: Print the exporter's progress.
-        accuracy_level: `accuracy_level` of the `MatMulNBits` nodes that quantized linears
-            (`modelfold::quant_linear`) lower to: 0 (default) computes in float32 like the torch
-            reference; 4 quantizes the activations to int8 per block inside the kernel, much faster
-            on a CPU but only close to the reference; 1, 2, 3 = fp32, fp16, bf16.
-        lora: What becomes of LoRA adapters (`LoraLinear` layers; see `lora_lowering.py`):
-            "merge" (default) folds the active adapters of float bases into the weights for the
-            export (the torch weights are restored exactly) and keeps those of packed bases as
-            Gemm branches; "separate" keeps every adapter a Gemm branch; "inputs" exports the
-            base with one overridable adapter slot per layer and writes one ONNX Runtime adapter
-            file per named adapter under `out_dir/adapters/`.
-        sparse: How N:M sparse layers (`NMLinear`, `NMQuantLinear`; see `sparse_lowering.py`) are
-            stored: "compressed" (default) keeps the kept values / codes and packed indices, with a
-            decompression subgraph that ONNX Runtime constant-folds when it loads the model (so the
-            offline optimization runs without constant folding; a session opened with
-            optimization_level "disabled" would decompress on every run); "dense" exports dense
-            weights (`MatMul` / `MatMulNBits` initializers, a bigger file).
+        model: a ``Program`` (its verified graph is lowered) or a Hugging Face model in float32.
+        out_dir: existing directory to write into (the caller owns atomic moves and manifests).
+        options: ``ExportOptions`` (or give its fields as keyword arguments).
+        progress: called with one line per phase (name and elapsed seconds).
 
     Returns:
         Facts for the manifest: kind, layer count and cache layout, files and byte sizes, opset,
-        `inputs`/`outputs` (name -> dims, symbolic dims by name), op counts, optimization
-        level, export/optimize seconds, parity (see `check_parity`), and `lora` (mode, layers,
-        merged / kept_unmerged with reasons, adapters, adapter files, base parity) when the model
-        has LoRA layers, and `sparse` (mode, layers, patterns, compressed and dense bytes of those
-        layers' tensors) when it has N:M sparse layers.
+        ``inputs`` / ``outputs`` (name -> dims, symbolic dims by name), op counts, optimization
+        level, phase seconds, the graph passes applied by the lowering, ``lowered_graph``
+        (whether it is the Program's verified graph and how many captures the export made),
+        parity, and per registered lowering its facts (``lora``, ``sparse``) when it has any.
     """
+    options = export_options(options, **kwargs)
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise ValueError(f"out_dir {out_dir} does not exist; create it before exporting")
-    if optimization_level not in OPTIMIZATION_LEVELS:
-        raise ValueError(
-            f"optimization_level must be one of {sorted(OPTIMIZATION_LEVELS)}, got {optimization_level!r}"
-        )
-    if external_data_threshold_bytes < 0:
-        raise ValueError(f"external_data_threshold_bytes must be >= 0, got {external_data_threshold_bytes}")
-    if opset < 18:
-        raise ValueError(f"opset must be >= 18 (torch.onnx's dynamo exporter), got {opset}")
-    check_accuracy_level(accuracy_level)
-    check_lora_mode(lora)
-    check_sparse_mode(sparse)
-    _check_float32(model)
-
-    was_training = model.training
-    model.eval()
-    start = time.perf_counter()
-    try:
-        with (
-            wrappers.exportable_experts(model) as experts_impl,
-            lowering_options(accuracy_level=accuracy_level),
-            sparse_export(model, sparse) as sparse_plan,  # before LoRA: a base may be swapped
-            lora_export(model, lora) as lora_plan,
-        ):
-            if wrappers.is_decoder(model):
-                facts = _export_decoder(model, out_dir / UNOPTIMIZED_FILE, opset, verbose)
-            else:
-                facts = _export_encoder(model, out_dir / UNOPTIMIZED_FILE, opset, verbose)
-    finally:
-        model.train(was_training)
-    facts["export_seconds"] = round(time.perf_counter() - start, 3)
-    if experts_impl is not None:
-        facts["experts_implementation"] = experts_impl
-
-    facts["tied_weight_matmuls"] = _rewrite_graph_in_place(out_dir / UNOPTIMIZED_FILE)
-    lora_plan.expose_inputs(out_dir / UNOPTIMIZED_FILE)
-    start = time.perf_counter()
-    if optimize:
-        _optimize_with_ort(
-            out_dir / UNOPTIMIZED_FILE,
-            out_dir / MODEL_FILE,
-            OPTIMIZATION_LEVELS[optimization_level],
-            external_data_threshold_bytes,
-            # Folding would write the decompressed (dense) weights into the file; at load it runs.
-            disabled_optimizers=["ConstantFolding"] if sparse_plan.compressed else None,
-        )
-        if not keep_unoptimized:
-            _remove_model(out_dir / UNOPTIMIZED_FILE)
-    else:
-        _resave(out_dir / UNOPTIMIZED_FILE, out_dir / MODEL_FILE, external_data_threshold_bytes)
-        _remove_model(out_dir / UNOPTIMIZED_FILE)
-    facts["shared_initializers"] = _dedupe_initializers(out_dir / MODEL_FILE,
-                                                        external_data_threshold_bytes)
-    facts["optimize_seconds"] = round(time.perf_counter() - start, 3)
-    facts["optimization_level"] = optimization_level if optimize else "disabled"
-    facts["opset"] = opset
-    facts["accuracy_level"] = accuracy_level
-    facts["files"] = {
-        p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.name.startswith("model.")
-    }
-    facts.update(_graph_facts(out_dir / MODEL_FILE))
-    lora_plan.finish(model, out_dir / MODEL_FILE, out_dir)
-    if parity:
-        if lora_plan.slots:
-            facts["parity"] = lora_plan.check_parity(model, out_dir)
+        raise UsageError(f"out_dir {out_dir} does not exist; create it before exporting")
+    program = model if isinstance(model, Program) else Program(model)
+    _check_float32(program.module)
+    options.check_graph_passes()
+    phases = _Phases(progress)
+    captures = program.captures
+    steps = [cls(program, options) for cls in lowerings()]  # option checks before any work
+    with phases("verify"):
+        if program.verified_graph is None or program.verified_graph is not program.exported:
+            verify(program)
+    with phases("lower"):
+        ep, applied = lowered_graph(program, options, steps)
+    facts = _signature_facts(program)
+    facts["graph_passes"] = applied
+    unoptimized = out_dir / UNOPTIMIZED_FILE
+    with phases("translate"):
+        _translate(ep, program, unoptimized, options, steps)
+        for step in steps:
+            step.edit_onnx(unoptimized)
+    with phases("optimize"):
+        if options.optimize:
+            disabled = sorted({name for step in steps for name in step.disabled_optimizers()})
+            _optimize_with_ort(unoptimized, out_dir / MODEL_FILE,
+                               OPTIMIZATION_LEVELS[options.optimization_level],
+                               options.external_data_threshold_bytes, disabled or None)
+            if not options.keep_unoptimized:
+                _remove_model(unoptimized)
         else:
-            facts["parity"] = check_parity(model, out_dir)
-    if lora_plan.has_layers:
-        facts["lora"] = lora_plan.facts
-    if sparse_plan.has_layers:
-        facts["sparse"] = sparse_plan.facts
+            _resave(unoptimized, out_dir / MODEL_FILE, options.external_data_threshold_bytes)
+            _remove_model(unoptimized)
+    with phases("save"):
+        facts["shared_initializers"] = _dedupe_initializers(
+            out_dir / MODEL_FILE, options.external_data_threshold_bytes)
+        for step in steps:
+            step.finish(out_dir)
+    facts["optimization_level"] = options.optimization_level if options.optimize else "disabled"
+    facts["opset"] = options.opset
+    facts["accuracy_level"] = options.accuracy_level
+    facts["files"] = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())
+                      if p.name.startswith("model.")}
+    facts.update(_graph_facts(out_dir / MODEL_FILE))
+    facts["tied_weight_matmuls"] = sum(1 for n in ep.graph.nodes  # tied-linear's rewrites
+                                       if str(n.target) == "modelfold.tied_linear.default")
+    facts["lowered_graph"] = {"verified": ep is program.verified_graph,
+                              "captures_during_export": program.captures - captures}
+    if options.parity:
+        with phases("parity"):
+            custom = [r for r in (step.parity(out_dir) for step in steps) if r is not None]
+            facts["parity"] = custom[0] if custom else check_parity(program.module, out_dir)
+    for step in steps:
+        if step.facts:
+            facts[step.name] = step.facts
+    facts["seconds"] = phases.seconds
+    facts["export_seconds"] = round(sum(phases.seconds.values()), 3)
     return facts
+
+
+def lowered_graph(program: Program, options: ExportOptions, steps: list | None = None
+                  ) -> tuple[ExportedProgram, dict[str, Any]]:
+    """The graph this backend translates: the Program's verified graph after the default graph
+    passes and the lowerings' graph steps (each output verified; ``program.verified_graph`` is
+    the result). Returns it with the details of the graph passes applied."""
+    from modelfold.passes.registry import registered_passes
+
+    ep = program.exported
+    applied: dict[str, Any] = {}
+    done = {p.name for p in program.graph_passes}
+    for name, cls in registered_passes().items():
+        if "onnxruntime" in getattr(cls, "default_for", ()) and name not in done \
+                and name not in options.disable:
+            new, details = cls().rewrite(program, ep)
+            applied[name] = details
+            if new is not ep:
+                ep = verify_graph(program, new)
+    for step in steps if steps is not None else [c(program, options) for c in lowerings()]:
+        new = step.rewrite(ep)
+        if new is not ep:
+            ep = verify_graph(program, new)
+    return ep, applied
+
+
+class _Phases:
+    """Times the export's phases and reports each (``progress``) as it starts and ends."""
+
+    def __init__(self, progress: Callable[[str], None] | None):
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.progress:
+            self.progress(f"export: {name} ...")
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        if self.progress:
+            self.progress(f"export: {name} done in {self.seconds[name]:.1f} s "
+                          f"({time.perf_counter() - self.start:.0f} s so far)")
+
+
+def _signature_facts(program: Program) -> dict[str, Any]:
+    sig = program.signature
+    config = program.module.config
+    facts: dict[str, Any] = {"kind": sig.kind,
+                             "model_type": getattr(config, "model_type", type(program.module).__name__)}
+    if sig.kind == "causal-lm":
+        facts.update(num_layers=sig.cache.num_layers, num_kv_heads=sig.cache.num_kv_heads,
+                     head_dim=sig.cache.head_dim, vocab_size=config.vocab_size)
+        if getattr(config, "_experts_implementation", None) is not None:
+            facts["experts_implementation"] = "batched_mm"  # what capture uses (signature.py)
+    else:
+        facts["num_layers"] = getattr(config, "num_hidden_layers", None)
+    return facts
+
+
+def _translate(ep: ExportedProgram, program: Program, path: Path, options: ExportOptions,
+               steps: list) -> None:
+    """``torch.onnx.export`` of ``ep`` to ``path`` (+ external data), dims named as the signature."""
+    sig = program.signature
+    with contextlib.ExitStack() as stack, warnings.catch_warnings(), torch.no_grad():
+        for step in steps:
+            stack.enter_context(step.context())
+        logger = logging.getLogger("torch.onnx")
+        level = logger.level
+        if not options.verbose:
+            # "The axis name: batch will not be used, since it shares the same shape constraints
+            # with another axis: batch" is emitted once per input sharing a dim; it is harmless.
+            warnings.simplefilter("ignore")
+            logger.setLevel(logging.ERROR)
+        try:
+            onnx_program = torch.onnx.export(
+                ep, (), dynamo=True, input_names=list(sig.inputs), output_names=list(sig.outputs),
+                opset_version=options.opset, custom_translation_table=translation_table(),
+                optimize=True, verbose=options.verbose, report=False)
+        except Exception as err:
+            raise ExportError(f"torch.onnx.export failed for {type(program.module).__name__}: "
+                              f"{err}{_export_hint(err)}") from err
+        finally:
+            logger.setLevel(level)
+    # Weights as external data: a >2 GB protobuf cannot be written at all, and a separate data
+    # file lets ONNX Runtime memory-map the weights.
+    onnx_program.save(str(path), external_data=True)
+    _name_dims(path, ep, program)
+
+
+def _name_dims(path: Path, ep: ExportedProgram, program: Program) -> None:
+    """Gives the symbolic dims of the ONNX inputs and outputs the signature's names (batch,
+    sequence, past_sequence, total_sequence) instead of torch.export's symbols (``s10``); the
+    present keys/values' length is ``total_sequence``, as in the attention mask. Only the graph
+    file changes."""
+    sig = program.signature
+    symbols: dict[str, str] = {}
+    inputs = [n for n in ep.graph.nodes if n.op == "placeholder"][-len(sig.inputs):]
+    for name, node in zip(sig.inputs, inputs):
+        shape = getattr(node.meta.get("val"), "shape", ())
+        for axis, dim in sig.dims.get(name, {}).items():
+            if axis < len(shape) and not isinstance(shape[axis], int):
+                symbols[str(shape[axis])] = dim
+    if not symbols:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, symbols)) + r")\b")
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda m: symbols[m.group(1)], d.dim_param)
+    for output in graph.output:
+        if output.name.startswith("present."):
+            dims = output.type.tensor_type.shape.dim
+            if len(dims) == 4 and dims[2].dim_param:
+                dims[2].dim_param = "total_sequence"
+    onnx.save_model(model, str(path))
 
 
 def copy_tokenizer_files(src_dir: Path, out_dir: Path) -> list[str]:
@@ -207,7 +278,7 @@ def copy_tokenizer_files(src_dir: Path, out_dir: Path) -> list[str]:
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     if not src_dir.is_dir():
-        raise ValueError(f"tokenizer source {src_dir} is not a directory")
+        raise UsageError(f"tokenizer source {src_dir} is not a directory")
     copied = []
     for name in TOKENIZER_FILES:
         if (src_dir / name).is_file():
@@ -219,112 +290,10 @@ def copy_tokenizer_files(src_dir: Path, out_dir: Path) -> list[str]:
 def _check_float32(model: nn.Module) -> None:
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
-        raise ValueError(
+        raise UsageError(
             f"export_onnx expects float32 floating-point parameters, found {sorted(map(str, dtypes))}; "
             "call model.float() first (lower precision belongs in a quantization pass)"
         )
-
-
-def _export_decoder(model: nn.Module, path: Path, opset: int, verbose: bool) -> dict[str, Any]:
-    layout = wrappers.probe_cache_layout(model)
-    num_layers = layout.num_layers
-    wrapper = wrappers.KVCacheDecoder(model, num_layers)
-
-    batch, seq, past_len = _EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST
-    vocab = _vocab_size(model)
-    input_ids = torch.randint(0, vocab, (batch, seq))  # [B, S]
-    attention_mask = torch.ones(batch, past_len + seq, dtype=torch.long)  # [B, T]
-    position_ids = wrappers.decoder_positions(attention_mask, seq)  # [B, S]
-    cache_shape = (batch, layout.num_kv_heads, past_len, layout.head_dim)  # [B, H, P, D]
-    past = [torch.randn(cache_shape, dtype=layout.dtype) for _ in range(2 * num_layers)]
-
-    input_names = [wrappers.INPUT_IDS, wrappers.ATTENTION_MASK, wrappers.POSITION_IDS]
-    output_names = [wrappers.LOGITS]
-    for layer in range(num_layers):
-        input_names += [wrappers.past_name(layer, "key"), wrappers.past_name(layer, "value")]
-        output_names += [wrappers.present_name(layer, "key"), wrappers.present_name(layer, "value")]
-    cache_dims = {0: "batch", 2: "past_sequence"}
-    dynamic_shapes = {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "past": tuple(cache_dims for _ in range(2 * num_layers)),
-    }
-    args = (input_ids, attention_mask, position_ids, *past)
-    _torch_onnx_export(wrapper, args, dynamic_shapes, input_names, output_names, path, opset, verbose)
-    return {
-        "kind": "causal-lm",
-        "model_type": getattr(model.config, "model_type", type(model).__name__),
-        "num_layers": num_layers,
-        "num_kv_heads": layout.num_kv_heads,
-        "head_dim": layout.head_dim,
-        "vocab_size": vocab,
-    }
-
-
-def _export_encoder(model: nn.Module, path: Path, opset: int, verbose: bool) -> dict[str, Any]:
-    wrapper = wrappers.Encoder(model)
-    batch, seq = _EXAMPLE_BATCH, _EXAMPLE_SEQUENCE + 2
-    input_ids = torch.randint(0, _vocab_size(model), (batch, seq))  # [B, S]
-    attention_mask = torch.ones(batch, seq, dtype=torch.long)  # [B, S]
-    args: tuple[torch.Tensor, ...] = (input_ids, attention_mask)
-    dims = {0: "batch", 1: "sequence"}
-    dynamic_shapes: dict[str, Any] = {"input_ids": dims, "attention_mask": dims}
-    input_names = [wrappers.INPUT_IDS, wrappers.ATTENTION_MASK]
-    if wrappers.encoder_uses_token_type_ids(model):
-        args += (torch.zeros(batch, seq, dtype=torch.long),)
-        dynamic_shapes["token_type_ids"] = dims
-        input_names.append(wrappers.TOKEN_TYPE_IDS)
-    output_names = [wrappers.LAST_HIDDEN_STATE]
-    _torch_onnx_export(wrapper, args, dynamic_shapes, input_names, output_names, path, opset, verbose)
-    return {
-        "kind": "encoder",
-        "model_type": getattr(model.config, "model_type", type(model).__name__),
-        "num_layers": getattr(model.config, "num_hidden_layers", None),
-    }
-
-
-def _torch_onnx_export(
-    wrapper: nn.Module,
-    args: tuple[torch.Tensor, ...],
-    dynamic_shapes: dict[str, Any],
-    input_names: list[str],
-    output_names: list[str],
-    path: Path,
-    opset: int,
-    verbose: bool,
-) -> None:
-    with warnings.catch_warnings(), torch.no_grad():
-        if not verbose:
-            # "The axis name: batch will not be used, since it shares the same shape constraints
-            # with another axis: batch" is emitted once per input sharing a dim; it is harmless.
-            warnings.simplefilter("ignore")
-        logger = logging.getLogger("torch.onnx")
-        level = logger.level
-        if not verbose:
-            logger.setLevel(logging.ERROR)
-        try:
-            program = torch.onnx.export(
-                wrapper,
-                args,
-                dynamo=True,
-                dynamic_shapes=dynamic_shapes,
-                input_names=input_names,
-                output_names=output_names,
-                opset_version=opset,
-                custom_translation_table=translation_table(),
-                optimize=True,
-                verbose=verbose,
-                report=False,
-            )
-        except Exception as err:
-            hint = _export_hint(err)
-            raise RuntimeError(f"torch.onnx.export failed for {_model_name(wrapper)}: {err}{hint}") from err
-        finally:
-            logger.setLevel(level)
-    # Weights as external data: a >2 GB protobuf cannot be written at all, and a separate data
-    # file lets ONNX Runtime memory-map the weights.
-    program.save(str(path), external_data=True)
 
 
 def _export_hint(err: Exception) -> str:
@@ -339,81 +308,6 @@ def _export_hint(err: Exception) -> str:
         f"\n{op_name} has no ONNX translation: register one with "
         "modelfold.backends.onnxruntime.translations.register_translation(op, fn)."
     )
-
-
-def _model_name(wrapper: nn.Module) -> str:
-    return type(getattr(wrapper, "model", wrapper)).__name__
-
-
-def _rewrite_graph_in_place(path: Path) -> int:
-    """Graph touch-ups before ONNX Runtime's optimizer; returns the tied-weight MatMuls rewritten.
-
-    Only the graph file changes; initializers and the external data file are untouched.
-    """
-    model = onnx.load(str(path), load_external_data=False)
-    rewritten = _matmul_tied_weights(model.graph)
-    if rewritten and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    _name_present_length(model.graph)
-    onnx.save_model(model, str(path))
-    return rewritten
-
-
-def _name_present_length(graph: onnx.GraphProto) -> None:
-    """Names the length dim of every present key/value "total_sequence" (as in attention_mask).
-
-    The exporter writes the symbolic sum, once as "past_sequence + sequence" and once as
-    "sequence + past_sequence"; one name tells a consumer that all of them are equal.
-    """
-    for output in graph.output:
-        if output.name.startswith("present."):
-            dims = output.type.tensor_type.shape.dim
-            if len(dims) == 4 and dims[2].dim_param:
-                dims[2].dim_param = "total_sequence"
-
-
-def _matmul_tied_weights(graph: onnx.GraphProto) -> int:
-    """Rewrites `MatMul(x, Transpose(W))` to `FusedMatMul(x, W, transB=1)` when W is shared.
-
-    A tied LM head reads the embedding table [V, E] through a Transpose. ONNX Runtime constant-folds
-    that Transpose into a second, transposed copy of the table, which grew SmolLM2-135M's artifact
-    from 538 MB to 651 MB. Multiplying by W transposed in the kernel keeps one copy; decode and
-    prefill speed were unchanged (33.9 vs 33.5 tokens/s; logits for 256 tokens 1.41 vs 1.39 s).
-
-    Returns:
-        The number of MatMuls rewritten.
-    """
-    initializers = {init.name for init in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    removed: set[int] = set()
-    rewritten = 0
-    for index, node in enumerate(graph.node):
-        weight = node.input[0] if node.op_type == "Transpose" else None
-        if weight not in initializers or len(consumers[weight]) < 2:
-            continue  # not a shared weight: ONNX Runtime's folding leaves a single copy
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        users = consumers.get(node.output[0], [])
-        if perm != [1, 0] or not users:
-            continue
-        if not all(u.op_type == "MatMul" and u.input[1] == node.output[0] for u in users):
-            continue
-        for user in users:
-            user.op_type, user.domain = "FusedMatMul", "com.microsoft"
-            user.input[1] = weight
-            user.attribute.extend(
-                [onnx.helper.make_attribute("transB", 1), onnx.helper.make_attribute("alpha", 1.0)]
-            )
-            rewritten += 1
-        removed.add(index)
-    if removed:
-        kept = [node for i, node in enumerate(graph.node) if i not in removed]
-        del graph.node[:]
-        graph.node.extend(kept)
-    return rewritten
 
 
 def _optimize_with_ort(
@@ -536,10 +430,3 @@ def _graph_facts(path: Path) -> dict[str, Any]:
         "outputs": shapes(graph.output),
         "onnx_nodes": dict(sorted(counts.items())),
     }
-
-
-def _vocab_size(model: nn.Module) -> int:
-    vocab = getattr(model.config, "vocab_size", None)
-    if not isinstance(vocab, int) or vocab < 2:
-        raise ValueError(f"model.config.vocab_size is {vocab!r}; the export needs the vocabulary size")
-    return vocab

@@ -4,12 +4,12 @@
 2-D: ``h = Gemm(x2, A, transB=1)``, ``d = Gemm(h, B, transB=1, alpha=scaling)``, reshaped back to
 ``[..., out]``.
 
-``export_onnx(..., lora=MODE)`` chooses what becomes of the ``LoraLinear`` layers:
+``ExportOptions(lora=MODE)`` chooses what becomes of the ``LoraLinear`` layers (``LoraLowering``,
+graph steps on the exported copy of the graph; the torch model is not touched):
 
-- ``"merge"`` (default): active adapters on float bases are folded into the base weight for the
-  export (a plain MatMul, no overhead); the torch weights are restored bit for bit afterwards
-  from clones (not by unmerge arithmetic). Adapters on packed (quantized) bases, or on a weight
-  shared with another layer, cannot be merged: they stay a Gemm branch next to the base's
+- ``"merge"`` (default): active adapters on float bases are folded into the base weight of the
+  lowered graph (a plain MatMul, no overhead). Adapters on packed (quantized) bases, or on a
+  weight shared with another layer, cannot be merged: they stay a Gemm branch next to the base's
   MatMul(NBits) and are listed in ``kept_unmerged`` with the reason.
 - ``"separate"``: every active adapter stays a Gemm branch.
 - ``"inputs"``: ONNX Runtime's multi-adapter mechanism. Each LoRA layer gets one slot whose
@@ -27,45 +27,47 @@ Shape legend: M = tokens (batch x sequence), in / out = the layer's features, r 
 
 from __future__ import annotations
 
-import contextlib
 import re
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import torch
 from onnxscript import opset18 as op
 from torch import nn
+from torch.export import ExportedProgram
 
-from modelfold.backends.onnxruntime.runtime import ADAPTER_SUFFIX, ADAPTERS_DIR
+from modelfold.backends.onnxruntime.lowering import Lowering, register_lowering
+from modelfold.backends.onnxruntime.runtime import ADAPTER_SUFFIX, ADAPTERS_DIR, MODEL_FILE
 from modelfold.backends.onnxruntime.translations import ensure_registered
-from modelfold.ir.lora import LoraAdapter, LoraLinear, adapter_names, lora_layers
+from modelfold.errors import UsageError
+from modelfold.ir.graph import GraphEditor, GraphRewriteError, layer_io, nodes_by_owner
+from modelfold.ir.lora import LoraLinear, adapter_names, lora_layers
+from modelfold.ir.modules import to_storage
+from modelfold.ir.signature import WRAPPED_PREFIX
 from modelfold.ir.tying import parameter_uses
+
+if TYPE_CHECKING:
+    from modelfold.backends.onnxruntime.options import ExportOptions
+    from modelfold.ir.program import Program
 
 __all__ = [
     "ADAPTERS_DIR",
     "ADAPTER_SUFFIX",
-    "LORA_MODES",
-    "LoraExport",
+    "LoraLowering",
     "adapter_parameters",
-    "check_lora_mode",
     "lora_delta_onnx",
-    "lora_export",
     "register_lora_translations",
     "write_ort_adapter",
 ]
 
-LORA_MODES = ("merge", "separate", "inputs")
 
-# The placeholder adapter each layer carries during an "inputs" export. Rank 2, not 1: a [M, 1]
+# The rank of the slot branch each layer carries in an "inputs" export. 2, not 1: a [M, 1]
 # intermediate invites broadcast rewrites of the second Gemm; nothing special-cases 2. Each slot's
 # values are unique (layer index), because torch.onnx's optimizer merges initializers of equal
 # content (a test model whose B's were all 0.05 came out with one B per shape).
-_SLOT = "ort_slot_{}"
 _SLOT_RANK = 2
 
 
@@ -92,46 +94,124 @@ def register_lora_translations() -> None:
 
 
 # -- export modes --------------------------------------------------------------------------------
-def check_lora_mode(mode: str) -> str:
-    """Returns ``mode`` if it is one of ``LORA_MODES``; raises ValueError naming the option if not."""
-    if not isinstance(mode, str) or mode not in LORA_MODES:
-        raise ValueError(
-            f"lora must be one of {', '.join(repr(m) for m in LORA_MODES)} (how LoRA adapters are "
-            f"exported: merged into the weights, separate Gemm branches, or ONNX Runtime adapter "
-            f"inputs), got {mode!r}"
-        )
-    return mode
+@register_lowering
+class LoraLowering(Lowering):
+    """The LoRA layers in an export (``ExportOptions.lora``); facts under ``lora``.
 
+    "merge" and "inputs" are graph steps on the lowered copy of the Program's graph (the torch
+    model is never changed): "merge" replaces each float base weight by ``W + sum s B A`` and
+    drops the branches; "inputs" replaces each layer's branches by one slot branch whose tensors
+    ``edit_onnx`` turns into overridable, empty initializers.
 
-@dataclass
-class LoraExport:
-    """What one export does with the LoRA layers of a model; its ``facts`` go to the manifest.
-
-    Built by ``lora_export``; ``export_onnx`` calls ``expose_inputs`` on the unoptimized graph,
-    ``finish`` on the final one, and (mode "inputs") ``check_parity``.
+    Raises (when built):
+        UsageError: mode "inputs" on a model without LoRA layers, with adapters merged into the
+            base weights (the base of the artifact must be the bare model), or with an adapter
+            name that cannot name a file.
     """
 
-    mode: str
-    facts: dict[str, Any] = field(default_factory=dict)
-    # "inputs": module path -> (in, out) of each layer's slot.
-    slots: dict[str, tuple[int, int]] = field(default_factory=dict)
+    name = "lora"
+    order = 10
 
-    @property
-    def has_layers(self) -> bool:
-        return bool(self.facts)
+    def __init__(self, program: Program, options: ExportOptions):
+        super().__init__(program, options)
+        self.mode = options.lora
+        self.layers = lora_layers(program.module)
+        self.slots: dict[str, tuple[int, int]] = {}  # "inputs": path -> (in, out)
+        if not self.layers:
+            if self.mode == "inputs":
+                raise UsageError("lora='inputs' exports LoRA layers as ONNX Runtime adapter "
+                                 "inputs, but the model has no LoRA layers (run the lora pass "
+                                 "first)")
+            return
+        self.facts = _describe(self.layers, self.mode)
+        if self.mode == "inputs":
+            merged = [path for path, layer in self.layers.items() if layer.merged]
+            if merged:
+                raise UsageError(
+                    f"lora='inputs' needs the base weights without adapters, but {len(merged)} "
+                    f"layers (e.g. {merged[0]}) have merged adapters; unmerge them first "
+                    "(modelfold.ir.lora.unmerge_adapters)")
+            for name in adapter_names(program.module):
+                if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):  # it becomes a file name
+                    raise UsageError(
+                        f"lora='inputs' writes adapters/<name>.onnx_adapter, and the adapter name "
+                        f"{name!r} cannot name a file; use letters, digits, '_' or '-'")
 
-    def expose_inputs(self, path: Path) -> None:
-        """Mode "inputs": turns the slot initializers of the unoptimized model at ``path`` into
-        overridable initializers (graph inputs with empty defaults); no-op in other modes."""
+    # -- graph steps -----------------------------------------------------------------------
+    def rewrite(self, ep: ExportedProgram) -> ExportedProgram:
+        if not self.layers or self.mode == "separate":
+            return ep
+        editor = GraphEditor(ep)
+        owned = nodes_by_owner(editor)
+        if self.mode == "merge":
+            self._merge(editor, owned)
+        else:
+            self._slots(editor, owned)
+        return editor.finish()
+
+    def _merge(self, editor: GraphEditor, owned: dict[str, list]) -> None:
+        uses = parameter_uses(self.program.module)
+        merged: list[str] = []
+        kept: list[dict[str, Any]] = []
+        for path, layer in self.layers.items():
+            pending = [n for n in layer.active if n not in layer.merged]
+            if not pending:
+                continue
+            base = layer.base_layer
+            if not layer.can_merge():
+                reason = (f"packed {type(base).__name__} base: merging would re-quantize the "
+                          "weight; exported as a Gemm branch next to the quantized MatMul")
+            elif uses[id(base.weight)] > 1:
+                reason = ("base weight shared with another layer (tied): merging would change "
+                          "that layer too; exported as a Gemm branch")
+            else:
+                reason = None
+            if reason:
+                kept.append({"path": path, "adapters": pending, "reason": reason})
+                continue
+            weight = _placeholder(editor, f"{path}.base_layer.weight")
+            with torch.no_grad():  # the arithmetic of LoraLinear.merge, on a copy
+                value = base.weight.detach().clone()
+                for name in pending:
+                    value += to_storage(base, layer.adapters[name].delta_weight()).to(value.dtype)
+            weight.replace_all_uses_with(editor.add_tensor(f"{path}.base_layer.weight", value))
+            _, base_out, out = layer_io(owned, path)
+            if out is not base_out:
+                out.replace_all_uses_with(base_out)
+            merged.append(path)
+        self.facts["merged"] = merged
+        self.facts["kept_unmerged"] = kept
+
+    def _slots(self, editor: GraphEditor, owned: dict[str, list]) -> None:
+        for index, (path, layer) in enumerate(self.layers.items()):
+            k, n = layer.in_features, layer.out_features
+            # Each slot's values are unique (layer index): torch.onnx's optimizer merges
+            # initializers of equal content.
+            a = editor.add_tensor(f"{path}.lora_A", torch.full((_SLOT_RANK, k), index + 1.0))
+            b = editor.add_tensor(f"{path}.lora_B", torch.full((n, _SLOT_RANK), -(index + 1.0)))
+            x, base_out, out = layer_io(owned, path)
+            delta = editor.call(torch.ops.modelfold.lora_delta.default, (x, a, b, 1.0), near=out,
+                                after=True)
+            new_out = editor.call(torch.ops.aten.add.Tensor, (base_out, delta), near=delta,
+                                  after=True)
+            out.replace_all_uses_with(
+                new_out, delete_user_cb=lambda u, own=(delta, new_out): u not in own)
+            self.slots[path] = (k, n)
+        self.facts["slots"] = len(self.slots)
+        self.facts["input_names"] = ("<module path>.lora_A [r, in], <module path>.lora_B "
+                                     "[out, r]")
+
+    # -- the ONNX file ---------------------------------------------------------------------
+    def edit_onnx(self, path: Path) -> None:
         if self.slots:
             _expose_slots(Path(path), self.slots)
 
-    def finish(self, model: nn.Module, model_path: Path, out_dir: Path) -> None:
-        """Mode "inputs": checks that the (optimized) graph kept the slots overridable and writes
-        one adapter file per named adapter under ``out_dir/adapters``; no-op in other modes."""
+    def finish(self, out_dir: Path) -> None:
+        """Mode "inputs": checks that the optimized graph kept the slots overridable and writes
+        one adapter file per named adapter under ``out_dir/adapters``."""
         if not self.slots:
             return
-        graph = onnx.load(str(model_path), load_external_data=False).graph
+        graph = onnx.load(str(Path(out_dir) / MODEL_FILE), load_external_data=False).graph
         initializers = {init.name: list(init.dims) for init in graph.initializer}
         inputs = {i.name for i in graph.input}
         for path, (k, n) in self.slots.items():
@@ -139,9 +219,9 @@ class LoraExport:
                 if name not in inputs or initializers.get(name) != dims:
                     raise RuntimeError(
                         f"ONNX Runtime's optimizer did not keep {name} an overridable initializer "
-                        f"{dims} (input: {name in inputs}, initializer: {initializers.get(name)})"
-                    )
+                        f"{dims} (input: {name in inputs}, initializer: {initializers.get(name)})")
         files = {}
+        model = self.program.module
         for name in adapter_names(model):
             target = Path(out_dir) / ADAPTERS_DIR / f"{name}{ADAPTER_SUFFIX}"
             files[name] = write_ort_adapter(model, target, [name])
@@ -149,14 +229,18 @@ class LoraExport:
         self.facts["adapter_files"] = files
 
     @torch.no_grad()
-    def check_parity(self, model: nn.Module, out_dir: Path) -> dict[str, Any]:
+    def parity(self, out_dir: Path) -> dict[str, Any] | None:
         """Mode "inputs": parity of the artifact with the active adapters applied against the
         torch model (returned), and of the bare artifact against the torch model with every
         adapter deactivated (``facts["base_parity"]``)."""
+        if not self.slots:
+            return None
         from modelfold.backends.onnxruntime.parity import check_parity
 
-        layers = lora_layers(model)
-        active = [n for n in adapter_names(model) if any(n in layer.active for layer in layers.values())]
+        model = self.program.module
+        layers = self.layers
+        active = [n for n in adapter_names(model)
+                  if any(n in layer.active for layer in layers.values())]
         saved = {path: list(layer.active) for path, layer in layers.items()}
         try:
             for layer in layers.values():
@@ -169,9 +253,8 @@ class LoraExport:
             self.facts["parity_adapter"] = None
             return dict(self.facts["base_parity"])
         single = f"{ADAPTERS_DIR}/{active[0]}{ADAPTER_SUFFIX}"
-        if len(active) == 1 and all(
-            layer.active == [active[0]] for layer in layers.values() if active[0] in layer.adapters
-        ):
+        if len(active) == 1 and all(layer.active == [active[0]] for layer in layers.values()
+                                    if active[0] in layer.adapters):
             self.facts["parity_adapter"] = single
             return check_parity(model, out_dir, adapter=Path(out_dir) / single)
         # Several adapters active (or one, on only some of its layers): the layers' active sets
@@ -183,145 +266,38 @@ class LoraExport:
             return check_parity(model, out_dir, adapter=path)
 
 
-@contextlib.contextmanager
-def lora_export(model: nn.Module, mode: str) -> Iterator[LoraExport]:
-    """Prepares the ``LoraLinear`` layers of ``model`` for an export in ``mode``, and puts them back.
-
-    "merge": merges the active adapters of float bases (their weights are cloned first and copied
-    back on exit, bit-exact). "inputs": swaps each layer's adapters for one placeholder slot
-    (restored on exit). "separate": changes nothing.
-
-    Raises:
-        ValueError: Bad ``mode``; mode "inputs" on a model without LoRA layers, with adapters
-            merged into the base weights (the base of the artifact must be the bare model), or
-            with an adapter name that cannot name a file.
-    """
-    check_lora_mode(mode)
-    layers = lora_layers(model)
-    export = LoraExport(mode)
-    if not layers:
-        if mode == "inputs":
-            raise ValueError(
-                "lora='inputs' exports LoRA layers as ONNX Runtime adapter inputs, "
-                "but the model has no LoRA layers (run the lora pass first)"
-            )
-        yield export
-        return
-    export.facts = _describe(layers, mode)
-    if mode == "inputs":
-        merged = [path for path, layer in layers.items() if layer.merged]
-        if merged:
-            raise ValueError(
-                f"lora='inputs' needs the base weights without adapters, but {len(merged)} layers "
-                f"(e.g. {merged[0]}) have merged adapters; unmerge them first "
-                "(modelfold.ir.lora.unmerge_adapters)"
-            )
-        for name in adapter_names(model):
-            if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):  # it becomes a file name
-                raise ValueError(
-                    f"lora='inputs' writes adapters/<name>.onnx_adapter, and the adapter name {name!r} "
-                    "cannot name a file; use letters, digits, '_' or '-'"
-                )
-        with _adapter_slots(layers) as slots:
-            export.slots = slots
-            export.facts["slots"] = len(slots)
-            export.facts["input_names"] = "<module path>.lora_A [r, in], <module path>.lora_B [out, r]"
-            yield export
-        return
-    if mode == "separate":
-        yield export
-        return
-    with _merged_for_export(model, layers, export.facts):
-        yield export
-
-
 def _describe(layers: dict[str, LoraLinear], mode: str) -> dict[str, Any]:
     adapters: dict[str, dict[str, Any]] = {}
     for layer in layers.values():
         for name, adapter in layer.adapters.items():
-            entry = adapters.setdefault(name, {"kinds": [], "layers": 0, "ranks": [], "active_layers": 0})
+            entry = adapters.setdefault(name, {"kinds": [], "layers": 0, "ranks": [],
+                                               "active_layers": 0})
             entry["layers"] += 1
             entry["active_layers"] += name in layer.active
             if adapter.kind not in entry["kinds"]:
                 entry["kinds"].append(adapter.kind)
             if adapter.rank not in entry["ranks"]:
                 entry["ranks"].append(adapter.rank)
-    already = [{"path": p, "adapters": list(layer.merged)} for p, layer in layers.items() if layer.merged]
+    already = [{"path": p, "adapters": list(layer.merged)} for p, layer in layers.items()
+               if layer.merged]
     facts: dict[str, Any] = {"mode": mode, "layers": len(layers), "adapters": adapters}
     if already:  # merged in the torch model: part of the base weights in every mode
         facts["merged_before_export"] = already
     return facts
 
 
-@contextlib.contextmanager
-def _merged_for_export(
-    model: nn.Module, layers: dict[str, LoraLinear], facts: dict[str, Any]
-) -> Iterator[None]:
-    # A weight that appears under several names (layer tying shares Parameters) serves other
-    # layers too: merging into it would change them.
-    uses = parameter_uses(model)
-    merged: list[str] = []
-    kept: list[dict[str, Any]] = []
-    saved: list[tuple[LoraLinear, torch.Tensor, list[str]]] = []
-    try:
-        for path, layer in layers.items():
-            pending = [n for n in layer.active if n not in layer.merged]
-            if not pending:
-                continue
-            base = layer.base_layer
-            if not layer.can_merge():
-                reason = (
-                    f"packed {type(base).__name__} base: merging would re-quantize the weight; "
-                    "exported as a Gemm branch next to the quantized MatMul"
-                )
-            elif uses[id(base.weight)] > 1:
-                reason = (
-                    "base weight shared with another layer (tied): merging would change that "
-                    "layer too; exported as a Gemm branch"
-                )
-            else:
-                reason = None
-            if reason:
-                kept.append({"path": path, "adapters": pending, "reason": reason})
-                continue
-            saved.append((layer, base.weight.detach().clone(), list(layer.merged)))
-            layer.merge(pending)
-            merged.append(path)
-        facts["merged"] = merged
-        facts["kept_unmerged"] = kept
-        yield
-    finally:
-        with torch.no_grad():
-            for layer, weight, was_merged in reversed(saved):
-                layer.base_layer.weight.copy_(weight)  # bit-exact, unlike subtracting the delta
-                layer.merged = was_merged
-
-
-@contextlib.contextmanager
-def _adapter_slots(layers: dict[str, LoraLinear]) -> Iterator[dict[str, tuple[int, int]]]:
-    saved: list[tuple[LoraLinear, nn.ModuleDict, list[str], list[str]]] = []
-    slots: dict[str, tuple[int, int]] = {}
-    try:
-        for index, (path, layer) in enumerate(layers.items()):
-            k, n = layer.in_features, layer.out_features
-            slot = LoraAdapter("lora", k, n, _SLOT_RANK, float(_SLOT_RANK))  # scaling 1: Gemm alpha 1
-            with torch.no_grad():
-                slot.lora_A.fill_(index + 1)
-                slot.lora_B.fill_(-(index + 1))
-            slot.requires_grad_(False)
-            saved.append((layer, layer.adapters, layer.active, layer.merged))
-            layer.adapters = nn.ModuleDict({_SLOT.format(index): slot})
-            layer.active, layer.merged = [_SLOT.format(index)], []
-            slots[path] = (k, n)
-        yield slots
-    finally:
-        for layer, adapters, active, merged in reversed(saved):
-            layer.adapters, layer.active, layer.merged = adapters, active, merged
+def _placeholder(editor: GraphEditor, name: str) -> torch.fx.Node:
+    for node in editor.graph.nodes:
+        if node.op == "placeholder" and editor.is_lifted(node) and \
+                editor.target_name(node) == name:
+            return node
+    raise GraphRewriteError(f"the graph has no lifted tensor {name}")
 
 
 def _expose_slots(path: Path, slots: dict[str, tuple[int, int]]) -> None:
-    """Renames each slot's A / B initializer to ``<module path>.lora_A`` / ``.lora_B``, empties it,
-    declares it a graph input with a symbolic rank, and drops the value_info that pins the rank.
+    """Renames each slot's A / B initializer (the lowered graph's ``model.<path>.lora_A`` /
+    ``.lora_B``) to ``<module path>.lora_A`` / ``.lora_B``, empties it, declares it a graph input
+    with a symbolic rank, and drops the value_info that pins the rank.
 
     Only the graph file changes; the old slot bytes stay unreferenced in the external data file,
     which ONNX Runtime's optimizer rewrites anyway.
@@ -334,17 +310,14 @@ def _expose_slots(path: Path, slots: dict[str, tuple[int, int]]) -> None:
             consumers.setdefault(name, []).append(node)
     by_name = {init.name: init for init in graph.initializer}
     pinned: set[str] = set()  # the [M, r] outputs of the slots' first Gemm
-    for index, (layer_path, (k, n)) in enumerate(slots.items()):
+    for layer_path, (k, n) in slots.items():
         rank = f"{layer_path}.lora_rank"
         for part, empty, dims in (("lora_A", (0, k), [rank, k]), ("lora_B", (n, 0), [n, rank])):
-            suffix = f".adapters.{_SLOT.format(index)}.{part}"
-            found = [name for name in by_name if name.endswith(suffix)]
-            if len(found) != 1:
-                raise RuntimeError(
-                    f"the exported graph has {len(found)} initializers named *{suffix} "
-                    f"(the adapter slot of {layer_path}); expected 1"
-                )
-            old, new = found[0], f"{layer_path}.{part}"
+            new = f"{layer_path}.{part}"
+            old = WRAPPED_PREFIX + new
+            if old not in by_name:
+                raise RuntimeError(f"the exported graph has no initializer {old} (the adapter "
+                                   f"slot of {layer_path})")
             if new in by_name:
                 raise RuntimeError(f"the exported graph already has an initializer named {new}")
             users = consumers.get(old, [])

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from modelfold.backends.onnxruntime import wrappers
 from modelfold.backends.onnxruntime.runtime import OnnxCausalLM, OnnxEncoder
+from modelfold.errors import OptionError
+from modelfold.ir import signature as sig
 
 # Default probe: a batch of 2 prompts of 7 tokens, the second left-padded by 2; then decode steps.
 _PROBE_BATCH, _PROBE_SEQ, _PROBE_PAD = 2, 7, 2
@@ -55,12 +56,12 @@ def check_parity(
         compared positions where the argmax matches), `probe_shape`. Encoders: `max_abs_diff`.
     """
     if decode_steps < 0:
-        raise ValueError(f"decode_steps must be >= 0, got {decode_steps}")
+        raise OptionError(f"decode_steps must be >= 0, got {decode_steps}")
     was_training = model.training
     model.eval()
     try:
         input_ids, attention_mask = _probe(model, input_ids, attention_mask, seed)
-        if wrappers.is_decoder(model):
+        if sig.is_decoder(model):
             return _decoder_parity(model, out_dir, input_ids, attention_mask, decode_steps, threads, adapter)
         return _encoder_parity(model, out_dir, input_ids, attention_mask, threads, adapter)
     finally:
@@ -82,12 +83,12 @@ def _probe(
             attention_mask[1, :_PROBE_PAD] = 0
     input_ids = torch.as_tensor(input_ids, dtype=torch.long)
     if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        raise OptionError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = torch.as_tensor(attention_mask, dtype=torch.long)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(
+        raise OptionError(
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
         )
     return input_ids, attention_mask
@@ -103,7 +104,7 @@ def _decoder_parity(
     adapter: str | Path | None = None,
 ) -> dict[str, Any]:
     onnx_model = OnnxCausalLM(out_dir, threads=threads, use_ort_values=False, adapter=adapter)
-    positions = wrappers.decoder_positions(attention_mask, input_ids.shape[1])  # [B, S]
+    positions = sig.decoder_positions(attention_mask, input_ids.shape[1])  # [B, S]
     cache = DynamicCache()
     torch_logits = model(
         input_ids=input_ids,
@@ -125,7 +126,7 @@ def _decoder_parity(
     for _ in range(decode_steps):
         next_ids = torch_logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_ids)], dim=1)  # [B, T]
-        positions = wrappers.decoder_positions(attention_mask, 1)  # [B, 1]
+        positions = sig.decoder_positions(attention_mask, 1)  # [B, 1]
         torch_logits = model(
             input_ids=next_ids,
             attention_mask=attention_mask,
@@ -158,9 +159,9 @@ def _encoder_parity(
     adapter: str | Path | None = None,
 ) -> dict[str, Any]:
     onnx_model = OnnxEncoder(out_dir, threads=threads, adapter=adapter)
-    wrapper = wrappers.Encoder(model)
+    wrapper = sig.Encoder(model)
     args = [input_ids, attention_mask]
-    if wrappers.TOKEN_TYPE_IDS in onnx_model.input_names:
+    if sig.TOKEN_TYPE_IDS in onnx_model.input_names:
         args.append(torch.zeros_like(input_ids))
     expected = wrapper(*args).numpy()  # [B, S, E]
     actual = onnx_model(*(a.numpy() for a in args))

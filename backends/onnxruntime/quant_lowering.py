@@ -26,8 +26,9 @@
 schemas are declared here (``onnx.defs.OpSchema``) and wrapped in ``onnxscript.values.Op``.
 
 The ``accuracy_level`` attribute of ``MatMulNBits`` (the compute type ONNX Runtime may use inside
-the kernel) is an export option: ``export_onnx`` sets it around ``torch.onnx.export`` with
-``lowering_options``, and the translation reads it when it is traced.
+the kernel) is an export option (``ExportOptions.accuracy_level``): ``QuantLowering`` sets it
+around ``torch.onnx.export`` with ``lowering_options``, and the translation reads it when it is
+traced.
 
 Shape legend: N = output features, K = input features, V = vocabulary, E = embedding dim,
 kb = K blocks (ceil(K / block_size)), P = packed zero-point bytes per row.
@@ -46,20 +47,17 @@ from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
 import modelfold.ir.quant  # noqa: F401  (defines the torch.ops.modelfold.* quantization ops)
+from modelfold.backends.onnxruntime.lowering import Lowering, register_lowering
+from modelfold.backends.onnxruntime.options import ACCURACY_LEVELS, ExportOptions
 from modelfold.backends.onnxruntime.translations import ensure_registered
 
 __all__ = [
     "ACCURACY_LEVELS",
+    "QuantLowering",
     "accuracy_level",
-    "check_accuracy_level",
     "lowering_options",
     "register_quant_translations",
 ]
-
-# MatMulNBits' accuracy_level: 0 = unset (float32 compute for float32 inputs), 1 = fp32,
-# 2 = fp16, 3 = bf16, 4 = int8 (activations quantized per block inside the kernel). DESIGN.md:
-# a 4096 x 4096 int4 weight on 2 threads took 3.2 ms at level 0 and 1.3 ms at level 4 (batch 1).
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 _ACCURACY_LEVEL: contextvars.ContextVar[int] = contextvars.ContextVar(
     "modelfold_matmulnbits_accuracy_level", default=0
@@ -141,16 +139,6 @@ _MATMUL_NBITS = Op(_MSFT, "MatMulNBits", _MATMUL_NBITS_SCHEMA)
 _GATHER_BLOCK_QUANTIZED = Op(_MSFT, "GatherBlockQuantized", _GATHER_BLOCK_QUANTIZED_SCHEMA)
 
 
-def check_accuracy_level(level: int) -> int:
-    """Returns ``level`` if it is a valid ``MatMulNBits`` accuracy level; raises ValueError if not."""
-    if isinstance(level, bool) or not isinstance(level, int) or level not in ACCURACY_LEVELS:
-        raise ValueError(
-            f"accuracy_level must be one of {ACCURACY_LEVELS} (MatMulNBits' compute type: 0 unset, "
-            f"1 fp32, 2 fp16, 3 bf16, 4 int8 activations), got {level!r}"
-        )
-    return level
-
-
 def accuracy_level() -> int:
     """The ``accuracy_level`` that ``quant_linear`` lowerings traced now write into MatMulNBits."""
     return _ACCURACY_LEVEL.get()
@@ -166,15 +154,26 @@ def lowering_options(*, accuracy_level: int = 0) -> Iterator[None]:
             faster on a CPU, no longer bit-comparable with the float reference.
 
     Raises:
-        ValueError: ``accuracy_level`` is not one of ``ACCURACY_LEVELS``.
+        OptionError: ``accuracy_level`` is not one of ``ACCURACY_LEVELS``.
     """
-    token = _ACCURACY_LEVEL.set(check_accuracy_level(accuracy_level))
+    ExportOptions(accuracy_level=accuracy_level)  # validates it
+    token = _ACCURACY_LEVEL.set(accuracy_level)
     reblocked = _REBLOCKED.set({})
     try:
         yield
     finally:
         _REBLOCKED.reset(reblocked)
         _ACCURACY_LEVEL.reset(token)
+
+
+@register_lowering
+class QuantLowering(Lowering):
+    """Sets ``ExportOptions.accuracy_level`` for the ``quant_linear`` translations of an export."""
+
+    name = "quant"
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return lowering_options(accuracy_level=self.options.accuracy_level)
 
 
 # -- translations (traced by torch.onnx's exporter; tensors are onnxscript values) ---------------

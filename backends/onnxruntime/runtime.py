@@ -7,7 +7,6 @@ D = head dim, V = vocabulary, E = hidden size.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from modelfold.backends.onnxruntime import wrappers
+from modelfold.errors import UsageError
+from modelfold.generation import greedy_generate
+from modelfold.ir import signature as sig
 
 __all__ = ["OPTIMIZATION_LEVELS", "OnnxCausalLM", "OnnxEncoder", "available_adapters", "create_session"]
 
@@ -55,13 +56,13 @@ def create_session(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no ONNX model at {path}; export one with export_onnx()")
+        raise UsageError(f"no ONNX model at {path}; export one with export_onnx()")
     if optimization_level not in OPTIMIZATION_LEVELS:
-        raise ValueError(
+        raise UsageError(
             f"optimization_level must be one of {sorted(OPTIMIZATION_LEVELS)}, got {optimization_level!r}"
         )
     if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1 or None, got {threads}")
+        raise UsageError(f"threads must be >= 1 or None, got {threads}")
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
     options.intra_op_num_threads = threads or 0
@@ -95,23 +96,23 @@ def _adapter_run_options(
     if isinstance(adapter, Path) or text.endswith(ADAPTER_SUFFIX) or Path(text).name != text:
         path = Path(adapter)
         if not path.is_file():
-            raise FileNotFoundError(f"adapter file {path} does not exist")
+            raise UsageError(f"adapter file {path} does not exist")
     else:
         path = model_path.parent / ADAPTERS_DIR / f"{text}{ADAPTER_SUFFIX}"
         if not path.is_file():
             known = available_adapters(model_path.parent)
-            raise ValueError(
+            raise UsageError(
                 f"unknown adapter {text!r} for {model_path.parent}; available: {', '.join(known) or 'none'}"
             )
     slots = {i.name for i in session.get_overridable_initializers()}
     if not slots:
-        raise ValueError(
+        raise UsageError(
             f"{model_path} has no adapter inputs (overridable initializers); export the model with "
             "lora='inputs' to run it with LoRA adapters"
         )
     unknown = sorted(set(ort.AdapterFormat.read_adapter(str(path)).get_parameters()) - slots)
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"adapter {path} has parameters the model does not take as inputs, e.g. {unknown[0]!r} "
             f"({len(unknown)} of them); was it written for another artifact?"
         )
@@ -153,24 +154,24 @@ class OnnxCausalLM:
             self.session, self.path, adapter
         )
         inputs = {i.name: i for i in self.session.get_inputs()}
-        missing = {wrappers.INPUT_IDS, wrappers.ATTENTION_MASK, wrappers.POSITION_IDS} - set(inputs)
+        missing = {sig.INPUT_IDS, sig.ATTENTION_MASK, sig.POSITION_IDS} - set(inputs)
         layers = sorted(int(m.group(1)) for n in inputs if (m := _PAST_KEY.match(n)))
         if missing or not layers:
-            raise ValueError(
+            raise UsageError(
                 f"{self.path} is not a KV-cache decoder artifact (inputs {sorted(inputs)}); "
                 "export a *ForCausalLM model with export_onnx()"
             )
         self.num_layers = len(layers)
-        past = inputs[wrappers.past_name(0, "key")]
+        past = inputs[sig.past_name(0, "key")]
         _, self.num_kv_heads, _, self.head_dim = past.shape  # [B, H, P, D]
         self.cache_dtype = _ORT_TO_NUMPY[past.type]
-        logits = next(o for o in self.session.get_outputs() if o.name == wrappers.LOGITS)
+        logits = next(o for o in self.session.get_outputs() if o.name == sig.LOGITS)
         self.vocab_size = logits.shape[-1]
         self.past_names = [
-            wrappers.past_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")
+            sig.past_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")
         ]
-        self.output_names = [wrappers.LOGITS] + [
-            wrappers.present_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")
+        self.output_names = [sig.LOGITS] + [
+            sig.present_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")
         ]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
@@ -187,11 +188,11 @@ class OnnxCausalLM:
     ) -> tuple[np.ndarray, list[Any]]:
         """One forward pass. Returns logits [B, S, V] and the present cache (same kind as `past`)."""
         if len(past) != len(self.past_names):
-            raise ValueError(f"expected {len(self.past_names)} past tensors, got {len(past)}")
+            raise UsageError(f"expected {len(self.past_names)} past tensors, got {len(past)}")
         feeds: dict[str, Any] = {
-            wrappers.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
-            wrappers.ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
-            wrappers.POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
+            sig.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
+            sig.ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
+            sig.POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
         }
         if past and isinstance(past[0], ort.OrtValue):
             feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
@@ -209,12 +210,12 @@ class OnnxCausalLM:
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got {input_ids.shape}")
+            raise UsageError(f"input_ids must be [batch, seq] with seq >= 1, got {input_ids.shape}")
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(
+            raise UsageError(
                 f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}"
             )
         positions = _positions(attention_mask, input_ids.shape[1])
@@ -227,7 +228,7 @@ class OnnxCausalLM:
         max_new_tokens: int,
         eos_token_id: int | Sequence[int] | None = None,
     ) -> dict[str, Any]:
-        """Greedy decoding of one prompt with the KV cache.
+        """Greedy decoding of one prompt with the KV cache (``modelfold.generation``).
 
         The prefill runs the whole prompt once; each later step feeds one token and the previous
         step's present keys/values as the past.
@@ -236,47 +237,18 @@ class OnnxCausalLM:
             `tokens` (prompt + new), `new_tokens`, `prefill_seconds` (prompt -> first token),
             `decode_seconds` (the remaining steps), `decode_tokens_per_s`.
         """
-        prompt = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-        if prompt.size == 0:
-            raise ValueError("generate needs a non-empty prompt")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        stop = _eos_set(eos_token_id)
 
-        start = time.perf_counter()
-        seq = prompt.size
-        past: list[Any] = self.empty_past(1)
-        if self.use_ort_values:
-            past = [ort.OrtValue.ortvalue_from_numpy(p) for p in past]
-        logits, past = self.step(
-            prompt[None, :],  # [1, S]
-            np.ones((1, seq), dtype=np.int64),
-            np.arange(seq, dtype=np.int64)[None, :],
-            past,
-        )
-        new_tokens = [int(np.argmax(logits[0, -1]))]  # logits: [1, S, V]
-        prefill_seconds = time.perf_counter() - start
+        def empty_past(batch: int) -> list[Any]:
+            past: list[Any] = self.empty_past(batch)
+            if self.use_ort_values:
+                past = [ort.OrtValue.ortvalue_from_numpy(p) for p in past]
+            return past
 
-        start = time.perf_counter()
-        mask = np.ones((1, seq + max_new_tokens), dtype=np.int64)  # sliced per step: [1, T]
-        while len(new_tokens) < max_new_tokens and new_tokens[-1] not in stop:
-            total = seq + len(new_tokens)
-            logits, past = self.step(
-                np.array([[new_tokens[-1]]], dtype=np.int64),  # [1, 1]
-                mask[:, :total],
-                np.array([[total - 1]], dtype=np.int64),
-                past,
-            )
-            new_tokens.append(int(np.argmax(logits[0, -1])))
-        decode_seconds = time.perf_counter() - start
-        decode_steps = len(new_tokens) - 1
-        return {
-            "tokens": prompt.tolist() + new_tokens,
-            "new_tokens": new_tokens,
-            "prefill_seconds": prefill_seconds,
-            "decode_seconds": decode_seconds,
-            "decode_tokens_per_s": decode_steps / decode_seconds if decode_steps else float("nan"),
-        }
+        def step(ids, mask, positions, past):
+            logits, present = self.step(ids, mask, positions, past)
+            return logits[:, -1], present  # [1, V]
+
+        return greedy_generate(step, empty_past, input_ids, max_new_tokens, eos_token_id)
 
 
 class OnnxEncoder:
@@ -303,8 +275,8 @@ class OnnxEncoder:
             self.session, self.path, adapter
         )
         self.input_names = [i.name for i in self.session.get_inputs()]
-        if self.input_names[:2] != [wrappers.INPUT_IDS, wrappers.ATTENTION_MASK]:
-            raise ValueError(
+        if self.input_names[:2] != [sig.INPUT_IDS, sig.ATTENTION_MASK]:
+            raise UsageError(
                 f"{self.path} is not an encoder artifact (inputs {self.input_names}); "
                 "export an encoder model with export_onnx()"
             )
@@ -318,30 +290,22 @@ class OnnxEncoder:
         """Returns last_hidden_state [B, S, E]."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+            raise UsageError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
         feeds = {
-            wrappers.INPUT_IDS: input_ids,
-            wrappers.ATTENTION_MASK: np.asarray(attention_mask, dtype=np.int64),
+            sig.INPUT_IDS: input_ids,
+            sig.ATTENTION_MASK: np.asarray(attention_mask, dtype=np.int64),
         }
-        if wrappers.TOKEN_TYPE_IDS in self.input_names:
+        if sig.TOKEN_TYPE_IDS in self.input_names:
             if token_type_ids is None:
                 token_type_ids = np.zeros_like(input_ids)
-            feeds[wrappers.TOKEN_TYPE_IDS] = np.asarray(token_type_ids, dtype=np.int64)
-        return self.session.run([wrappers.LAST_HIDDEN_STATE], feeds, self.run_options)[0]  # [B, S, E]
+            feeds[sig.TOKEN_TYPE_IDS] = np.asarray(token_type_ids, dtype=np.int64)
+        return self.session.run([sig.LAST_HIDDEN_STATE], feeds, self.run_options)[0]  # [B, S, E]
 
 
 def _positions(attention_mask: np.ndarray, num_new: int) -> np.ndarray:
-    """Numpy twin of `wrappers.decoder_positions`: [B, T] mask -> [B, S] position ids."""
+    """Numpy twin of `sig.decoder_positions`: [B, T] mask -> [B, S] position ids."""
     positions = np.cumsum(attention_mask, axis=-1) - 1  # [B, T]
     positions[attention_mask == 0] = 1
     return positions[:, positions.shape[1] - num_new :]
-
-
-def _eos_set(eos_token_id: int | Sequence[int] | None) -> set[int]:
-    if eos_token_id is None:
-        return set()
-    if isinstance(eos_token_id, (int, np.integer)):
-        return {int(eos_token_id)}
-    return {int(t) for t in eos_token_id}

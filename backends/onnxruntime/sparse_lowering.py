@@ -1,6 +1,6 @@
 """ONNX lowerings of the N:M sparsity dialect ops (``modelfold.ir.sparse``) and their export modes.
 
-``export_onnx(..., sparse=MODE)`` chooses how ``NMLinear`` / ``NMQuantLinear`` layers are stored:
+``ExportOptions(sparse=MODE)`` chooses how ``NMLinear`` / ``NMQuantLinear`` layers are stored:
 
 - ``"compressed"`` (default): the artifact stores the compressed tensors (kept values or codes,
   packed indices) and a small decompression subgraph in front of a dense kernel:
@@ -17,10 +17,10 @@
   (the folded weight lives in memory only). ``export_onnx`` therefore saves the offline-optimized
   graph with ONNX Runtime's ``ConstantFolding`` disabled when the model has sparse layers (with it,
   the offline optimizer would write the folded dense weights into the file).
-- ``"dense"``: ``sparse_export`` swaps each ``NMLinear`` for an ``nn.Linear`` with its dense weight
-  and each ``NMQuantLinear`` for a ``QuantLinear`` of its decompressed codes for the duration of
-  the export (the originals are put back afterwards): plain ``MatMul`` / ``MatMulNBits``, no
-  decompression at load time, a bigger file.
+- ``"dense"``: a graph step of ``SparseLowering`` replaces each ``nm_linear`` by a linear with
+  the dense weight and each ``nm_quant_linear`` by a ``quant_linear`` of its decompressed codes
+  in the lowered graph: plain ``MatMul`` / ``MatMulNBits``, no decompression at load time, a
+  bigger file.
 
 Shape legend: N = output features, K = input features, C = kept values per row (K * n / m),
 B = packed index bytes per row, kb = K blocks (ceil(K / block_size)), P = packed zero-point bytes
@@ -29,34 +29,32 @@ per row.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import onnx_ir
 import torch
 from onnxscript import opset18 as op
 from torch import nn
+from torch.export import ExportedProgram
 
+from modelfold.backends.onnxruntime.lowering import Lowering, register_lowering
 from modelfold.backends.onnxruntime.quant_lowering import quant_linear_onnx
 from modelfold.backends.onnxruntime.translations import ensure_registered
-from modelfold.ir.quant import PackedWeight, QuantLinear
-from modelfold.ir.sparse import NMLinear, NMQuantLinear, index_bits, sparse_bytes, sparse_layers
+from modelfold.ir.graph import GraphEditor
+from modelfold.ir.sparse import NMLinear, index_bits, sparse_bytes, sparse_layers
+
+if TYPE_CHECKING:
+    from modelfold.backends.onnxruntime.options import ExportOptions
+    from modelfold.ir.program import Program
 
 __all__ = [
-    "SPARSE_MODES",
-    "SparseExport",
-    "check_sparse_mode",
+    "SparseLowering",
     "nm_linear_onnx",
     "nm_quant_linear_onnx",
     "register_sparse_translations",
-    "sparse_export",
     "sparse_layers",
 ]
-
-SPARSE_MODES = ("compressed", "dense")
 
 _INT32 = onnx.TensorProto.INT32
 _INT64 = onnx.TensorProto.INT64
@@ -202,91 +200,51 @@ def register_sparse_translations() -> None:
 
 
 # -- export modes --------------------------------------------------------------------------------
-def check_sparse_mode(mode: str) -> str:
-    """Returns ``mode`` if it is one of ``SPARSE_MODES``; raises ValueError naming the option if not."""
-    if not isinstance(mode, str) or mode not in SPARSE_MODES:
-        raise ValueError(
-            f"sparse must be one of {', '.join(repr(m) for m in SPARSE_MODES)} (how N:M sparse "
-            f"layers are exported: compressed values + indices decompressed when ONNX Runtime "
-            f"loads the model, or dense weights), got {mode!r}"
-        )
-    return mode
+@register_lowering
+class SparseLowering(Lowering):
+    """The N:M sparse layers in an export (``ExportOptions.sparse``); facts under ``sparse``.
 
-
-@dataclass
-class SparseExport:
-    """What one export does with the N:M sparse layers of a model; its ``facts`` go to the manifest.
-
-    Built by ``sparse_export``. ``compressed`` tells ``export_onnx`` to keep ONNX Runtime's offline
-    optimizer from constant-folding the decompression subgraphs into the saved file.
+    "compressed" keeps the translations' decompression subgraphs and keeps ONNX Runtime's offline
+    optimizer from constant-folding them into the saved file. "dense" is a graph step on the
+    lowered copy of the Program's graph: each ``nm_linear`` becomes ``aten.linear`` with the dense
+    weight and each ``nm_quant_linear`` a ``quant_linear`` of its decompressed codes (the torch
+    model is not touched).
     """
 
-    mode: str
-    facts: dict[str, Any] = field(default_factory=dict)
+    name = "sparse"
+    order = 20
 
-    @property
-    def has_layers(self) -> bool:
-        return bool(self.facts)
+    def __init__(self, program: Program, options: ExportOptions):
+        super().__init__(program, options)
+        self.mode = options.sparse
+        self.layers = sparse_layers(program.module)
+        if self.layers:
+            self.facts = _describe(self.layers, self.mode)
 
-    @property
-    def compressed(self) -> bool:
-        return self.has_layers and self.mode == "compressed"
+    def rewrite(self, ep: ExportedProgram) -> ExportedProgram:
+        if not self.layers or self.mode != "dense":
+            return ep
+        editor = GraphEditor(ep)
+        for node in editor.calls(torch.ops.modelfold.nm_linear.default):
+            layer = self.layers[editor.owner(node)]
+            x, _values, _indices, bias = node.args[:4]
+            weight = editor.add_tensor(f"{editor.owner(node)}.weight", layer.weight.detach())
+            editor.replace(node, editor.call(torch.ops.aten.linear.default, (x, weight, bias),
+                                             near=node))
+        for node in editor.calls(torch.ops.modelfold.nm_quant_linear.default):
+            path = editor.owner(node)
+            layer = self.layers[path]
+            x, _codes, _indices, scales, zero_points, bias = node.args[:6]
+            qweight = editor.add_tensor(f"{path}.qweight", layer.dense_qweight())  # [N, kb, blob]
+            args = (x, qweight, scales, zero_points, bias, layer.in_features, layer.storage_bits,
+                    layer.block_size)
+            editor.replace(node, editor.call(torch.ops.modelfold.quant_linear.default, args,
+                                             near=node))
+        return editor.finish()
 
-
-@contextlib.contextmanager
-def sparse_export(model: nn.Module, mode: str) -> Iterator[SparseExport]:
-    """Prepares the N:M sparse layers of ``model`` for an export in ``mode``, and puts them back.
-
-    "compressed": changes nothing (the translations decompress). "dense": replaces each
-    ``NMLinear`` by an ``nn.Linear`` and each ``NMQuantLinear`` by a ``QuantLinear`` with the same
-    (decompressed) weight; the original modules are restored on exit, also after an error.
-
-    Raises:
-        ValueError: Bad ``mode``.
-    """
-    check_sparse_mode(mode)
-    layers = sparse_layers(model)
-    export = SparseExport(mode)
-    if not layers:
-        yield export
-        return
-    export.facts = _describe(layers, mode)
-    if mode == "compressed":
-        yield export
-        return
-    saved: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
-        with torch.no_grad():
-            for path, layer in layers.items():
-                parent_path, _, attr = path.rpartition(".")
-                parent = model.get_submodule(parent_path)
-                saved.append((parent, attr, layer))
-                setattr(parent, attr, _dense_layer(layer).train(layer.training))
-        yield export
-    finally:
-        for parent, attr, layer in reversed(saved):
-            setattr(parent, attr, layer)
-
-
-def _dense_layer(layer: nn.Module) -> nn.Module:
-    """The dense equivalent of a sparse layer (same outputs): ``nn.Linear`` or ``QuantLinear``."""
-    if isinstance(layer, NMLinear):
-        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        dense.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)  # [N, K]
-        if layer.bias is not None:
-            dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        return dense
-    if isinstance(layer, NMQuantLinear):
-        zero_points = None if layer.zero_points is None else layer.zero_points.clone()
-        packed = PackedWeight(
-            layer.dense_qweight(),  # [N, kb, blob]
-            layer.scales.clone(),  # [N, kb]
-            zero_points,  # [N, P] or None
-            layer.in_features,
-            layer.fmt,
-        )
-        return QuantLinear(packed, layer.bias)
-    raise TypeError(f"not an N:M sparse layer: {type(layer).__name__}")
+    def disabled_optimizers(self) -> list[str]:
+        # Folding would write the decompressed (dense) weights into the file; at load it runs.
+        return ["ConstantFolding"] if self.layers and self.mode == "compressed" else []
 
 
 def _describe(layers: dict[str, nn.Module], mode: str) -> dict[str, Any]:

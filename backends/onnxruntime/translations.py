@@ -96,14 +96,18 @@ def unregister_translation(op: torch._ops.OpOverload | torch._ops.OpOverloadPack
 def translation_table() -> dict[torch._ops.OpOverload, Callable | list[Callable]]:
     """Returns a copy of the registry, in the form `custom_translation_table=` expects.
 
-    The lowerings of the built-in dialect ops (`quant_lowering.py`: quant_linear, quant_embedding,
-    w8a8_linear; `lora_lowering.py`: lora_delta; `sparse_lowering.py`: nm_linear, nm_quant_linear)
-    register themselves when their module is first imported, which this ensures.
+    Every `*_lowering.py` module of this package registers the translations of its dialect's ops
+    when it is imported, which this ensures (`load_lowerings`).
     """
-    _import_builtin_translations()
+    load_lowerings()
     return dict(_TRANSLATIONS)
 
 
-def _import_builtin_translations() -> None:
+def load_lowerings() -> None:
+    """Imports every `*_lowering` module of the ONNX Runtime backend (and the modules other
+    packages declare in the "modelfold.onnxruntime_lowerings" entry-point group)."""
     # Imported on first use, not at the top: those modules import this registry.
-    from modelfold.backends.onnxruntime import lora_lowering, quant_lowering, sparse_lowering  # noqa: F401
+    from modelfold.discovery import import_all
+
+    import_all("modelfold.backends.onnxruntime", suffix="_lowering",
+               group="modelfold.onnxruntime_lowerings")

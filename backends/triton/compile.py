@@ -1,39 +1,37 @@
 """``modelfold.compile(result, backend="triton")``: Triton kernels for the dialect ops, Inductor
-for the rest.
+for the rest, compiled from the Program's graph.
 
-Lowering is a module rewrite of a copy of the transformed model:
+The Program's captured graph (the signature every backend runs: flat KV-cache inputs and outputs)
+is the input: in float32 on the CPU (Triton's interpreter) it is the Program's verified graph
+itself; for another dtype or device it is the same Program captured again from a copy of its
+module cast there (its graph passes replayed). ``modelfold.backends.triton.lowering`` rewrites
+that graph: every dialect op becomes the matching ``modelfold_triton::*`` op
+(``modelfold.kernels.ops``), a ``LoraLinear``'s base and active adapters fuse into one kernel
+call, float layers stay ATen. The result is verified, turned into a ``GraphModule`` and wrapped
+in ``torch.compile`` (Inductor). Tensors shared between layers (tied embeddings, ``tie-layers``
+blocks) stay one lifted tensor.
 
-- every dialect layer (``QuantLinear``, ``NMLinear``, ``NMQuantLinear``, ``W8A8Linear``,
-  ``QuantEmbedding``) becomes a ``TritonLinear`` / ``TritonEmbedding`` that calls the matching
-  ``modelfold_triton::*`` op (``modelfold.kernels.ops``);
-- a ``LoraLinear`` with active, unmerged adapters is fused with its base: one kernel computes
-  ``base(x) + sum_a s_a B_a A_a x`` (several adapters are concatenated into one pair with the
-  scalings folded into ``B``); a ``Conv1D`` base is transposed to ``[out, in]`` first; only a
-  ``W8A8Linear`` base keeps a separate ``lora_delta`` kernel;
-- float layers (plain ``nn.Linear``, norms, attention, embeddings) are left to Inductor.
-
-Tensors shared between layers (tied embeddings, ``tie-layers`` recursive blocks) stay shared.
-The model is then cast to ``dtype`` on ``device`` and its ``forward`` wrapped in
-``torch.compile``. Without a CUDA GPU this raises ``TritonBackendError`` unless the interpreter is
-requested (``interpret=True`` or ``TRITON_INTERPRET=1``), where the kernels run on CPU tensors in
-Triton's interpreter (correct, slow: for tests and debugging).
+Without a CUDA GPU this raises ``TritonBackendError`` unless the interpreter is requested
+(``interpret=True`` or ``TRITON_INTERPRET=1``), where the kernels run on CPU tensors in Triton's
+interpreter (correct, slow: for tests and debugging).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from modelfold.errors import ModelfoldError
 
-class TritonBackendError(RuntimeError):
+
+class TritonBackendError(ModelfoldError, RuntimeError):
     """The Triton backend cannot run here or cannot take this model."""
 
 
@@ -75,241 +73,64 @@ def load_kernels(interpret: bool | None = None) -> bool:
     return interpret
 
 
-# -- lowered modules ------------------------------------------------------------------------------
-class TritonLinear(nn.Module):
-    """A linear layer run by one ``modelfold_triton`` kernel (base + optional fused LoRA).
-
-    ``kind`` is the weight format: ``dense`` (float W, only with LoRA), ``quant``, ``nm``,
-    ``nm_quant``, ``w8a8`` (LoRA, if any, as a separate ``lora_delta``) or ``lora`` (a LoRA
-    delta over no base).
-    """
-
-    def __init__(self, kind: str, tensors: dict[str, torch.Tensor | None], meta: dict[str, Any],
-                 in_features: int, out_features: int):
-        super().__init__()
-        self.kind = kind
-        self.in_features, self.out_features = in_features, out_features
-        self.meta = dict(meta)
-        for name, t in tensors.items():
-            self.register_buffer(name, t)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = torch.ops.modelfold_triton
-        m = self.meta
-        a, b, s = self.lora_a, self.lora_b, m.get("scaling", 1.0)
-        if self.kind == "quant":
-            return ops.quant_linear(x, self.qweight, self.scales, self.zero_points, self.bias, a, b,
-                                    s, m["in_features"], m["bits"], m["block_size"])
-        if self.kind == "nm":
-            return ops.nm_linear(x, self.values, self.indices, self.bias, a, b, s,
-                                 m["in_features"], m["n"], m["m"])
-        if self.kind == "nm_quant":
-            return ops.nm_quant_linear(x, self.codes, self.indices, self.scales, self.zero_points,
-                                       self.bias, a, b, s, m["in_features"], m["bits"],
-                                       m["block_size"], m["n"], m["m"])
-        if self.kind == "dense":
-            return ops.lora_linear(x, self.weight, self.bias, a, b, s)
-        if self.kind == "w8a8":
-            y = ops.w8a8_linear(x, self.qweight_t, self.weight_scales, self.bias)
-            return y if a is None else y + ops.lora_delta(x, a, b, s)
-        raise TritonBackendError(f"unknown TritonLinear kind {self.kind!r}")
-
-    def extra_repr(self) -> str:
-        lora = f", lora_rank={self.lora_a.shape[0]}" if self.lora_a is not None else ""
-        return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}{lora}"
-
-
-class TritonEmbedding(nn.Module):
-    """A ``QuantEmbedding`` run by the ``quant_embedding`` kernel."""
-
-    def __init__(self, qweight, scales, zero_points, embedding_dim, bits, block_size):
-        super().__init__()
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
-        self.register_buffer("zero_points", zero_points)
-        self.embedding_dim, self.bits, self.block_size = embedding_dim, bits, block_size
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.ops.modelfold_triton.quant_embedding(ids, self.qweight, self.scales,
-                                                          self.zero_points, self.embedding_dim,
-                                                          self.bits, self.block_size)
-
-
-# -- lowering -------------------------------------------------------------------------------------
-def _lora_pair(layer: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, float, int]:
-    """One ``(A, B, scaling)`` for the active unmerged adapters of a ``LoraLinear`` (several are
-    concatenated along the rank, scalings folded into B); ``(None, None, 1, 0)`` if none."""
-    names = [n for n in layer.active if n not in layer.merged]
-    if not names:
-        return None, None, 1.0, 0
-    with torch.no_grad():
-        pairs = []
-        for n in names:
-            ad = layer.adapters[n]
-            a, b = ad.effective()
-            pairs.append((a.detach().float(), b.detach().float(), float(ad.scaling)))
-    if len(pairs) == 1:
-        a, b, s = pairs[0]
-        return a.contiguous(), b.contiguous(), s, len(names)
-    a = torch.cat([p[0] for p in pairs], 0)
-    b = torch.cat([p[1] * p[2] for p in pairs], 1)
-    return a.contiguous(), b.contiguous(), 1.0, len(names)
-
-
-class _Lowering:
-    def __init__(self) -> None:
-        self.memo: dict[int, torch.Tensor] = {}
-        self.kernels: dict[str, str] = {}
-
-    def keep(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """A detached, contiguous copy of ``t``, made once per tensor (sharing survives)."""
-        if t is None:
-            return None
-        key = id(t)
-        if key not in self.memo:
-            self.memo[key] = t.detach().contiguous().clone()
-        return self.memo[key]
-
-    def linear(self, base: nn.Module, lora: tuple | None) -> TritonLinear | None:
-        from modelfold.ir.lora import base_shape, is_conv1d
-        from modelfold.ir.quant import QuantLinear, W8A8Linear
-        from modelfold.ir.sparse import NMLinear, NMQuantLinear
-
-        a, b, s = (lora[0], lora[1], lora[2]) if lora else (None, None, 1.0)
-        t: dict[str, Any] = {"lora_a": a, "lora_b": b}
-        meta: dict[str, Any] = {"scaling": s}
-        k = self.keep
-        if isinstance(base, QuantLinear):
-            kind = "quant"
-            t.update(qweight=k(base.qweight), scales=k(base.scales),
-                     zero_points=k(base.zero_points), bias=k(base.bias))
-            meta.update(in_features=base.in_features, bits=base.storage_bits,
-                        block_size=base.block_size)
-        elif isinstance(base, NMQuantLinear):
-            kind = "nm_quant"
-            t.update(codes=k(base.codes), indices=k(base.indices), scales=k(base.scales),
-                     zero_points=k(base.zero_points), bias=k(base.bias))
-            meta.update(in_features=base.in_features, bits=base.storage_bits,
-                        block_size=base.block_size, n=base.n, m=base.m)
-        elif isinstance(base, NMLinear):
-            kind = "nm"
-            t.update(values=k(base.values), indices=k(base.indices), bias=k(base.bias))
-            meta.update(in_features=base.in_features, n=base.n, m=base.m)
-        elif isinstance(base, W8A8Linear):
-            kind = "w8a8"
-            t.update(qweight_t=k(base.qweight_t), weight_scales=k(base.weight_scales),
-                     bias=k(base.bias))
-        elif lora and isinstance(base, nn.Linear):
-            kind = "dense"
-            t.update(weight=k(base.weight), bias=k(base.bias))
-        elif lora and is_conv1d(base):  # GPT-2 Conv1D stores [in, out]
-            kind = "dense"
-            t.update(weight=base.weight.detach().t().contiguous().clone(), bias=k(base.bias))
-        else:
-            return None
-        in_f, out_f = base_shape(base)
-        return TritonLinear(kind, t, meta, in_f, out_f)
-
-    def run(self, model: nn.Module) -> dict[str, str]:
-        from modelfold.ir.lora import LoraLinear
-        from modelfold.ir.quant import QuantEmbedding, QuantLinear, W8A8Linear
-        from modelfold.ir.sparse import NMLinear, NMQuantLinear
-
-        dialect = (QuantLinear, NMLinear, NMQuantLinear, W8A8Linear)
-        for path, mod in list(model.named_modules()):
-            if not path:
-                continue
-            if isinstance(mod, LoraLinear):
-                a, b, s, count = _lora_pair(mod)
-                lora = (a, b, s) if a is not None else None
-                new = self.linear(mod.base_layer, lora)
-                if new is None:  # a float base without active adapters: leave it to Inductor
-                    _replace(model, path, mod.base_layer)
-                    self.kernels[path] = "inductor (LoRA adapters inactive or merged)"
-                    continue
-                _replace(model, path, new)
-                self.kernels[path] = new.kind + (f"+lora(r={a.shape[0]}, {count} adapter"
-                                                 f"{'s' if count > 1 else ''})" if lora else "")
-            elif isinstance(mod, dialect) and not _inside(path, self.kernels):
-                new = self.linear(mod, None)
-                _replace(model, path, new)
-                self.kernels[path] = new.kind
-            elif isinstance(mod, QuantEmbedding):
-                k = self.keep
-                _replace(model, path, TritonEmbedding(k(mod.qweight), k(mod.scales),
-                                                      k(mod.zero_points), mod.embedding_dim,
-                                                      mod.storage_bits, mod.block_size))
-                self.kernels[path] = "quant_embedding"
-        return self.kernels
-
-
-def _inside(path: str, done: dict[str, str]) -> bool:
-    return any(path.startswith(p + ".") for p in done)
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, new)
-
-
-def lower_module(module: nn.Module, *, copy_module: bool = True) -> tuple[nn.Module, dict[str, str]]:
-    """The model with its dialect layers replaced by Triton-kernel layers (float32, on the
-    module's device; nothing compiled yet) and ``{layer path: kernel}``."""
-    model = copy.deepcopy(module) if copy_module else module
-    kernels = _Lowering().run(model)
-    return model.eval(), kernels
-
-
 # -- the compiled model ---------------------------------------------------------------------------
 class CompiledModel:
-    """A transformed model lowered to Triton kernels (+ Inductor).
+    """A Program lowered to Triton kernels (+ Inductor), with the Program's signature.
 
-    ``module`` is the lowered model (its ``forward`` compiled); call the object like the model
-    (``compiled(input_ids).logits``), or use ``logits`` / ``generate``. ``kernels`` maps each
-    lowered layer's path to its kernel; ``summary()`` counts them.
+    Call it with the signature's flat inputs (``input_ids, attention_mask, position_ids,
+    *past``) to get ``(logits, *present)``, or use ``logits`` / ``generate``. ``kernels`` maps each
+    lowered layer's path to its kernel; ``summary()`` counts them; ``graph`` is the lowered,
+    verified ``ExportedProgram``.
     """
 
-    def __init__(self, module: nn.Module, kernels: dict[str, str], *, device: torch.device,
-                 dtype: torch.dtype, interpret: bool, inductor: bool):
-        self.module, self.kernels = module, kernels
+    def __init__(self, forward: Any, graph: Any, signature: Any, kernels: dict[str, str], *,
+                 device: torch.device, dtype: torch.dtype, interpret: bool, inductor: bool):
+        self.forward, self.graph, self.signature = forward, graph, signature
+        self.kernels = kernels
         self.device, self.dtype, self.interpret, self.inductor = device, dtype, interpret, inductor
+        self.runtime = "triton-interpreter" if interpret else "triton"
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *inputs: torch.Tensor) -> Any:
         with torch.no_grad():
-            return self.module(*args, **kwargs)
+            return self.forward(*inputs)
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, S, V]`` for ``input_ids`` ``[B, S]`` (no cache)."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
-        return self(input_ids=ids, use_cache=False).logits
+    def logits(self, input_ids: Any) -> torch.Tensor:
+        """Logits ``[B, S, V]`` (last hidden state for an encoder) for ``input_ids`` ``[B, S]``
+        (torch or numpy), with an empty cache."""
+        from modelfold.ir.signature import graph_inputs
+
+        ids = torch.as_tensor(np.asarray(input_ids) if not isinstance(input_ids, torch.Tensor)
+                              else input_ids, dtype=torch.long).to(self.device)
+        if self.signature.kind == "encoder":
+            args = [ids, torch.ones_like(ids)]
+            if len(self.signature.inputs) > 2:
+                args.append(torch.zeros_like(ids))
+        else:
+            args = graph_inputs(self.signature, ids)
+        out = self(*args)
+        return out[0] if isinstance(out, (tuple, list)) else out
 
     def generate(self, input_ids: Sequence[int], max_new_tokens: int,
                  eos_token_id: int | Sequence[int] | None = None) -> dict[str, Any]:
         """Greedy decoding of one prompt with the KV cache (the same result dict as
         ``OnnxCausalLM.generate``: tokens, new_tokens, prefill / decode seconds, tokens/s)."""
-        from transformers import DynamicCache
+        from modelfold.generation import greedy_generate
 
-        ids = torch.as_tensor(list(input_ids), dtype=torch.long, device=self.device)[None]
-        if ids.numel() == 0:
-            raise ValueError("generate needs a non-empty prompt")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-        cache = DynamicCache()
-        start = time.perf_counter()
-        out = self(input_ids=ids, past_key_values=cache, use_cache=True)
-        new = [int(out.logits[0, -1].argmax())]
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        while len(new) < max_new_tokens and new[-1] not in stop:
-            step = torch.tensor([[new[-1]]], dtype=torch.long, device=self.device)
-            out = self(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
-            new.append(int(out.logits[0, -1].argmax()))
-        decode = time.perf_counter() - start
-        steps = len(new) - 1
-        return {"tokens": ids[0].tolist() + new, "new_tokens": new, "prefill_seconds": prefill,
-                "decode_seconds": decode,
-                "decode_tokens_per_s": steps / decode if steps and decode > 0 else None}
+        if self.signature.kind != "causal-lm":
+            raise TritonBackendError("generate needs a decoder (causal LM)")
+        layout = self.signature.cache
+
+        def empty_past(batch: int) -> list[torch.Tensor]:
+            shape = (batch, layout.num_kv_heads, 0, layout.head_dim)
+            return [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                    for _ in self.signature.past_names]
+
+        def step(ids, mask, positions, past):
+            args = [torch.as_tensor(a, device=self.device) for a in (ids, mask, positions)]
+            out = self(*args, *past)
+            return out[0][:, -1].float().cpu().numpy(), list(out[1:])
+
+        return greedy_generate(step, empty_past, input_ids, max_new_tokens, eos_token_id)
 
     def summary(self) -> str:
         counts = Counter(v.split("(")[0] for v in self.kernels.values())
@@ -321,9 +142,9 @@ class CompiledModel:
 
 def compile_model(target: Any, *, device: str | torch.device | None = None,
                   dtype: torch.dtype | str | None = None, interpret: bool | None = None,
-                  inductor: bool = True, copy_module: bool = True,
+                  inductor: bool = True,
                   compile_options: dict[str, Any] | None = None) -> CompiledModel:
-    """Lower a transformed model to Triton kernels and ``torch.compile`` the rest.
+    """Lower a Program's graph to Triton kernels and ``torch.compile`` the rest.
 
     Args:
         target: a ``TransformResult``, a ``Program`` or an ``nn.Module``.
@@ -331,15 +152,19 @@ def compile_model(target: Any, *, device: str | torch.device | None = None,
         dtype: activations and float weights; default float16 on a GPU, float32 under the
             interpreter (which has no bfloat16).
         interpret: run the kernels in Triton's CPU interpreter (default: ``TRITON_INTERPRET``).
-        inductor: wrap ``forward`` in ``torch.compile`` (False: the lowered model runs eagerly,
-            still on the Triton kernels).
-        copy_module: lower a copy (default) instead of rewriting ``target`` in place.
+        inductor: wrap the graph in ``torch.compile`` (False: it runs eagerly, still on the
+            Triton kernels).
         compile_options: extra keyword arguments for ``torch.compile`` (default
             ``{"dynamic": True}``).
     """
+    from modelfold.backends.triton.lowering import lower
+    from modelfold.ir.graph import runnable
+    from modelfold.ir.program import Program
+    from modelfold.ir.verify import verify, verify_graph
+
     interpret = load_kernels(interpret)
-    module = getattr(target, "module", target)
-    if not isinstance(module, nn.Module):
+    program = getattr(target, "program", target)
+    if not isinstance(program, (Program, nn.Module)):
         raise TritonBackendError(f"compile takes a TransformResult, Program or nn.Module; got "
                                  f"{type(target).__name__}")
     dev = torch.device(device) if device is not None else torch.device(
@@ -358,9 +183,16 @@ def compile_model(target: Any, *, device: str | torch.device | None = None,
     if interpret and dtype == torch.bfloat16:
         raise TritonBackendError("Triton's CPU interpreter has no bfloat16; use float16 or "
                                  "float32 with interpret=True")
-    model, kernels = lower_module(module, copy_module=copy_module)
-    model.to(device=dev, dtype=dtype)
+    if isinstance(program, nn.Module):
+        program = Program(program)
+    source = program if (dev.type, dtype) == ("cpu", torch.float32) else \
+        program.converted(device=dev, dtype=dtype)
+    if source.verified_graph is None or source.verified_graph is not source.exported:
+        verify(source)
+    graph, kernels = lower(source.exported, source.module)
+    graph = verify_graph(source, graph)
+    forward = runnable(graph)
     if inductor:
-        model.forward = torch.compile(model.forward, **(compile_options or {"dynamic": True}))
-    return CompiledModel(model, kernels, device=dev, dtype=dtype, interpret=interpret,
-                         inductor=inductor)
+        forward = torch.compile(forward, **(compile_options or {"dynamic": True}))
+    return CompiledModel(forward, graph, source.signature, kernels, device=dev, dtype=dtype,
+                         interpret=interpret, inductor=inductor)

@@ -8,16 +8,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
-from modelfold.backends.onnxruntime import export
 from modelfold.backends.onnxruntime.export import copy_tokenizer_files, export_onnx
-from modelfold.backends.onnxruntime.runtime import OnnxEncoder, create_session
-from tests.backends.ort_tiny_models import tiny_bert, tiny_decoder
+from modelfold.backends.onnxruntime.runtime import OnnxEncoder
+from tests.tiny_models import tiny_model
 
 
 def test_bert_encoder_parity(tmp_path):
-    model = tiny_bert()
+    model = tiny_model("bert", layers=2)
     facts = export_onnx(model, tmp_path)
     assert facts["kind"] == "encoder"
     assert list(facts["inputs"]) == ["input_ids", "attention_mask", "token_type_ids"]
@@ -35,7 +33,7 @@ def test_bert_encoder_parity(tmp_path):
 
 
 def test_unoptimized_model_kept_on_request(tmp_path):
-    facts = export_onnx(tiny_decoder("qwen2"), tmp_path, keep_unoptimized=True, parity=False)
+    facts = export_onnx(tiny_model("qwen2", layers=2), tmp_path, keep_unoptimized=True, parity=False)
     assert set(facts["files"]) == {
         "model.onnx",
         "model.onnx.data",
@@ -46,7 +44,7 @@ def test_unoptimized_model_kept_on_request(tmp_path):
 
 
 def test_optimize_false_writes_a_plain_model(tmp_path):
-    facts = export_onnx(tiny_decoder("opt"), tmp_path, optimize=False)
+    facts = export_onnx(tiny_model("opt", layers=2), tmp_path, optimize=False)
     assert facts["optimization_level"] == "disabled"
     assert set(facts["files"]) == {"model.onnx", "model.onnx.data"}
     assert facts["parity"]["prefill_max_abs_diff"] <= 1e-4
@@ -62,54 +60,75 @@ def test_optimize_false_writes_a_plain_model(tmp_path):
 )
 def test_bad_options_are_rejected(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        export_onnx(tiny_decoder("llama"), tmp_path, **kwargs)
+        export_onnx(tiny_model("llama", layers=2), tmp_path, **kwargs)
 
 
 def test_missing_out_dir_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        export_onnx(tiny_decoder("llama"), tmp_path / "missing")
+        export_onnx(tiny_model("llama", layers=2), tmp_path / "missing")
 
 
 def test_half_precision_model_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="float32"):
-        export_onnx(tiny_decoder("llama").half(), tmp_path)
+        export_onnx(tiny_model("llama", layers=2).half(), tmp_path)
 
 
-def _tied_graph(vocab: int = 64, hidden: int = 8) -> tuple[onnx.ModelProto, np.ndarray]:
-    """ids -> Gather(W) -> MatMul(., Transpose(W)): the tied embedding / LM head pattern."""
-    weight = np.random.default_rng(0).standard_normal((vocab, hidden)).astype(np.float32)
-    nodes = [
-        helper.make_node("Gather", ["W", "ids"], ["emb"]),
-        helper.make_node("Transpose", ["W"], ["W_t"], perm=[1, 0]),
-        helper.make_node("MatMul", ["emb", "W_t"], ["logits"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tied",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab])],
-        [numpy_helper.from_array(weight, "W")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), weight
+def _tied_llama():
+    model = tiny_model("llama", layers=2, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
 
 
 def test_tied_lm_head_keeps_one_copy_of_the_weight(tmp_path):
-    model, weight = _tied_graph()
-    onnx.save_model(model, str(tmp_path / "raw.onnx"))
-    ids = np.array([[1, 5, 63], [0, 2, 4]], dtype=np.int64)
-    expected = weight[ids] @ weight.T  # [B, S, V]
+    """The ONNX lowering applies the tied-linear graph pass by default: the head reads the
+    embedding table through FusedMatMul(transB=1), the file holds the table once. Disabling the
+    pass stores a second, transposed copy (ONNX Runtime folds Transpose(W) into one)."""
+    (tmp_path / "tied").mkdir()
+    (tmp_path / "plain").mkdir()
+    facts = export_onnx(_tied_llama(), tmp_path / "tied")
+    assert facts["tied_weight_matmuls"] == 1 and facts["onnx_nodes"]["com.microsoft.FusedMatMul"] >= 1
+    assert facts["graph_passes"]["tied-linear"]["rewritten"] == [
+        {"layer": "lm_head", "weight": "lm_head.weight"}]
+    assert facts["parity"]["prefill_max_abs_diff"] < 1e-5
 
-    assert export._rewrite_graph_in_place(tmp_path / "raw.onnx") == 1
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "raw.onnx")).graph.node]
-    assert ops == ["Gather", "FusedMatMul"]
+    def tables(path):
+        graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+        return sorted(tuple(i.dims) for i in graph.initializer if 128 in i.dims and 32 in i.dims)
 
-    export._optimize_with_ort(
-        tmp_path / "raw.onnx", tmp_path / "model.onnx", export.OPTIMIZATION_LEVELS["extended"], 0
-    )
-    optimized = onnx.load(str(tmp_path / "model.onnx"))
-    assert len(optimized.graph.initializer) == 1  # no folded transposed copy
-    actual = create_session(tmp_path / "model.onnx").run(None, {"ids": ids})[0]
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    assert tables(tmp_path / "tied") == [(128, 32)]
+    untied = export_onnx(_tied_llama(), tmp_path / "plain", disable=("tied-linear",))
+    assert untied["tied_weight_matmuls"] == 0 and "tied-linear" not in untied["graph_passes"]
+    assert tables(tmp_path / "plain") == [(32, 128), (128, 32)]
+
+
+def test_the_artifact_is_lowered_from_the_verified_graph(tmp_path, monkeypatch):
+    """The ExportedProgram torch.onnx.export receives is the object the last verification ran
+    on; the export captures nothing (the manager captured and verified after the last pass)."""
+    import torch
+
+    import modelfold
+    from tests.helpers import LOGLESS
+
+    result = modelfold.transform(tiny_model("qwen2", layers=2), "quantize{group_size=16}",
+                                 context=LOGLESS)
+    program = result.program
+    captured = program.exported
+    assert program.verified_graph is captured
+    captures = program.captures
+    translated = []
+    real_export = torch.onnx.export
+
+    def spy(model, *args, **kwargs):
+        translated.append(model)
+        return real_export(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spy)
+    manifest = modelfold.export(result, tmp_path / "art")
+    assert len(translated) == 1 and translated[0] is program.verified_graph
+    assert program.captures == captures  # no second capture
+    assert manifest["onnx"]["lowered_graph"] == {"verified": True, "captures_during_export": 0}
+    # qwen2 ties nothing and quantizes in place: the lowered graph is the captured one itself
+    assert translated[0] is captured
 
 
 def test_copy_tokenizer_files(tmp_path):

@@ -2,7 +2,7 @@
 
 Op level: a ``LoraLinear`` with odd shapes through ``torch.onnx.export``. Model level, a 2-layer
 tiny llama whose adapters are perturbed (random, so no two layers share an adapter tensor):
-``merge`` (plain MatMuls; the torch weights bit-identical afterwards), ``separate`` (Gemm
+``merge`` (plain MatMuls, merged in the lowered graph; the torch model untouched), ``separate`` (Gemm
 branches), QLoRA (a 4-bit base keeps its branch next to MatMulNBits, reported in
 ``kept_unmerged``), and ``inputs``: one base artifact that four adapters of different kinds and
 ranks (lora r4, LoRA-XS r2, NOLA r2, PiSSA r2) each run through, alone or combined.
@@ -22,12 +22,8 @@ from torch import nn
 import modelfold
 from modelfold.backends.onnxruntime import translations
 from modelfold.backends.onnxruntime.export import export_onnx
-from modelfold.backends.onnxruntime.lora_lowering import (
-    LORA_MODES,
-    adapter_parameters,
-    lora_export,
-    write_ort_adapter,
-)
+from modelfold.backends.onnxruntime.lora_lowering import adapter_parameters, write_ort_adapter
+from modelfold.backends.onnxruntime.options import LORA_MODES
 from modelfold.backends.onnxruntime.runtime import OnnxCausalLM, available_adapters
 from modelfold.ir.lora import LoraAdapter, LoraLinear, lora_layers, merge_adapters, set_active_adapters
 from tests.tiny_models import tiny_model
@@ -111,11 +107,11 @@ def merged_artifact(lora_result, tmp_path_factory):
     model = lora_result.module
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path_factory.mktemp("merged")
-    facts = export_onnx(model, out)  # lora="merge" is the default
+    facts = export_onnx(lora_result.program, out)  # lora="merge" is the default
     return out, facts, before
 
 
-def test_merge_exports_plain_matmuls_and_restores_the_weights_exactly(lora_result, merged_artifact):
+def test_merge_exports_plain_matmuls_and_leaves_the_model_untouched(lora_result, merged_artifact):
     out, facts, before = merged_artifact
     model = lora_result.module
     after = model.state_dict()
@@ -132,14 +128,20 @@ def test_merge_exports_plain_matmuls_and_restores_the_weights_exactly(lora_resul
     assert max_diff(OnnxCausalLM(out), model) < TOL
 
 
-def test_merge_context_restores_the_weights_after_an_error(lora_result):
-    model = lora_result.module
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match="export failed"), lora_export(model, "merge"):
-        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-        assert len(changed) == 14  # each adapted base weight is merged for the export
-        raise RuntimeError("export failed")
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+def test_merge_is_a_graph_step_on_a_copy_of_the_verified_graph(lora_result, merged_artifact):
+    """The Program's graph keeps its 14 lora_delta branches; the lowered graph (what the export
+    translated, verified) has them folded into 14 new base weights."""
+    from modelfold.backends.onnxruntime.export import lowered_graph
+    from modelfold.backends.onnxruntime.options import ExportOptions
+
+    program = lora_result.program
+    assert program.dialect_ops()["modelfold::lora_delta"] == 14
+    lowered, _ = lowered_graph(program, ExportOptions())
+    assert program.verified_graph is lowered and lowered is not program.exported
+    assert not [n for n in lowered.graph.nodes if "lora_delta" in str(n.target)]
+    merged = [k for k in lowered.state_dict if k.endswith("base_layer.weight_1")]
+    assert len(merged) == 14
+    assert program.dialect_ops()["modelfold::lora_delta"] == 14
 
 
 def test_separate_keeps_gemm_branches_and_matches_torch(lora_result, tmp_path):
@@ -291,9 +293,10 @@ def test_adapter_on_an_artifact_without_adapter_inputs(inputs_artifact, merged_a
 
 @pytest.mark.parametrize("mode", ["merged", "", None])
 def test_bad_lora_mode_names_the_option(lora_result, tmp_path, mode):
-    with pytest.raises(ValueError, match=r"^lora must be one of 'merge', 'separate', 'inputs'"):
+    with pytest.raises(ValueError, match=r"^export option 'lora' must be one of merge, separate, "
+                                         "inputs"):
         export_onnx(lora_result.module, tmp_path, lora=mode)
-    with pytest.raises(ValueError, match="lora must be one of"):
+    with pytest.raises(ValueError, match="'lora' must be one of"):
         modelfold.export(lora_result, tmp_path / "out", lora=mode)
     assert not (tmp_path / "out").exists()
     assert LORA_MODES == ("merge", "separate", "inputs")

@@ -25,18 +25,18 @@ from torch import nn
 
 import modelfold
 from modelfold.backends.onnxruntime import translations
-from modelfold.backends.onnxruntime.export import export_onnx
+from modelfold.backends.onnxruntime.export import export_onnx, lowered_graph
+from modelfold.backends.onnxruntime.options import SPARSE_MODES, ExportOptions
 from modelfold.backends.onnxruntime.runtime import OPTIMIZATION_LEVELS, OnnxCausalLM
 from modelfold.backends.onnxruntime.sparse_lowering import (
-    SPARSE_MODES,
+    SparseLowering,
     nm_linear_onnx,
     nm_quant_linear_onnx,
     register_sparse_translations,
-    sparse_export,
     sparse_layers,
 )
 from modelfold.cli import build_parser
-from modelfold.ir.quant import PackedWeight, QuantFormat, QuantLinear, quantize_rtn
+from modelfold.ir.quant import PackedWeight, QuantFormat, quantize_rtn
 from modelfold.ir.sparse import NMLinear, NMQuantLinear, compress, nm_mask
 from modelfold.passes.manager import PassContext
 from tests.tiny_models import tiny_model
@@ -277,46 +277,47 @@ def test_compressed_artifact_is_decompressed_when_loaded(artifacts, tmp_path):
     assert not DECOMPRESSION_OPS & set(loaded)  # constant-folded at session load: dense speed
 
 
-def test_dense_export_restores_the_sparse_layers(artifacts):
+def test_dense_export_is_a_graph_step_that_leaves_the_model_sparse(artifacts):
+    """Dense mode rewrites the lowered copy of the graph (nm ops -> linear / quant_linear with the
+    decompressed weights); the model and the Program's own graph keep their sparse layers, and
+    the lowered graph computes what the sparse layers compute."""
+    from modelfold.ir.graph import runnable
+    from modelfold.ir.signature import graph_inputs
+
     result, _ = artifacts
-    model = result.module
-    before = dict(sparse_layers(model))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match="export failed"), sparse_export(model, "dense") as plan:
-        assert plan.facts["mode"] == "dense" and not plan.compressed
-        assert sparse_layers(model) == {}
-        swapped = [model.get_submodule(path) for path in before]
-        assert all(isinstance(m, (nn.Linear, QuantLinear)) for m in swapped)
-        ids = torch.randint(0, 128, (1, 5))
-        with torch.no_grad():
-            dense_logits = model(input_ids=ids).logits
-        raise RuntimeError("export failed")
-    after = sparse_layers(model)
-    assert after.keys() == before.keys() and all(after[p] is before[p] for p in before)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    with torch.no_grad():  # the dense stand-ins computed what the sparse layers compute
-        torch.testing.assert_close(model(input_ids=ids).logits, dense_logits, atol=1e-5, rtol=0)
+    program = result.program
+    before = dict(sparse_layers(program.module))
+    sparse_ops = sum(v for k, v in program.dialect_ops().items() if k.startswith("modelfold::nm"))
+    lowered, _ = lowered_graph(program, ExportOptions(sparse="dense"))
+    assert not [n for n in lowered.graph.nodes if "nm_" in str(n.target)]
+    assert sparse_ops == len(before) and sparse_layers(program.module) == before
+    ids = torch.randint(0, 128, (1, 5))
+    dense_logits = runnable(lowered)(*graph_inputs(program.signature, ids))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(program.module(input_ids=ids).logits, dense_logits, atol=1e-5,
+                                   rtol=0)
 
 
 # -- options ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["sparse", "Dense", "", None, 1])
 def test_bad_sparse_mode_is_refused(tmp_path, mode):
     model = tiny_model("llama", num_hidden_layers=1)
-    message = "sparse must be one of 'compressed', 'dense'"
+    message = "'sparse' must be one of compressed, dense"
     with pytest.raises(ValueError, match=message):
         export_onnx(model, tmp_path, sparse=mode)
     with pytest.raises(ValueError, match=message):
         modelfold.export(model, tmp_path / "artifact", sparse=mode)
-    with pytest.raises(ValueError, match=message), sparse_export(model, mode):
-        pass
+    with pytest.raises(ValueError, match=message):
+        ExportOptions(sparse=mode)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_model_without_sparse_layers_has_no_sparse_facts():
-    model = tiny_model("llama", num_hidden_layers=1)
+    program = modelfold.ir.Program(tiny_model("llama", num_hidden_layers=1))
     for mode in SPARSE_MODES:
-        with sparse_export(model, mode) as plan:
-            assert not plan.has_layers and not plan.compressed and plan.facts == {}
+        step = SparseLowering(program, ExportOptions(sparse=mode))
+        assert step.facts == {} and step.disabled_optimizers() == []
+        assert step.rewrite(program.exported) is program.exported
 
 
 def test_convert_accepts_sparse_export():

@@ -12,7 +12,7 @@ from torch import nn
 from modelfold.backends.onnxruntime import translations
 from modelfold.backends.onnxruntime.export import export_onnx
 from modelfold.backends.onnxruntime.runtime import create_session
-from tests.backends.ort_tiny_models import tiny_decoder
+from tests.tiny_models import tiny_model
 
 
 @torch.library.custom_op("modelfold_test::scaled_add", mutates_args=())
@@ -90,7 +90,7 @@ def test_plain_module_with_custom_op_matches_torch(registered, tmp_path):
 
 
 def test_export_onnx_passes_the_registered_translations(registered, tmp_path):
-    model = tiny_decoder("llama")
+    model = tiny_model("llama", layers=2)
     for layer in model.model.layers:
         layer.mlp.act_fn = ScaledAddMLP(layer.mlp.act_fn)
     assert _count_custom_nodes(model) == 2  # one custom node per layer survives capture
@@ -101,7 +101,7 @@ def test_export_onnx_passes_the_registered_translations(registered, tmp_path):
 
 
 def test_missing_translation_names_the_fix(tmp_path):
-    model = tiny_decoder("llama")
+    model = tiny_model("llama", layers=2)
     model.model.layers[0].mlp.act_fn = ScaledAddMLP(model.model.layers[0].mlp.act_fn)
     with pytest.raises(RuntimeError, match="register_translation"):
         export_onnx(model, tmp_path, parity=False)

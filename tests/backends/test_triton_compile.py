@@ -12,18 +12,12 @@ import torch
 from torch import nn
 
 import modelfold
-from modelfold.backends.triton.compile import (
-    TritonBackendError,
-    TritonEmbedding,
-    TritonLinear,
-    compile_model,
-    load_kernels,
-)
+from modelfold.backends.triton.compile import TritonBackendError, compile_model, load_kernels
+from modelfold.ir.graph import calls
 from modelfold.ir.lora import LoraLinear
-from modelfold.passes.manager import PassContext
+from tests.helpers import QUIET
 from tests.tiny_models import tiny_model
 
-QUIET = PassContext(verify=False, measure=False, log=None)
 MIXED = ("nm-sparsify{n=2,m=4,method=magnitude,targets=[*mlp*]},"
          "quantize{bits=4,group_size=16,targets=[*q_proj,*k_proj,*gate_proj,*down_proj]},"
          "lora{rank=4,targets=[q_proj,v_proj]}")
@@ -70,19 +64,30 @@ def test_compiled_tiny_llama_matches_eager(mixed):
     assert out["new_tokens"] == expect
 
 
-def test_lowering_replaces_every_dialect_layer(mixed):
+def triton_ops(graph) -> list[str]:
+    return [str(n.target) for n in calls(graph) if "modelfold" in str(n.target)]
+
+
+def test_lowering_rewrites_the_programs_verified_graph(mixed):
+    """float32 under the interpreter: the Program's own captured graph is lowered (no second
+    capture); every dialect op becomes a modelfold_triton op, LoRA fused into its base."""
+    program = mixed.program
+    captures = program.captures
     compiled = compile_model(mixed, interpret=True, inductor=False)
-    layers = dict(compiled.module.named_modules())
-    kinds = {p: m.kind for p, m in layers.items() if isinstance(m, TritonLinear)}
-    assert kinds["model.layers.0.self_attn.q_proj"] == "quant"  # int4 + fused LoRA
-    assert layers["model.layers.0.self_attn.q_proj"].lora_a is not None
-    assert kinds["model.layers.0.self_attn.v_proj"] == "dense"  # fused LoRA linear
-    assert kinds["model.layers.1.mlp.up_proj"] == "nm"
-    assert kinds["model.layers.1.mlp.gate_proj"] == "nm_quant"
-    assert isinstance(layers["model.layers.0.self_attn.o_proj"], nn.Linear)  # left to Inductor
-    assert not any(isinstance(m, LoraLinear) for m in layers.values())
-    # the original model is untouched (lowered copy) and still runs its dialect ops
+    assert program.captures == captures + (0 if captures else 1)
+    assert program.verified_graph is compiled.graph
+    kernels = compiled.kernels
+    assert kernels["model.layers.0.self_attn.q_proj"] == "quant+lora(r=4, 1 adapter)"
+    assert kernels["model.layers.0.self_attn.v_proj"] == "dense+lora(r=4, 1 adapter)"
+    assert kernels["model.layers.1.mlp.up_proj"] == "nm"
+    assert kernels["model.layers.1.mlp.gate_proj"] == "nm_quant"
+    assert "model.layers.0.self_attn.o_proj" not in kernels  # float: left to Inductor
+    ops = triton_ops(compiled.graph)
+    assert ops and all(op.startswith("modelfold_triton.") for op in ops)
+    assert ops.count("modelfold_triton.lora_linear.default") == 2  # v_proj of both layers
+    # the model and the Program's graph still run the dialect ops
     assert isinstance(mixed.module.model.layers[0].self_attn.q_proj, LoraLinear)
+    assert program.dialect_ops()["modelfold::lora_delta"] == 4
     ids = torch.randint(0, 128, (1, 5))
     with torch.no_grad():
         logits_close(compiled.logits(ids), mixed.module(input_ids=ids, use_cache=False).logits)
@@ -104,9 +109,13 @@ def test_tied_quantized_embedding_stays_shared():
     result = modelfold.transform(
         model, "quantize{bits=4,group_size=16,embeddings=true,lm_head=true}", context=QUIET)
     compiled = compile_model(result, interpret=True, inductor=False)
-    lowered = compiled.module
-    assert isinstance(lowered.model.embed_tokens, TritonEmbedding)
-    assert lowered.model.embed_tokens.qweight is lowered.lm_head.qweight  # stored once
+    assert compiled.kernels["model.embed_tokens"] == "quant_embedding"
+    assert compiled.kernels["lm_head"] == "quant"
+    embedding = next(n for n in calls(compiled.graph)
+                     if str(n.target) == "modelfold_triton.quant_embedding.default")
+    users = {str(u.target) for u in embedding.args[1].users}  # the packed table: stored once
+    assert users == {"modelfold_triton.quant_embedding.default",
+                     "modelfold_triton.quant_linear.default"}
     ids = torch.randint(0, 128, (2, 5))
     with torch.no_grad():
         logits_close(compiled.logits(ids), result.module(input_ids=ids, use_cache=False).logits)
@@ -119,9 +128,8 @@ def test_w8a8_base_with_lora_and_several_adapters():
     result = modelfold.transform(model, pipeline, context=QUIET)
     randomize_adapters(result.module)
     compiled = compile_model(result, interpret=True, inductor=False)
-    q = compiled.module.model.layers[0].self_attn.q_proj
-    assert q.kind == "w8a8" and q.lora_a.shape[0] == 5  # two adapters, one concatenated pair
-    assert "2 adapters" in compiled.kernels["model.layers.0.self_attn.q_proj"]
+    # two adapters, one concatenated pair of rank 2 + 3
+    assert compiled.kernels["model.layers.0.self_attn.q_proj"] == "w8a8+lora(r=5, 2 adapters)"
     ids = torch.randint(0, 128, (2, 7))
     with torch.no_grad():
         logits_close(compiled.logits(ids), result.module(input_ids=ids, use_cache=False).logits)
@@ -132,7 +140,7 @@ def test_gpt2_conv1d_lora_is_fused():
                                  context=QUIET)
     randomize_adapters(result.module)
     compiled = compile_model(result, interpret=True, inductor=False)
-    assert compiled.module.transformer.h[0].attn.c_attn.kind == "dense"
+    assert compiled.kernels["transformer.h.0.attn.c_attn"] == "dense+lora(r=4, 1 adapter)"
     ids = torch.randint(0, 128, (2, 6))
     with torch.no_grad():
         logits_close(compiled.logits(ids), result.module(input_ids=ids, use_cache=False).logits)

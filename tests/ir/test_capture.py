@@ -4,29 +4,54 @@ import networkx as nx
 import pytest
 import torch
 import transformers as tf
+from transformers import DynamicCache
 
 from modelfold.ir import Program, UnsupportedArchitectureError, VerificationError, describe, verify
 from modelfold.ir.dataflow import to_html, to_svg
+from modelfold.ir.signature import graph_inputs
 from tests.tiny_models import ALL_FAMILIES, tiny_model
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_capture_is_dynamic_and_matches_eager(family):
+def test_capture_has_the_backend_signature_and_matches_eager(family):
+    """One capture with the signature the backends run (flat KV cache in and out for decoders),
+    dynamic in batch, sequence and past length: a prefill (P = 0) and a decode step (S = 1) at
+    sizes other than the example's give the eager model's outputs and cache."""
     model = tiny_model(family)
     program = Program(model)
     assert program.arch.family == family
     assert program.arch.num_layers == 4
     verify(program)
-    # the graph was captured at [2, 8]; run it at another batch and sequence length
+    assert program.verified_graph is program.exported and program.captures == 1
+    sig = program.signature
+    graph = program.graph_module()
     ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
-    kwargs = {"input_ids": ids, **program.spec.static_kwargs}
-    if program.arch.kind == "encoder":
-        kwargs["attention_mask"] = torch.ones_like(ids)
-    graph_out = program.exported.module()(**kwargs)
-    eager = program.logits(ids)
-    graph_tensor = graph_out[0] if isinstance(graph_out, tuple) else (
-        graph_out.last_hidden_state if program.arch.kind == "encoder" else graph_out.logits)
-    torch.testing.assert_close(graph_tensor, eager, atol=1e-5, rtol=1e-5)
+    if sig.kind == "encoder":
+        assert sig.inputs[:2] == ("input_ids", "attention_mask")
+        assert sig.outputs == ("last_hidden_state",)
+        out = graph(*program._encoder_inputs(ids))
+        torch.testing.assert_close(out[0] if isinstance(out, tuple) else out,
+                                   program.module_logits(ids), atol=1e-5, rtol=1e-5)
+        return
+    assert sig.inputs[:3] == ("input_ids", "attention_mask", "position_ids")
+    assert sig.inputs[3:5] == ("past_key_values.0.key", "past_key_values.0.value")
+    assert len(sig.outputs) == 1 + 2 * 4 and sig.outputs[1] == "present.0.key"
+    assert sig.dims["attention_mask"] == {0: "batch", 1: "total_sequence"}
+    prefill = graph(*graph_inputs(sig, ids))  # P = 0
+    cache = DynamicCache()
+    with torch.no_grad():
+        eager = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(prefill[0], eager.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prefill[1], cache.layers[0].keys, atol=1e-5, rtol=1e-5)
+    step = torch.randint(0, 128, (3, 1), generator=torch.Generator().manual_seed(2))  # S = 1
+    mask = torch.ones(3, 12, dtype=torch.long)
+    positions = torch.full((3, 1), 11)
+    decoded = graph(step, mask, positions, *prefill[1:])
+    with torch.no_grad():
+        eager = model(input_ids=step, attention_mask=mask, position_ids=positions,
+                      past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(decoded[0], eager.logits, atol=1e-5, rtol=1e-5)
+    assert decoded[-1].shape[2] == 12  # present = past + new
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)

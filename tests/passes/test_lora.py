@@ -19,6 +19,7 @@ from modelfold.ir.lora import (
     unmerge_adapters,
     unwrap,
 )
+from modelfold.ir.targets import TargetError
 from modelfold.passes.base import PassError, PreconditionError
 from modelfold.passes.lora import mark_trainable
 from modelfold.passes.manager import PassContext
@@ -90,7 +91,7 @@ def test_pissa_adapter_holds_principal_components():
 def test_lora_sb_starts_from_the_estimated_first_step():
     model = tiny_model("llama")
     result = modelfold.transform(
-        model, "lora{rank=4,init=sb,corpus=random,sb_samples=4,sb_seq_len=16,sb_lr=1e-3}",
+        model, "lora{rank=4,init=sb,corpus=random,n_samples=4,seq_len=16,sb_lr=1e-3}",
         context=QUIET)
     record = result.program.log[-1]
     assert record.kind == "lossy"
@@ -114,7 +115,7 @@ def test_targets_bare_names_globs_regex_and_exclude():
 
 
 def test_bad_input_errors():
-    with pytest.raises(PassError, match="matches no linear layer"):
+    with pytest.raises(TargetError, match="matches no layer"):
         modelfold.transform(tiny_model("llama"), "lora{targets=[qproj]}", context=QUIET)
     with pytest.raises(PassError, match=r"above min\(in, out\) = 16"):  # k_proj is 32 -> 16
         modelfold.transform(tiny_model("llama"), "lora{rank=20}", context=QUIET)

@@ -24,6 +24,7 @@ from modelfold.ir.sparse import (
     satisfies_nm,
     unpack_indices,
 )
+from modelfold.ir.targets import TargetError
 from modelfold.passes.base import PassError, PreconditionError
 from modelfold.passes.gptq import HessianAccumulator
 from modelfold.passes.manager import PassContext
@@ -241,9 +242,9 @@ def test_targets_exclude_and_their_errors():
     result = sparsify("llama", "targets=[*mlp*],exclude=[*down_proj]")
     assert set(sparse_layers(result.module)) == {
         f"model.layers.{i}.mlp.{p}" for i in range(4) for p in ("gate_proj", "up_proj")}
-    with pytest.raises(PassError, match="matches no linear layer"):
+    with pytest.raises(TargetError, match="matches no layer"):
         sparsify("llama", "targets=[*nonexistent*]")
-    with pytest.raises(PassError, match="'exclude'.*matches no linear layer"):
+    with pytest.raises(TargetError, match="'exclude'.*matches no layer"):
         sparsify("llama", "exclude=[*nothing*]")
 
 

@@ -13,7 +13,8 @@ import torch
 import modelfold
 from modelfold.ir.architecture import UnsupportedArchitectureError
 from modelfold.ir.lora import LoraError, lora_layers, merge_adapters
-from modelfold.passes.base import PassError, PreconditionError
+from modelfold.ir.targets import TargetError
+from modelfold.passes.base import PreconditionError
 from modelfold.passes.manager import PassContext
 from modelfold.passes.tie_layers import depth_map, stepwise_sources, tied_groups
 from modelfold.recursive import RecursiveError, recursive_base
@@ -245,9 +246,9 @@ def test_tied_weights_cannot_be_merged_or_quantized():
     with pytest.raises(LoraError, match="shared with other layers"):
         merge_adapters(result.module)
     pure = _tie(tiny_model("llama"), "unique=2")
-    with pytest.raises(PassError, match="shares its weight"):
+    with pytest.raises(TargetError, match="shares its weight"):
         modelfold.transform(pure.program, "quantize{method=rtn}", context=QUIET)
-    with pytest.raises(PassError, match="shares its weight"):
+    with pytest.raises(TargetError, match="shares its weight"):
         modelfold.transform(_tie(tiny_model("llama"), "unique=2").program,
                             "nm-sparsify{method=magnitude}", context=QUIET)
 
