@@ -244,7 +244,7 @@ class Program:
         if self.arch.kind == "encoder":
             from modelfold.ir.signature import Encoder
 
-            return Encoder(self.module)(*self._encoder_inputs(input_ids))
+            return Encoder(self.module)(*self.encoder_inputs(input_ids))
         return self.module(input_ids=input_ids, use_cache=False).logits
 
     @torch.no_grad()
@@ -253,12 +253,12 @@ class Program:
         from modelfold.ir.signature import graph_inputs
 
         sig = self.signature
-        args = self._encoder_inputs(input_ids) if sig.kind == "encoder" \
+        args = self.encoder_inputs(input_ids) if sig.kind == "encoder" \
             else graph_inputs(sig, input_ids)
         out = self.graph_module()(*args)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def _encoder_inputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def encoder_inputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         from modelfold.ir.signature import TOKEN_TYPE_IDS
 
         args = [input_ids, torch.ones_like(input_ids)]

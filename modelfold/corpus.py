@@ -51,6 +51,18 @@ def _canonical_split(split: str) -> str:
         ) from None
 
 
+def check_corpus_option(name: str, where: str) -> None:
+    """Raise ``OptionError`` unless ``name`` is ``"random"`` or a known corpus (``where``: the
+    option, for the message)."""
+    if name == "random":
+        return
+    try:
+        asset_path(name, kind="corpus")
+    except KeyError:
+        raise OptionError(f"{where} must be 'random' or a known corpus ('wikipedia'); got "
+                          f"{name!r}") from None
+
+
 def corpus_dir(name: str = "wikipedia") -> Path:
     """Return the installed directory of corpus ``name``.
 

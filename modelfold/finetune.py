@@ -90,14 +90,9 @@ class TrainConfig(Options):
         if self.ce_weight == self.kl_weight == self.hidden_weight == 0:
             raise OptionError("train options ce_weight, kl_weight and hidden_weight are all 0: "
                              "at least one loss must be on")
-        if self.corpus != "random":
-            from modelfold.assets import asset_path
+        from modelfold.corpus import check_corpus_option
 
-            try:
-                asset_path(self.corpus, kind="corpus")
-            except KeyError:
-                raise OptionError(f"train option 'corpus' must be 'random' or a known corpus "
-                                 f"('wikipedia'); got {self.corpus!r}") from None
+        check_corpus_option(self.corpus, "train option 'corpus'")
 
 
 # Options that may change between a checkpoint and the run resuming it: they do not change the

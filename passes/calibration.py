@@ -52,14 +52,9 @@ class CalibrationConfig(PassConfig):
             if getattr(self, name) < low:
                 raise OptionError(f"{where} option '{name}' must be >= {low}; "
                                   f"got {getattr(self, name)}")
-        if self.corpus != "random":
-            from modelfold.assets import asset_path
+        from modelfold.corpus import check_corpus_option
 
-            try:
-                asset_path(self.corpus, kind="corpus")
-            except KeyError:
-                raise OptionError(f"{where} option 'corpus' must be 'random' or a known corpus "
-                                  f"('wikipedia'); got {self.corpus!r}") from None
+        check_corpus_option(self.corpus, f"{where} option 'corpus'")
 
     def require_text(self, program: Program, why: str) -> None:
         """``PreconditionError`` when calibration text is needed and the program has no

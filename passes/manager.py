@@ -61,8 +61,8 @@ class PassManager:
         previous = original
         program.analyses.setdefault("_probe", {"description": probe_desc,
                                                "shape": list(probe.shape)})
-        if ctx.verify:
-            verify(program)
+        if ctx.verify:  # the input: its graph too if it was captured already (no capture for it)
+            verify(program, capture=program.is_captured)
         for i, p in enumerate(self.passes, 1):
             record = PassRecord(name=p.name, options=p.config.to_dict(), kind=p.kind,
                                 level=p.level)

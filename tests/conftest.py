@@ -112,3 +112,36 @@ def smollm2_artifact(smollm2_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "artifact"
     manifest = modelfold.export(smollm2_base, out)
     return out, manifest
+
+
+CLI_PIPELINE = "layer-importance{n_samples=4,seq_len=32},drop-layers{count=1}"
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 3-layer random Llama with SmolLM2's real tokenizer and vocabulary, saved to disk (a
+    model folder for CLI tests)."""
+    import torch
+    import transformers as tf
+
+    tokenizer = smollm2_tokenizer
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=1024, tie_word_embeddings=True,
+                            bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("models") / "small-llama"
+    tf.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def artifact(small_model_dir, tmp_path_factory) -> Path:
+    """``modelfold convert`` of the small model (CLI_PIPELINE): an artifact folder to read."""
+    from modelfold.cli import main
+
+    out = tmp_path_factory.mktemp("artifacts") / "small"
+    assert main(["convert", str(small_model_dir), "-p", CLI_PIPELINE, "-o", str(out)]) == 0
+    return out

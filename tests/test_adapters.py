@@ -14,10 +14,9 @@ import torch
 import modelfold
 from modelfold.adapters import AdapterError, load_adapter, read_adapter, save_adapter
 from modelfold.ir.lora import lora_layers
-from modelfold.passes.manager import PassContext
+from tests.helpers import QUIET
 from tests.tiny_models import tiny_model
 
-QUIET = PassContext(log=None, verify=False, measure=False)
 IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
 TOL = 1e-5
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import modelfold
-from modelfold.assets import is_installed, load_model
+from modelfold.assets import load_model
 from modelfold.checkpoint import (
     MANIFEST,
     WEIGHTS,
@@ -27,11 +27,10 @@ from modelfold.checkpoint import (
 from modelfold.cli import main
 from modelfold.ir.program import Program
 from modelfold.ir.quant import PackedWeight, QuantEmbedding, QuantFormat, QuantLinear, W8A8Linear
-from modelfold.passes.manager import PassContext
+from tests.helpers import QUIET
 from tests.tiny_models import ALL_FAMILIES, tiny_config, tiny_model
 
 INT4_G32 = QuantFormat(4, 32, False)
-QUIET = PassContext(log=None, verify=False)  # re-capture is tested elsewhere; seconds here
 
 
 def quantize(model: nn.Module, fmt: QuantFormat = INT4_G32, *,
@@ -313,21 +312,12 @@ def test_a_type_name_cannot_be_registered_twice():
 
 
 # -- the command line --------------------------------------------------------------------------
-needs_smollm2 = pytest.mark.skipif(not is_installed("smollm2-135m"),
-                                   reason="needs the smollm2-135m asset (its tokenizer)")
-
-
 @pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory) -> tuple[Path, Program]:
-    """A 3-layer random Llama with SmolLM2's tokenizer, quantized int4 g32, saved."""
-    _, tokenizer = load_model("smollm2-135m")
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=1024, tie_word_embeddings=True,
-                            bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id)
-    program = Program(quantize(tf.LlamaForCausalLM(config).eval()), tokenizer=tokenizer)
+def small_checkpoint(tmp_path_factory, small_model_dir, smollm2_tokenizer
+                     ) -> tuple[Path, Program]:
+    """The small random Llama with SmolLM2's tokenizer (conftest), quantized int4 g32, saved."""
+    model = tf.LlamaForCausalLM.from_pretrained(small_model_dir).eval()
+    program = Program(quantize(model), tokenizer=smollm2_tokenizer)
     path = tmp_path_factory.mktemp("checkpoints") / "small-int4"
     save_checkpoint(program, path)
     return path, program
@@ -339,7 +329,6 @@ def run_json(capsys, argv: list[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@needs_smollm2
 def test_cli_eval_and_inspect_a_checkpoint(capsys, tmp_path, small_checkpoint):
     from modelfold.evaluate import evaluate
 
@@ -358,7 +347,6 @@ def test_cli_eval_and_inspect_a_checkpoint(capsys, tmp_path, small_checkpoint):
     assert "is a modelfold checkpoint, not an artifact" in capsys.readouterr().err
 
 
-@needs_smollm2
 def test_cli_convert_save_model_without_onnx(capsys, tmp_path, small_checkpoint):
     path, program = small_checkpoint
     out = tmp_path / "dropped"
@@ -379,10 +367,9 @@ def test_cli_convert_save_model_without_onnx(capsys, tmp_path, small_checkpoint)
 
 # -- the real model ----------------------------------------------------------------------------
 @pytest.mark.slow
-@needs_smollm2
-def test_smollm2_int4_checkpoint(tmp_path):
+def test_smollm2_int4_checkpoint(smollm2, tmp_path):
     """SmolLM2-135M, int4 g128 RTN (tied table too): bit-identical reload, ~7x smaller."""
-    program = modelfold.load("smollm2-135m")
+    program = smollm2
     fp32_bytes = (Path(program.source) / "model.safetensors").stat().st_size
     quantize(program.module, QuantFormat(4, 128, False))
     program.invalidate()

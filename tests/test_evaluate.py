@@ -5,13 +5,12 @@ import math
 import pytest
 import torch
 
-from modelfold.assets import load_model
 from modelfold.evaluate import eval_windows, evaluate, perplexity
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_model("smollm2-135m")[1]
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_windows_prepend_bos_and_cover_every_token_once(tokenizer):

@@ -182,12 +182,8 @@ def test_gradient_checkpointing_gives_the_same_losses():
     assert not getattr(model, "_require_grads_hooks", None)
 
 
-def test_program_input_uses_its_tokenizer_and_real_text_lowers_perplexity():
-    from transformers import AutoTokenizer
-
-    from modelfold.assets import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+def test_program_input_uses_its_tokenizer_and_real_text_lowers_perplexity(smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
     model = student(trainable=("norm", "lm_head"), vocab_size=len(tokenizer),
                     bos_token_id=tokenizer.bos_token_id)
     program = Program(model, tokenizer=tokenizer)
@@ -291,10 +287,8 @@ def test_plot_training_writes_a_png(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_post_attention_norms_recover_a_damaged_model():
-    import modelfold
-
-    program = modelfold.load("smollm2-135m")
+def test_smollm2_post_attention_norms_recover_a_damaged_model(smollm2):
+    program = smollm2
     module = program.module
     with torch.no_grad():  # the damage to recover from: perplexity 17 -> ~900 on this text
         for name, p in module.named_parameters():

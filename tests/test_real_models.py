@@ -8,7 +8,8 @@ import torch
 import modelfold
 from modelfold.evaluate import evaluate
 from modelfold.ir.signature import graph_inputs
-from tests.helpers import LOGLESS
+from modelfold.ir.verify import verify
+from tests.helpers import QUIET
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def test_smollm2_perplexity_is_sane(smollm2_base, eval_text):
 
 def test_drop_least_important_layers_on_smollm2(smollm2):
     result = modelfold.transform(smollm2, "layer-importance{n_samples=8,seq_len=128},"
-                                 "drop-layers{count=4}", context=LOGLESS)
+                                 "drop-layers{count=4}", context=QUIET)
     program = result.program
     scores = program.log[0].details["scores"]
     assert len(scores) == 30 and all(0 < s < 1 for s in scores)
@@ -49,7 +50,8 @@ def test_drop_least_important_layers_on_smollm2(smollm2):
     assert len(dropped) == 4 and 0 not in dropped  # the first layer is never unimportant
     assert program.arch.num_layers == 26 == program.module.config.num_hidden_layers
     assert program.log[1].fidelity["top1_agreement"] > 0.5
-    assert program.verified_graph is program.exported  # verified after the drop, 26 cache layers
+    verify(program)  # the 26-layer graph captures with 26 cache layers and verifies
+    assert program.verified_graph is program.exported
     assert len(program.signature.past_names) == 2 * 26
 
 
@@ -57,6 +59,6 @@ def test_minilm_encoder_program(minilm_dir):
     program = modelfold.load(str(minilm_dir))
     assert (program.arch.family, program.arch.kind, program.arch.num_layers) == ("bert", "encoder", 6)
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 2088, 7592, 102]])
-    out = program.graph_module()(*program._encoder_inputs(ids))
+    out = program.graph_module()(*program.encoder_inputs(ids))
     torch.testing.assert_close(out[0] if isinstance(out, tuple) else out,
                                program.module_logits(ids), atol=1e-5, rtol=1e-5)

@@ -13,13 +13,12 @@ import modelfold
 from modelfold.cli import main as cli_main
 from modelfold.ir.program import Program
 from modelfold.ir.sparse import NMLinear, nm_mask, satisfies_nm
-from modelfold.passes.manager import PassContext
 from modelfold.passes.sparsify import check_nm_invariant, sparse_layers
 from modelfold.sparse_training import CastConfig, CastSchedule, SparseTrainLinear, sparse_train
 from modelfold.train_checkpoints import TrainError
+from tests.helpers import QUIET
 from tests.tiny_models import tiny_model
 
-QUIET = PassContext(log=None)
 TRAIN = dict(corpus="random", batch_size=2, seq_len=16, progress=False, log=None)
 
 

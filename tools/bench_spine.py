@@ -1,11 +1,13 @@
 """Torch eager vs the ONNX Runtime artifact, side by side, on the default model (fp32, CPU).
 
     .venv/bin/python tools/bench_spine.py [--chars 200000] [--runs 5] [--prompt-tokens 128]
-                                          [--new-tokens 64] [--artifact DIR]
+                                          [--new-tokens 64] [--artifact DIR] [--against DIR ...]
 
 Prints one Markdown table: perplexity (evaluation split, `modelfold eval` protocol), artifact
 bytes, prefill latency and decode tokens/s (medians of --runs, interleaved torch/ORT runs so
 machine noise hits both), plus whether 32 greedy tokens match transformers' `generate`.
+``--against`` adds other artifacts of the same model (e.g. one written by an earlier modelfold)
+as rows, scored and timed in the same interleaved runs.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--artifact", help="reuse an artifact folder instead of exporting one")
+    parser.add_argument("--against", nargs="*", default=[],
+                        help="other artifact folders to score and time in the same runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -72,15 +76,23 @@ def main() -> None:
     text = corpus_text("wikipedia", "evaluation")
     ppl_torch = evaluate(model, tokenizer, text, chars=args.chars, progress=False)
     ppl_ort = evaluate(lm, tokenizer, text, chars=args.chars, progress=False)
+    others = {path: OnnxCausalLM(path, threads=args.threads) for path in args.against}
+    ppl_others = {path: evaluate(o, tokenizer, text, chars=args.chars, progress=False)
+                  for path, o in others.items()}
 
     prompt = [tokenizer.bos_token_id] + tokenize_text(tokenizer, text[:4000]).tolist()
     prompt = prompt[:args.prompt_tokens]
     torch_runs, ort_runs = [], []
-    torch_generate(model, prompt, 4)  # warm-up both
+    other_runs: dict[str, list] = {path: [] for path in others}
+    torch_generate(model, prompt, 4)  # warm-up all
     lm.generate(prompt, 4)
+    for o in others.values():
+        o.generate(prompt, 4)
     for _ in range(args.runs):
         torch_runs.append(torch_generate(model, prompt, args.new_tokens))
         ort_runs.append(lm.generate(prompt, args.new_tokens))
+        for path, o in others.items():
+            other_runs[path].append(o.generate(prompt, args.new_tokens))
 
     greedy_prompt = tokenizer("The Roman Empire was", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -104,6 +116,10 @@ def main() -> None:
           f"(parameters) | {t_pre * 1000:.1f} | {t_dec:.1f} |")
     print(f"| ONNX Runtime artifact | {ppl_ort['perplexity']:.4f} | {manifest['onnx_bytes']:,} "
           f"(model.onnx + data) | {o_pre * 1000:.1f} | {o_dec:.1f} |")
+    for path, runs in other_runs.items():
+        size = read_manifest(path)["onnx_bytes"]
+        print(f"| {path} | {ppl_others[path]['perplexity']:.4f} | {size:,} | "
+              f"{med(runs, 'prefill_seconds') * 1000:.1f} | {med(runs, 'decode_tokens_per_s'):.1f} |")
     rel = abs(ppl_ort["perplexity"] / ppl_torch["perplexity"] - 1) * 100
     print(f"\nperplexity difference: {rel:.4f} %; ORT/torch decode speed: {o_dec / t_dec:.2f}x; "
           f"prefill: {t_pre / o_pre:.2f}x")

@@ -44,6 +44,12 @@ def lora_pair(layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor, float, int
             1.0, len(names))
 
 
+# Packed base -> (the op it and its Triton kernel are called, kernel name, tensor arguments after x)
+_PACKED_BASES = {QuantLinear: ("quant_linear", "quant", 4),
+                 NMQuantLinear: ("nm_quant_linear", "nm_quant", 5),
+                 NMLinear: ("nm_linear", "nm", 3)}
+
+
 @register_layer_lowering(LoraLinear)
 def _fuse(ctx: TritonLowering, path: str, layer: LoraLinear) -> None:
     pair = lora_pair(layer)
@@ -67,19 +73,13 @@ def _fuse(ctx: TritonLowering, path: str, layer: LoraLinear) -> None:
                                     f"found {len(found)}")
         return found[0]
 
-    if isinstance(base, QuantLinear):
-        q = base_call(torch.ops.modelfold.quant_linear.default).args
-        new = editor.call(ops.quant_linear.default, (x, *q[1:5], a, b, scaling, *q[5:8]), near=out)
-        kind = "quant"
-    elif isinstance(base, NMQuantLinear):
-        q = base_call(torch.ops.modelfold.nm_quant_linear.default).args
-        new = editor.call(ops.nm_quant_linear.default, (x, *q[1:6], a, b, scaling, *q[6:11]),
-                          near=out)
-        kind = "nm_quant"
-    elif isinstance(base, NMLinear):
-        q = base_call(torch.ops.modelfold.nm_linear.default).args
-        new = editor.call(ops.nm_linear.default, (x, *q[1:4], a, b, scaling, *q[4:7]), near=out)
-        kind = "nm"
+    packed = next((entry for cls, entry in _PACKED_BASES.items() if type(base) is cls), None)
+    if packed is not None:
+        # the base's tensors, then the LoRA pair, then its integer attributes
+        op_name, kind, tensors = packed
+        q = base_call(getattr(torch.ops.modelfold, op_name).default).args
+        new = editor.call(getattr(ops, op_name).default,
+                          (x, *q[1:1 + tensors], a, b, scaling, *q[1 + tensors:]), near=out)
     elif isinstance(base, W8A8Linear):
         q = base_call(torch.ops.modelfold.w8a8_linear.default).args
         y = editor.call(ops.w8a8_linear.default, (x, *q[1:4]), near=out)

@@ -107,10 +107,10 @@ def test_the_artifact_is_lowered_from_the_verified_graph(tmp_path, monkeypatch):
     import torch
 
     import modelfold
-    from tests.helpers import LOGLESS
+    from tests.helpers import VERIFIED
 
     result = modelfold.transform(tiny_model("qwen2", layers=2), "quantize{group_size=16}",
-                                 context=LOGLESS)
+                                 context=VERIFIED)
     program = result.program
     captured = program.exported
     assert program.verified_graph is captured

@@ -38,7 +38,7 @@ from modelfold.backends.onnxruntime.sparse_lowering import (
 from modelfold.cli import build_parser
 from modelfold.ir.quant import PackedWeight, QuantFormat, quantize_rtn
 from modelfold.ir.sparse import NMLinear, NMQuantLinear, compress, nm_mask
-from modelfold.passes.manager import PassContext
+from tests.helpers import QUIET
 from tests.tiny_models import tiny_model
 
 TOL = 1e-5  # float32 logits of a tiny model; the exports measure ~1e-7 (int4, hidden 256: ~1e-6)
@@ -59,7 +59,7 @@ DECOMPRESSION_OPS = {"ScatterElements", "BitwiseAnd", "Mod"}
 def sparse_llama(pipeline: str, **overrides) -> modelfold.TransformResult:
     """A 1-layer tiny llama (``overrides``: config attributes) through ``pipeline``."""
     model = tiny_model("llama", num_hidden_layers=1, **overrides)
-    return modelfold.transform(model, pipeline, context=PassContext(verify=False, measure=False, log=None))
+    return modelfold.transform(model, pipeline, context=QUIET)
 
 
 def op_counts(model_path: Path) -> Counter:

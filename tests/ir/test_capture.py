@@ -14,7 +14,8 @@ from tests.tiny_models import ALL_FAMILIES, tiny_model
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_capture_has_the_backend_signature_and_matches_eager(family):
-    """One capture with the signature the backends run (flat KV cache in and out for decoders),
+    """One capture (and its dataflow view) with the signature the backends run (flat KV cache in
+    and out for decoders),
     dynamic in batch, sequence and past length: a prefill (P = 0) and a decode step (S = 1) at
     sizes other than the example's give the eager model's outputs and cache."""
     model = tiny_model(family)
@@ -23,13 +24,14 @@ def test_capture_has_the_backend_signature_and_matches_eager(family):
     assert program.arch.num_layers == 4
     verify(program)
     assert program.verified_graph is program.exported and program.captures == 1
+    _check_dataflow(program, family)
     sig = program.signature
     graph = program.graph_module()
     ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
     if sig.kind == "encoder":
         assert sig.inputs[:2] == ("input_ids", "attention_mask")
         assert sig.outputs == ("last_hidden_state",)
-        out = graph(*program._encoder_inputs(ids))
+        out = graph(*program.encoder_inputs(ids))
         torch.testing.assert_close(out[0] if isinstance(out, tuple) else out,
                                    program.module_logits(ids), atol=1e-5, rtol=1e-5)
         return
@@ -54,9 +56,8 @@ def test_capture_has_the_backend_signature_and_matches_eager(family):
     assert decoded[-1].shape[2] == 12  # present = past + new
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_dataflow_chains_every_layer(family):
-    program = Program(tiny_model(family))
+def _check_dataflow(program, family):
+    """The module-level dataflow view of the captured graph chains every layer."""
     graph = program.dataflow()
     assert nx.is_directed_acyclic_graph(graph)
     layers = [program.arch.layer_path(i) for i in range(4)]

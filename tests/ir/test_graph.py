@@ -10,7 +10,7 @@ from modelfold.ir import Program
 from modelfold.ir.graph import GraphEditor, calls
 from modelfold.ir.verify import graph_problems
 from modelfold.passes.manager import PassContext
-from tests.helpers import LOGLESS
+from tests.helpers import VERIFIED
 from tests.tiny_models import tiny_model
 
 LINEAR = torch.ops.aten.linear.default
@@ -58,7 +58,7 @@ def test_editor_without_changes_returns_the_same_program():
 
 def test_tied_linear_is_an_exact_graph_pass_that_survives_recapture():
     result = modelfold.transform(_tied_llama(layers=3), "tied-linear,drop-layers{layers=[1]}",
-                                 context=LOGLESS)
+                                 context=VERIFIED)
     program = result.program
     record = program.log[0]
     assert (record.level, record.kind) == ("graph", "exact")
@@ -77,7 +77,7 @@ def test_tied_linear_is_an_exact_graph_pass_that_survives_recapture():
 
 
 def test_tied_linear_leaves_untied_models_alone():
-    result = modelfold.transform(tiny_model("llama", layers=2), "tied-linear", context=LOGLESS)
+    result = modelfold.transform(tiny_model("llama", layers=2), "tied-linear", context=VERIFIED)
     assert result.program.log[0].details["rewritten"] == []
 
 
@@ -104,5 +104,5 @@ def test_disabled_graph_pass_is_reported():
 def test_tied_linear_on_families_with_tied_heads(family):
     model = tiny_model(family, layers=2)  # both tie the head to the embedding by default
     assert model.lm_head.weight is model.get_input_embeddings().weight
-    result = modelfold.transform(model, "tied-linear", context=LOGLESS)
+    result = modelfold.transform(model, "tied-linear", context=VERIFIED)
     assert len(result.program.log[0].details["rewritten"]) == 1

@@ -9,16 +9,16 @@ import modelfold
 from modelfold.ir import Program
 from modelfold.passes.base import Pass, PassConfig, PostconditionError, PreconditionError
 from modelfold.passes.manager import PassContext, PassManager
+from tests.helpers import QUIET, VERIFIED
 from tests.tiny_models import ALL_FAMILIES, DECODER_FAMILIES, tiny_model
 
-QUIET = PassContext(log=None)
 IMPORTANCE = "layer-importance{corpus=random,n_samples=4,seq_len=16}"
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_drop_by_importance_on_every_family(family):
     model = tiny_model(family)
-    result = modelfold.transform(model, f"{IMPORTANCE},drop-layers{{count=2}}", context=QUIET)
+    result = modelfold.transform(model, f"{IMPORTANCE},drop-layers{{count=2}}", context=VERIFIED)
     program = result.program
     scores = program.log[0].details["scores"]
     expected = sorted(sorted(range(4), key=scores.__getitem__)[:2])
@@ -103,7 +103,7 @@ class _SneakyAnalysis(_ScaleNorm):
                                           (_SneakyAnalysis, "analysis pass test-sneaky-analysis")])
 def test_manager_enforces_pass_kinds(cls, message):
     with pytest.raises(PostconditionError, match=message):
-        PassManager([cls()], QUIET).run(Program(tiny_model("llama")))
+        PassManager([cls()], VERIFIED).run(Program(tiny_model("llama")))
 
 
 def test_disabled_pass_is_reported_not_run():

@@ -22,10 +22,9 @@ from modelfold.ir.lora import (
 from modelfold.ir.targets import TargetError
 from modelfold.passes.base import PassError, PreconditionError
 from modelfold.passes.lora import mark_trainable
-from modelfold.passes.manager import PassContext
+from tests.helpers import QUIET, VERIFIED
 from tests.tiny_models import DECODER_FAMILIES, tiny_model
 
-QUIET = PassContext(log=None)
 IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
@@ -47,7 +46,7 @@ def _perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> Non
 def test_standard_init_is_exact_on_every_family(family):
     model = tiny_model(family)
     before = _logits(model)
-    result = modelfold.transform(model, "lora{rank=4,alpha=8}", context=QUIET)
+    result = modelfold.transform(model, "lora{rank=4,alpha=8}", context=VERIFIED)
     layers = lora_layers(result.module)
     assert layers, "no layer was adapted"
     assert torch.equal(_logits(result.module), before)

@@ -71,7 +71,7 @@ def test_yaml_recipe(tmp_path):
     bad.write_text("passes: drop-layers\n")
     with pytest.raises(PipelineSyntaxError, match="must be a mapping with a 'passes' list"):
         load_recipe(bad)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(PipelineSyntaxError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
 
 

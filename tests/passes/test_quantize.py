@@ -30,11 +30,10 @@ from modelfold.ir.targets import TargetError
 from modelfold.passes.base import PreconditionError
 from modelfold.passes.gptq import HessianAccumulator, gptq_quantize
 from modelfold.passes.layerwise import LayerwiseRunner
-from modelfold.passes.manager import PassContext
 from modelfold.passes.pipeline import build_pipeline
+from tests.helpers import QUIET, VERIFIED
 from tests.tiny_models import ALL_FAMILIES, tiny_model
 
-QUIET = PassContext(log=None)
 CALIB = "corpus=random,n_samples=4,seq_len=16,batch_size=2"
 
 
@@ -218,9 +217,9 @@ def test_layerwise_runner_reproduces_the_forward(family):
 
 
 # -- the quantize pass -------------------------------------------------------------------------
-def _quantize(family: str, options: str, **overrides):
+def _quantize(family: str, options: str, context=QUIET, **overrides):
     return modelfold.transform(tiny_model(family, **overrides), f"quantize{{{options}}}",
-                               context=QUIET)
+                               context=context)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "awq-gptq"])
@@ -236,7 +235,7 @@ def test_quantize_methods_on_tiny_llama(method):
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2", "phi", "gpt2", "opt", "mixtral", "bert"])
 def test_gptq_across_families(family):
-    result = _quantize(family, f"bits=4,group_size=16,method=gptq,{CALIB}")
+    result = _quantize(family, f"bits=4,group_size=16,method=gptq,{CALIB}", context=VERIFIED)
     assert result.program.dialect_ops()["modelfold::quant_linear"] > 0
     skipped = result.program.log[-1].skipped
     if family == "mixtral":  # experts are 3-D tensors: reported, not silently left alone

@@ -27,13 +27,12 @@ from modelfold.ir.sparse import (
 from modelfold.ir.targets import TargetError
 from modelfold.passes.base import PassError, PreconditionError
 from modelfold.passes.gptq import HessianAccumulator
-from modelfold.passes.manager import PassContext
 from modelfold.passes.pipeline import build_pipeline
 from modelfold.passes.sparsegpt import prune
 from modelfold.passes.sparsify import check_nm_invariant, sparse_layers
+from tests.helpers import QUIET, VERIFIED
 from tests.tiny_models import tiny_model
 
-QUIET = PassContext(log=None)
 CALIB = "corpus=random,n_samples=4,seq_len=16,batch_size=2"
 PATTERNS = st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (5, 16), (8, 32)])
 
@@ -178,12 +177,12 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_outlier_inputs():
 
 
 # -- the pass on tiny models --------------------------------------------------------------------------
-def sparsify(family: str, options: str = "", **overrides):
+def sparsify(family: str, options: str = "", context=QUIET, **overrides):
     """nm-sparsify on a tiny model (magnitude unless ``options`` names a method)."""
     if "method=" not in options:
         options = ",".join(filter(None, [options, "method=magnitude"]))
     return modelfold.transform(tiny_model(family, **overrides), f"nm-sparsify{{{options}}}",
-                               context=QUIET)
+                               context=context)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -213,7 +212,7 @@ def test_every_linear_of_the_stack_becomes_exactly_2_4(method):
 @pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma", "gemma2", "phi", "gpt2", "opt",
                                     "mixtral"])
 def test_sparsegpt_4_8_across_families(family):
-    result = sparsify(family, f"n=4,m=8,method=sparsegpt,{CALIB}")
+    result = sparsify(family, f"n=4,m=8,method=sparsegpt,{CALIB}", context=VERIFIED)
     layers = sparse_layers(result.module)
     assert layers and check_nm_invariant(result.module) == []
     logits = result.module(torch.randint(0, 128, (2, 9))).logits
