@@ -30,7 +30,7 @@ demo: assets
 	$(BIN)/modelfold generate $(DEMO_OUT) "The history of the Roman Empire" --max-new-tokens 32
 
 test: assets
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 lint: setup
 	$(BIN)/ruff check modelfold ir passes backends kernels tests tools

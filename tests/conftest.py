@@ -4,7 +4,8 @@ The Triton kernels are tested in Triton's CPU interpreter: ``TRITON_INTERPRET=1`
 before ``modelfold.kernels`` is imported (Triton fixes the mode when a kernel is defined). On a
 GPU machine, run the suite with ``TRITON_INTERPRET=0`` to test the kernels on CUDA instead.
 
-Real models are expensive, so they are loaded once per session and handed out as cheap copies:
+`make test` runs the suite in two workers (pytest-xdist, one file per worker at a time, one
+thread each). Real models are expensive, so they are loaded once per session (per worker) and handed out as cheap copies:
 
 - ``smollm2_base``: SmolLM2-135M as a ``Program``, loaded once. Never change it; take
   ``smollm2`` (a fresh copy per test, ~0.2 s) or ``copy_of(smollm2_base)``.
@@ -24,6 +25,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each, or torch and ONNX Runtime
+    # oversubscribe the machine (set before torch is imported, so its OpenMP pool is sized once)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHORT_LAYERS = 4
 
