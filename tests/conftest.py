@@ -5,7 +5,8 @@ before ``modelfold.kernels`` is imported (Triton fixes the mode when a kernel is
 GPU machine, run the suite with ``TRITON_INTERPRET=0`` to test the kernels on CUDA instead.
 
 `make test` runs the suite in two workers (pytest-xdist, one file per worker at a time, one
-thread each). Real models are expensive, so they are loaded once per session (per worker) and handed out as cheap copies:
+thread each). Real models are expensive, so they are loaded once per session (per worker) and
+handed out as cheap copies:
 
 - ``smollm2_base``: SmolLM2-135M as a ``Program``, loaded once. Never change it; take
   ``smollm2`` (a fresh copy per test, ~0.2 s) or ``copy_of(smollm2_base)``.
