@@ -1,5 +1,3 @@
-import sys
+from modelfold.cli import run
 
-from modelfold.cli import main
-
-sys.exit(main())
+run()

@@ -789,5 +789,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The console entry point (``modelfold`` and ``python -m modelfold``): ``main``'s status.
+
+    After an interrupt the status is 130 and the process exits with it directly: CPython kills
+    itself with SIGINT at exit (status -2, not 130) when a ``KeyboardInterrupt`` once passed
+    through C code run by ``PyRun_*`` (a pybind11 extension being imported when Ctrl-C or
+    SIGTERM arrived), even though ``main`` handled it. Everything was cleaned up by then.
+    """
+    code = main()
+    if code == 130:
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
