@@ -48,3 +48,41 @@ def test_perfect_model_has_perplexity_one(tokenizer):
 def test_bad_arguments(tokenizer, kwargs, message):
     with pytest.raises(ValueError, match=message):
         evaluate(torch.nn.Identity(), tokenizer, "some text here", progress=False, **kwargs)
+
+
+def test_large_vocabulary_evaluation_keeps_memory_bounded(tmp_path, tokenizer, eval_text):
+    """A 262k vocabulary: [4, 513, V] float logits are 2.15 GB a batch, several copies before
+    issue 17. Now batches shrink to fit MAX_LOGITS_BYTES and the loss is computed in chunks:
+    `modelfold eval` of an artifact peaks under 3 GB (measured in a child process)."""
+    import json
+    import subprocess
+    import sys
+
+    import transformers as tf
+
+    import modelfold
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=262_144, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                            max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id)
+    model_dir = tmp_path / "model"
+    tf.LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    modelfold.export(modelfold.load(str(model_dir)), tmp_path / "artifact", parity=False)
+    text = tmp_path / "text.txt"
+    text.write_text(eval_text[:12_000])
+    child = ("import json, resource, sys\n"
+             "from modelfold.cli import main\n"
+             "code = main(sys.argv[1:])\n"
+             "print(json.dumps({'peak_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}),"
+             " file=sys.stderr)\n"
+             "sys.exit(code)\n")
+    run = subprocess.run([sys.executable, "-c", child, "eval", str(tmp_path / "artifact"),
+                          "--text", str(text), "--json"], capture_output=True, text=True,
+                         check=True)
+    peak_kib = json.loads(run.stderr.strip().splitlines()[-1])["peak_kib"]
+    result = json.loads(run.stdout)
+    assert result["batch_size"] == 1 and result["windows"] >= 4
+    assert math.isfinite(result["perplexity"])
+    assert peak_kib < 3 * 2**20, f"eval peaked at {peak_kib / 2**20:.2f} GiB"
