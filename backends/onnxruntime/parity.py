@@ -32,6 +32,7 @@ def check_parity(
     seed: int = 0,
     threads: int | None = None,
     adapter: str | Path | None = None,
+    provider: str = "cpu",
 ) -> dict[str, Any]:
     """Runs torch and the ONNX artifact in `out_dir` on the same probe and compares outputs.
 
@@ -50,6 +51,7 @@ def check_parity(
         adapter: LoRA adapter the artifact runs with (a name under its `adapters/` folder or a
             `.onnx_adapter` path; artifacts exported with lora="inputs"). The torch model should
             have the same adapters active.
+        provider: ONNX Runtime execution provider ("cpu" or "cuda").
 
     Returns:
         Decoders: `prefill_max_abs_diff`, `decode_max_abs_diff`, `top1_agreement` (fraction of
@@ -62,8 +64,10 @@ def check_parity(
     try:
         input_ids, attention_mask = _probe(model, input_ids, attention_mask, seed)
         if sig.is_decoder(model):
-            return _decoder_parity(model, out_dir, input_ids, attention_mask, decode_steps, threads, adapter)
-        return _encoder_parity(model, out_dir, input_ids, attention_mask, threads, adapter)
+            return _decoder_parity(model, out_dir, input_ids, attention_mask, decode_steps, threads,
+                                   adapter, provider)
+        return _encoder_parity(model, out_dir, input_ids, attention_mask, threads, adapter,
+                               provider)
     finally:
         model.train(was_training)
 
@@ -102,8 +106,9 @@ def _decoder_parity(
     decode_steps: int,
     threads: int | None,
     adapter: str | Path | None = None,
+    provider: str = "cpu",
 ) -> dict[str, Any]:
-    onnx_model = OnnxCausalLM(out_dir, threads=threads, use_ort_values=False, adapter=adapter)
+    onnx_model = OnnxCausalLM(out_dir, threads=threads, adapter=adapter, provider=provider)
     positions = sig.decoder_positions(attention_mask, input_ids.shape[1])  # [B, S]
     cache = DynamicCache()
     torch_logits = model(
@@ -113,16 +118,20 @@ def _decoder_parity(
         past_key_values=cache,
         use_cache=True,
     ).logits  # [B, S, V]
+    # The artifact gets the same rows, padded on the side it takes (GroupQueryAttention: right)
+    ort_ids, ort_mask = _padded(input_ids, attention_mask, onnx_model.padding)
     ort_logits, past = onnx_model.step(
-        input_ids.numpy(),
-        attention_mask.numpy(),
-        positions.numpy(),
+        ort_ids.numpy(),
+        ort_mask.numpy(),
+        _positions(ort_mask, ort_ids.shape[1]).numpy(),
         onnx_model.empty_past(input_ids.shape[0]),
     )
     real = attention_mask.bool().numpy()  # [B, S]
-    prefill_diff, agree, total = _compare(torch_logits.numpy()[real], ort_logits[real])
+    prefill_diff, agree, total = _compare(torch_logits.numpy()[real],
+                                          ort_logits[ort_mask.bool().numpy()])
 
     decode_diff = 0.0
+    lengths = attention_mask.sum(-1)  # [B] tokens of each row so far
     for _ in range(decode_steps):
         next_ids = torch_logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_ids)], dim=1)  # [B, T]
@@ -134,7 +143,13 @@ def _decoder_parity(
             past_key_values=cache,
             use_cache=True,
         ).logits  # [B, 1, V]
-        ort_logits, past = onnx_model.step(next_ids.numpy(), attention_mask.numpy(), positions.numpy(), past)
+        lengths = lengths + 1
+        if onnx_model.padding == "right":
+            ort_mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).long()
+        else:
+            ort_mask = attention_mask
+        ort_logits, past = onnx_model.step(next_ids.numpy(), ort_mask.numpy(),
+                                           (lengths - 1)[:, None].numpy(), past)
         diff, step_agree, step_total = _compare(
             torch_logits.numpy().reshape(-1, ort_logits.shape[-1]),
             ort_logits.reshape(-1, ort_logits.shape[-1]),
@@ -150,6 +165,21 @@ def _decoder_parity(
     }
 
 
+def _padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, side: str
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch [B, S] as the artifact takes it: as it is, or each row's tokens moved
+    to the front (``side="right"``)."""
+    if side != "right":
+        return input_ids, attention_mask
+    order = torch.argsort(1 - attention_mask, dim=1, stable=True)  # real tokens first, in order
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def _positions(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
+    """Position ids of a left- or right-padded mask (the real tokens count 0, 1, ...)."""
+    return sig.decoder_positions(attention_mask, num_new).clamp(min=0)
+
+
 def _encoder_parity(
     model: nn.Module,
     out_dir: Path,
@@ -157,8 +187,9 @@ def _encoder_parity(
     attention_mask: torch.Tensor,  # [B, S]
     threads: int | None,
     adapter: str | Path | None = None,
+    provider: str = "cpu",
 ) -> dict[str, Any]:
-    onnx_model = OnnxEncoder(out_dir, threads=threads, adapter=adapter)
+    onnx_model = OnnxEncoder(out_dir, threads=threads, adapter=adapter, provider=provider)
     wrapper = sig.Encoder(model)
     args = [input_ids, attention_mask]
     if sig.TOKEN_TYPE_IDS in onnx_model.input_names:

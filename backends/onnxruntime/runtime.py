@@ -15,10 +15,11 @@ import numpy as np
 import onnxruntime as ort
 
 from modelfold.errors import UsageError
-from modelfold.generation import greedy_generate
+from modelfold.generation import Sampling, generate
 from modelfold.ir import signature as sig
 
-__all__ = ["OPTIMIZATION_LEVELS", "OnnxCausalLM", "OnnxEncoder", "available_adapters", "create_session"]
+__all__ = ["OPTIMIZATION_LEVELS", "PROVIDERS", "OnnxCausalLM", "OnnxEncoder", "available_adapters",
+           "create_session", "execution_providers"]
 
 MODEL_FILE = "model.onnx"
 # LoRA adapter files of an artifact exported with lora="inputs" (see lora_lowering.py).
@@ -32,6 +33,7 @@ OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 _ORT_TO_NUMPY = {
+    "tensor(int8)": np.int8,  # a quantized KV cache (quantize-kv)
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
@@ -39,13 +41,35 @@ _ORT_TO_NUMPY = {
 _PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
 
 
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def execution_providers(provider: str) -> list[str]:
+    """ONNX Runtime's provider list for ``provider`` ("cpu" or "cuda"; CUDA falls back to the
+    CPU for the nodes it does not take).
+
+    Raises:
+        UsageError: an unknown provider, or one this ONNX Runtime build / machine lacks.
+    """
+    if provider not in PROVIDERS:
+        raise UsageError(f"unknown execution provider {provider!r}; one of {', '.join(PROVIDERS)}")
+    name = PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        raise UsageError(
+            f"ONNX Runtime's {name} is not available here (available: "
+            f"{', '.join(ort.get_available_providers())}); for 'cuda' install onnxruntime-gpu "
+            "instead of onnxruntime and run on a machine with an NVIDIA GPU")
+    return [name] if provider == "cpu" else [name, PROVIDERS["cpu"]]
+
+
 def create_session(
     path: Path,
     *,
     threads: int | None = None,
     optimization_level: str = "all",
+    provider: str = "cpu",
 ) -> ort.InferenceSession:
-    """Opens an ONNX Runtime CPU session.
+    """Opens an ONNX Runtime session.
 
     Args:
         path: The `.onnx` file (its external data file must sit beside it).
@@ -53,6 +77,7 @@ def create_session(
         optimization_level: Graph optimizations applied at load ("disabled", "basic", "extended",
             "all"). The artifact is already optimized offline up to a portable level; "all" adds
             the hardware-specific ones for this machine.
+        provider: "cpu" or "cuda" (``execution_providers``).
     """
     path = Path(path)
     if not path.is_file():
@@ -63,13 +88,14 @@ def create_session(
         )
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be >= 1 or None, got {threads}")
+    providers = execution_providers(provider)
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 def _artifact_model(artifact_dir: Path) -> Path:
@@ -124,19 +150,26 @@ def _adapter_run_options(
 
 
 class OnnxCausalLM:
-    """A decoder artifact with a KV cache: perplexity logits and greedy generation.
+    """A decoder artifact with a KV cache: perplexity logits and generation.
+
+    Artifacts whose attention is ``GroupQueryAttention`` (the ``fuse-attention`` pass) take
+    right-padded batches and decode with a zero-copy cache: one buffer per layer of the longest
+    length a generation needs, bound with IO binding as both the past and the present, so each
+    step writes only the new token's keys and values (``past_present_share_buffer``). Other
+    artifacts take left-padded batches; their cache stays in ONNX Runtime ``OrtValue``s from one
+    step to the next (no numpy round trip). Both bind the logits to a buffer that is reused.
 
     Args:
         artifact_dir: Directory holding `model.onnx` (or the `.onnx` file itself).
         threads: Intra-op threads (None: one per physical core).
         optimization_level: Graph optimizations ONNX Runtime applies at load.
-        use_ort_values: Keep the KV cache in ONNX Runtime `OrtValue`s between decode steps
-            (`run_with_ort_values`) instead of numpy arrays. Off by default: on SmolLM2-135M it
-            made no measurable difference (43.8 vs 42.6 tokens/s, within noise), because on
-            the CPU numpy inputs are used in place and the graph's Concat copies the past anyway.
         adapter: A LoRA adapter applied to every run: a name under the artifact's `adapters/`
             folder or a path to a `.onnx_adapter` file (artifacts exported with lora="inputs").
+        provider: Execution provider: "cpu" (default) or "cuda" (needs `onnxruntime-gpu` and an
+            NVIDIA GPU; float16 artifacts).
     """
+
+    runtime = "onnxruntime"
 
     def __init__(
         self,
@@ -144,35 +177,48 @@ class OnnxCausalLM:
         *,
         threads: int | None = None,
         optimization_level: str = "all",
-        use_ort_values: bool = False,
         adapter: str | Path | None = None,
+        provider: str = "cpu",
     ):
         self.path = _artifact_model(artifact_dir)
-        self.session = create_session(self.path, threads=threads, optimization_level=optimization_level)
-        self.use_ort_values = use_ort_values
+        self.provider = provider
+        self.session = create_session(self.path, threads=threads,
+                                      optimization_level=optimization_level, provider=provider)
         self.run_options, self.adapter_path, self._adapter = _adapter_run_options(
             self.session, self.path, adapter
         )
         inputs = {i.name: i for i in self.session.get_inputs()}
-        missing = {sig.INPUT_IDS, sig.ATTENTION_MASK, sig.POSITION_IDS} - set(inputs)
+        missing = {sig.INPUT_IDS, sig.ATTENTION_MASK} - set(inputs)
         layers = sorted(int(m.group(1)) for n in inputs if (m := _PAST_KEY.match(n)))
         if missing or not layers:
             raise UsageError(
                 f"{self.path} is not a KV-cache decoder artifact (inputs {sorted(inputs)}); "
                 "export a *ForCausalLM model with export_onnx()"
             )
+        self.has_positions = sig.POSITION_IDS in inputs
         self.num_layers = len(layers)
         past = inputs[sig.past_name(0, "key")]
         _, self.num_kv_heads, _, self.head_dim = past.shape  # [B, H, P, D]
         self.cache_dtype = _ORT_TO_NUMPY[past.type]
         logits = next(o for o in self.session.get_outputs() if o.name == sig.LOGITS)
         self.vocab_size = logits.shape[-1]
+        self.logits_dtype = _ORT_TO_NUMPY[logits.type]
         self.past_names = [
             sig.past_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")
         ]
-        self.output_names = [sig.LOGITS] + [
+        self.present_names = [
             sig.present_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")
         ]
+        self.output_names = [sig.LOGITS] + self.present_names
+        # GroupQueryAttention reads the mask as per-row lengths: right padding, shared buffers
+        self.padding = "right" if _has_op(self.path, "GroupQueryAttention") else "left"
+        self._device = "cuda" if provider == "cuda" else "cpu"
+        self._io = self.session.io_binding()
+        self._logits: tuple[np.ndarray, Any] | None = None  # the reused logits buffer
+        self._bound: list[Any] | None = None  # the cache bound to self._io
+        self._logits_bound: Any = None
+        self._adapter_inputs = {} if self.adapter_path is None else \
+            dict(ort.AdapterFormat.read_adapter(str(self.adapter_path)).get_parameters())
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         """A zero-length KV cache: 2 * num_layers arrays of shape [B, H, 0, D]."""
@@ -184,29 +230,29 @@ class OnnxCausalLM:
         input_ids: np.ndarray,  # [B, S]
         attention_mask: np.ndarray,  # [B, T]
         position_ids: np.ndarray,  # [B, S]
-        past: Sequence[Any],  # 2 * num_layers x [B, H, P, D] (numpy or OrtValue)
+        past: Sequence[Any],  # 2 * num_layers x [B, H, P, D] (numpy)
     ) -> tuple[np.ndarray, list[Any]]:
-        """One forward pass. Returns logits [B, S, V] and the present cache (same kind as `past`)."""
+        """One forward pass through ``session.run``. Returns logits [B, S, V] and the present
+        cache (numpy). ``generate`` uses the IO-bound path instead."""
         if len(past) != len(self.past_names):
             raise UsageError(f"expected {len(self.past_names)} past tensors, got {len(past)}")
-        feeds: dict[str, Any] = {
-            sig.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
-            sig.ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
-            sig.POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
-        }
-        if past and isinstance(past[0], ort.OrtValue):
-            feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
-            feeds.update(zip(self.past_names, past))
-            outputs = self.session.run_with_ort_values(self.output_names, feeds, self.run_options)
-            return outputs[0].numpy(), list(outputs[1:])
+        feeds: dict[str, Any] = self._small_feeds(input_ids, attention_mask, position_ids)
         feeds.update(zip(self.past_names, past))
         outputs = self.session.run(self.output_names, feeds, self.run_options)
         return outputs[0], outputs[1:]
 
+    def _small_feeds(self, input_ids, attention_mask, position_ids) -> dict[str, np.ndarray]:
+        feeds = {sig.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
+                 sig.ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        if self.has_positions:
+            feeds[sig.POSITION_IDS] = np.ascontiguousarray(position_ids, dtype=np.int64)
+        return feeds
+
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Logits for every position of `input_ids` [B, S] with no past -> [B, S, V] float32.
 
-        `attention_mask` [B, S] (1 = token, 0 = left padding) defaults to all ones.
+        `attention_mask` [B, S] (1 = token, 0 = padding: left padding, or right padding for
+        artifacts with GroupQueryAttention, see ``padding``) defaults to all ones.
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -218,37 +264,114 @@ class OnnxCausalLM:
             raise UsageError(
                 f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}"
             )
+        self.check_padding(attention_mask)
         positions = _positions(attention_mask, input_ids.shape[1])
         logits, _ = self.step(input_ids, attention_mask, positions, self.empty_past(len(input_ids)))
         return logits.astype(np.float32, copy=False)  # [B, S, V]
 
+    def check_padding(self, attention_mask: np.ndarray) -> None:
+        """Raise UsageError when a mask [B, T] is padded on the side this artifact does not take."""
+        mask = np.asarray(attention_mask)
+        if mask.all():
+            return
+        ones_then_zeros = (np.diff(mask, axis=-1) <= 0).all()
+        zeros_then_ones = (np.diff(mask, axis=-1) >= 0).all()
+        if self.padding == "right" and not ones_then_zeros:
+            raise UsageError(f"{self.path} has GroupQueryAttention, which takes right-padded "
+                             "batches (each mask row: ones, then zeros)")
+        if self.padding == "left" and not zeros_then_ones:
+            raise UsageError(f"{self.path} takes left-padded batches (each mask row: zeros, "
+                             "then ones)")
+
+    # -- generation: the decoder protocol of modelfold.generation --------------------------------
+    def new_cache(self, batch: int, capacity: int) -> list[Any]:
+        """The empty cache of a generation: one shared [B, H, capacity, D] buffer per past /
+        present pair (right padding), or zero-length OrtValues (left padding)."""
+        if self.padding == "right":
+            shape = (batch, self.num_kv_heads, capacity, self.head_dim)
+            return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self._device, 0)
+                    for _ in self.past_names]
+        return [ort.OrtValue.ortvalue_from_numpy(p, self._device, 0) for p in self.empty_past(batch)]
+
+    def bound_step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                   position_ids: np.ndarray, cache: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        """One forward pass with IO binding: the cache stays in OrtValues (shared buffers are
+        written in place and stay bound from step to step: only the token, the mask and the
+        positions are bound anew), the logits land in a reused buffer (a view the next step
+        overwrites)."""
+        io = self._io
+        shared = self.padding == "right"
+        if not shared or self._bound is not cache:
+            io.clear_binding_inputs()
+            io.clear_binding_outputs()
+            self._bound, self._logits_bound = cache, None
+            for name, value in zip(self.past_names, cache):
+                io.bind_ortvalue_input(name, value)
+            # run_with_iobinding does not apply the RunOptions' active adapter (ORT 1.32: the
+            # logits were the base model's): its tensors are bound as the inputs they override
+            for name, value in self._adapter_inputs.items():
+                io.bind_ortvalue_input(name, value)
+        logits = self._logits_buffer(input_ids.shape)
+        if self._logits_bound is not logits[1]:
+            if shared and self._logits_bound is not None:  # outputs are rebound as a set
+                io.clear_binding_outputs()
+            io.bind_ortvalue_output(sig.LOGITS, logits[1])  # first: get_outputs() follows this
+            for name, value in zip(self.present_names, cache):
+                if shared:
+                    io.bind_ortvalue_output(name, value)
+                else:
+                    io.bind_output(name, self._device)
+            self._logits_bound = logits[1]
+        for name, value in self._small_feeds(input_ids, attention_mask, position_ids).items():
+            io.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(io, self.run_options)
+        if shared:
+            return logits[0], cache
+        return logits[0], io.get_outputs()[1:]
+
+    def _logits_buffer(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Any]:
+        batch, seq = shape
+        if self._logits is None or self._logits[0].shape != (batch, seq, self.vocab_size):
+            array = np.empty((batch, seq, self.vocab_size), dtype=self.logits_dtype)
+            self._logits = (array, ort.OrtValue.ortvalue_from_numpy(array))
+        return self._logits
+
     def generate(
         self,
-        input_ids: Sequence[int] | np.ndarray,
+        input_ids: Sequence[int] | Sequence[Sequence[int]] | np.ndarray,
         max_new_tokens: int,
         eos_token_id: int | Sequence[int] | None = None,
+        sampling: Sampling | None = None,
+        pad_token_id: int = 0,
     ) -> dict[str, Any]:
-        """Greedy decoding of one prompt with the KV cache (``modelfold.generation``).
-
-        The prefill runs the whole prompt once; each later step feeds one token and the previous
-        step's present keys/values as the past.
+        """Generate from one prompt or a batch of prompts (``modelfold.generation.generate``):
+        greedy by default, or sampled (``Sampling``: temperature, top-k, top-p, seed).
 
         Returns:
-            `tokens` (prompt + new), `new_tokens`, `prefill_seconds` (prompt -> first token),
+            One prompt: `tokens` (prompt + new), `new_tokens`; a batch: `sequences`,
+            `new_tokens` (one list per prompt). Both: `prefill_seconds` (prompt -> first token),
             `decode_seconds` (the remaining steps), `decode_tokens_per_s`.
         """
+        return generate(_Bound(self), input_ids, max_new_tokens, eos_token_id, sampling,
+                        pad_token_id)
 
-        def empty_past(batch: int) -> list[Any]:
-            past: list[Any] = self.empty_past(batch)
-            if self.use_ort_values:
-                past = [ort.OrtValue.ortvalue_from_numpy(p) for p in past]
-            return past
 
-        def step(ids, mask, positions, past):
-            logits, present = self.step(ids, mask, positions, past)
-            return logits[:, -1], present  # [1, V]
+class _Bound:
+    """``OnnxCausalLM`` as a ``modelfold.generation.Decoder`` over its IO-bound step."""
 
-        return greedy_generate(step, empty_past, input_ids, max_new_tokens, eos_token_id)
+    def __init__(self, lm: OnnxCausalLM):
+        self.lm = lm
+        self.padding = lm.padding
+        self.new_cache = lm.new_cache
+        self.step = lm.bound_step
+
+
+def _has_op(model_path: Path, op_type: str) -> bool:
+    """Whether the graph in ``model_path`` has a node of ``op_type`` (weights not loaded)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return any(node.op_type == op_type for node in graph.node)
 
 
 class OnnxEncoder:
@@ -259,6 +382,7 @@ class OnnxEncoder:
         threads: Intra-op threads (None: one per physical core).
         optimization_level: Graph optimizations ONNX Runtime applies at load.
         adapter: A LoRA adapter applied to every run (see `OnnxCausalLM`).
+        provider: Execution provider, "cpu" or "cuda" (see `OnnxCausalLM`).
     """
 
     def __init__(
@@ -268,9 +392,11 @@ class OnnxEncoder:
         threads: int | None = None,
         optimization_level: str = "all",
         adapter: str | Path | None = None,
+        provider: str = "cpu",
     ):
         self.path = _artifact_model(artifact_dir)
-        self.session = create_session(self.path, threads=threads, optimization_level=optimization_level)
+        self.session = create_session(self.path, threads=threads,
+                                      optimization_level=optimization_level, provider=provider)
         self.run_options, self.adapter_path, self._adapter = _adapter_run_options(
             self.session, self.path, adapter
         )

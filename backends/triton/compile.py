@@ -110,27 +110,17 @@ class CompiledModel:
         out = self(*args)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def generate(self, input_ids: Sequence[int], max_new_tokens: int,
-                 eos_token_id: int | Sequence[int] | None = None) -> dict[str, Any]:
-        """Greedy decoding of one prompt with the KV cache (the same result dict as
-        ``OnnxCausalLM.generate``: tokens, new_tokens, prefill / decode seconds, tokens/s)."""
-        from modelfold.generation import greedy_generate
+    def generate(self, input_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int,
+                 eos_token_id: int | Sequence[int] | None = None, sampling: Any = None,
+                 pad_token_id: int = 0) -> dict[str, Any]:
+        """Generation from one prompt or a batch with the KV cache, greedy or sampled (the same
+        loop and result dict as ``OnnxCausalLM.generate``, ``modelfold.generation``)."""
+        from modelfold.generation import generate
 
         if self.signature.kind != "causal-lm":
             raise TritonBackendError("generate needs a decoder (causal LM)")
-        layout = self.signature.cache
-
-        def empty_past(batch: int) -> list[torch.Tensor]:
-            shape = (batch, layout.num_kv_heads, 0, layout.head_dim)
-            return [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                    for _ in self.signature.past_names]
-
-        def step(ids, mask, positions, past):
-            args = [torch.as_tensor(a, device=self.device) for a in (ids, mask, positions)]
-            out = self(*args, *past)
-            return out[0][:, -1].float().cpu().numpy(), list(out[1:])
-
-        return greedy_generate(step, empty_past, input_ids, max_new_tokens, eos_token_id)
+        return generate(_TorchDecoder(self), input_ids, max_new_tokens, eos_token_id, sampling,
+                        pad_token_id)
 
     def summary(self) -> str:
         counts = Counter(v.split("(")[0] for v in self.kernels.values())
@@ -138,6 +128,26 @@ class CompiledModel:
         parts = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no dialect layers"
         return (f"{mode}, {str(self.dtype).replace('torch.', '')}, "
                 f"{'torch.compile (Inductor)' if self.inductor else 'eager'}: {parts}")
+
+
+class _TorchDecoder:
+    """A ``CompiledModel`` as a ``modelfold.generation.Decoder`` (the cache as torch tensors,
+    grown by concatenation; right padding when the attention is fused)."""
+
+    def __init__(self, model: CompiledModel):
+        self.model = model
+        self.padding = "right" if "sdpa" in model.kernels.values() else "left"
+
+    def new_cache(self, batch: int, capacity: int) -> list[torch.Tensor]:
+        m, layout = self.model, self.model.signature.cache
+        shape = (batch, layout.num_kv_heads, 0, layout.head_dim)
+        return [torch.zeros(shape, dtype=m.dtype, device=m.device) for _ in m.signature.past_names]
+
+    def step(self, ids, mask, positions, past):
+        m = self.model
+        args = [torch.as_tensor(a, device=m.device) for a in (ids, mask, positions)]
+        out = m(*args, *past)
+        return out[0].float().cpu().numpy(), list(out[1:])
 
 
 def compile_model(target: Any, *, device: str | torch.device | None = None,

@@ -130,17 +130,23 @@ def test_merge_exports_plain_matmuls_and_leaves_the_model_untouched(lora_result,
 
 def test_merge_is_a_graph_step_on_a_copy_of_the_verified_graph(lora_result, merged_artifact):
     """The Program's graph keeps its 14 lora_delta branches; the lowered graph (what the export
-    translated, verified) has them folded into 14 new base weights."""
+    translated, verified) has them folded into 14 new base weights (with the default fusions, the
+    merged q/k/v and gate/up weights are then concatenated by fuse-projections)."""
     from modelfold.backends.onnxruntime.export import lowered_graph
     from modelfold.backends.onnxruntime.options import ExportOptions
 
     program = lora_result.program
     assert program.dialect_ops()["modelfold::lora_delta"] == 14
-    lowered, _ = lowered_graph(program, ExportOptions())
+    unfused = ExportOptions(disable=("fuse-attention", "fuse-projections", "fuse-norms"))
+    lowered, _ = lowered_graph(program, unfused)
     assert program.verified_graph is lowered and lowered is not program.exported
     assert not [n for n in lowered.graph.nodes if "lora_delta" in str(n.target)]
     merged = [k for k in lowered.state_dict if k.endswith("base_layer.weight_1")]
     assert len(merged) == 14
+    fused, applied = lowered_graph(program, ExportOptions())
+    assert program.verified_graph is fused
+    assert len(applied["fuse-projections"]["fused"]) == 2 * 2  # q/k/v and gate/up of 2 layers
+    assert len([k for k in fused.state_dict if k.endswith("base_layer.weight_1")]) == 2 * 2
     assert program.dialect_ops()["modelfold::lora_delta"] == 14
 
 
@@ -270,7 +276,7 @@ def test_adapter_file_holds_effective_a_and_scaled_b(inputs_artifact):
 def test_generation_uses_the_adapter(inputs_artifact, model_with):
     _, out, _ = inputs_artifact
     model = model_with("default")
-    lm = OnnxCausalLM(out, adapter="default", use_ort_values=True)
+    lm = OnnxCausalLM(out, adapter="default")
     tokens = lm.generate([5, 9, 17], max_new_tokens=5)["tokens"]
     with torch.no_grad():
         expected = model.generate(
