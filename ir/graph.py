@@ -130,8 +130,8 @@ class GraphEditor:
         spec = self.spec(node)
         if spec is None or spec.kind not in _LIFTED:
             raise GraphRewriteError(f"node {getattr(node, 'name', node)!r} is not a lifted tensor")
-        if spec.kind == InputKind.CONSTANT_TENSOR:
-            return self.constants[spec.target]
+        if spec.kind == InputKind.CONSTANT_TENSOR or spec.target not in self.state_dict:
+            return self.constants[spec.target]  # (non-persistent buffers live there too)
         return self.state_dict[spec.target]
 
     def target_name(self, node: torch.fx.Node) -> str:
@@ -177,6 +177,19 @@ class GraphEditor:
         self.changed = True
         return node
 
+    def retype(self, placeholder: torch.fx.Node, dtype: torch.dtype) -> None:
+        """Give a user input another dtype (same shape): the graph now takes it so (a past cache
+        stored as int8)."""
+        if placeholder.op != "placeholder" or self.is_lifted(placeholder):
+            raise GraphRewriteError(f"{placeholder.name} is not a user input")
+        val = placeholder.meta["val"]
+        if self._fake_mode is not None:
+            with self._fake_mode:
+                placeholder.meta["val"] = val.to(dtype)
+        else:
+            placeholder.meta["val"] = val.to(dtype)
+        self.changed = True
+
     def call(self, target: Callable, args: tuple, kwargs: dict | None = None, *,
              near: torch.fx.Node, after: bool = False) -> torch.fx.Node:
         """A new ``call_function`` node next to ``near`` (before it unless ``after``), owned by
@@ -197,6 +210,15 @@ class GraphEditor:
         old.replace_all_uses_with(new)
         self.graph.erase_node(old)
         self.changed = True
+
+    def remove_unused(self, nodes: list[torch.fx.Node]) -> None:
+        """Erase the nodes of ``nodes`` that nothing reads any more, latest first (what a rewrite
+        replaced; ``finish``'s dead-code pass keeps ops torch marks impure, such as
+        ``scaled_dot_product_attention`` with its dropout)."""
+        for node in reversed(nodes):
+            if node.graph is self.graph and not node.users and node.op == "call_function":
+                self.graph.erase_node(node)
+                self.changed = True
 
     def prune(self) -> None:
         """Remove nodes whose results nothing uses (after a rewrite made them dead)."""
@@ -253,6 +275,85 @@ class GraphEditor:
             return target(*fargs, **fkwargs)
 
 
+def user_inputs(graph_or_editor: GraphEditor | ExportedProgram, names: tuple[str, ...]
+                ) -> dict[str, torch.fx.Node]:
+    """The user-input placeholders of a graph by signature name (``names``: the signature's
+    inputs, in order; torch.export names the flat past tensors ``past_0``, ``past_1`` ...)."""
+    if isinstance(graph_or_editor, GraphEditor):
+        specs, graph = graph_or_editor.input_specs, graph_or_editor.graph
+    else:
+        specs, graph = graph_or_editor.graph_signature.input_specs, graph_or_editor.graph
+    by_name = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    users = [by_name[s.arg.name] for s in specs if s.kind == InputKind.USER_INPUT]
+    if len(users) != len(names):
+        raise GraphRewriteError(f"the graph takes {len(users)} inputs, the signature "
+                                f"{len(names)}")
+    return dict(zip(names, users))
+
+
+def past_dtype(ep: ExportedProgram, signature: Any) -> torch.dtype | None:
+    """The dtype of a decoder graph's past keys/values (None for an encoder)."""
+    if not signature.past_names:
+        return None
+    past = user_inputs(ep, signature.inputs)[signature.past_names[0]]
+    return past.meta["val"].dtype
+
+
+def owned(editor: GraphEditor, path: str, *, subtree: bool = True) -> list[torch.fx.Node]:
+    """The ``call_function`` nodes module ``path`` produced (with its submodules' if
+    ``subtree``), in graph order."""
+    return [n for n in editor.calls()
+            if (o := editor.owner(n)) == path or (subtree and o.startswith(path + "."))]
+
+
+def region_inputs(nodes: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """Nodes outside ``nodes`` that nodes in it read, in order of first use."""
+    inside = set(nodes)
+    seen: dict[torch.fx.Node, None] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in inside:
+                seen.setdefault(arg, None)
+    return list(seen)
+
+
+def ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """Every node ``node`` depends on (itself included)."""
+    found, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n not in found:
+            found.add(n)
+            todo.extend(n.all_input_nodes)
+    return found
+
+
+def evaluate(editor: GraphEditor, node: torch.fx.Node, feeds: dict[torch.fx.Node, Any]) -> Any:
+    """The value of ``node`` computed from ``feeds`` (placeholder -> value) and the lifted
+    tensors: runs the part of the graph ``node`` depends on, eagerly.
+
+    Raises:
+        GraphRewriteError: ``node`` depends on a user input not in ``feeds``.
+    """
+    needed = ancestors(node)
+    env: dict[torch.fx.Node, Any] = {}
+    for n in editor.graph.nodes:
+        if n not in needed:
+            continue
+        if n.op == "placeholder":
+            if n in feeds:
+                env[n] = feeds[n]
+            elif editor.is_lifted(n):
+                env[n] = editor.tensor(n)
+            else:
+                raise GraphRewriteError(f"{node.name} depends on the input {n.name}")
+        elif n.op == "call_function":
+            args = torch.fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a])
+            env[n] = n.target(*args, **kwargs)
+    return env[node]
+
+
 def nodes_by_owner(editor: GraphEditor) -> dict[str, list[tuple[int, torch.fx.Node]]]:
     """Owning module path -> its ``(graph position, node)`` pairs, in graph order."""
     owned: dict[str, list[tuple[int, torch.fx.Node]]] = {}
@@ -281,5 +382,5 @@ def layer_io(owned: dict[str, list[tuple[int, torch.fx.Node]]], path: str
     return x, base_out, own[-1][1] if own else base_out
 
 
-__all__ = ["GraphEditor", "GraphRewriteError", "calls", "layer_io", "module_path",
-           "nodes_by_owner", "runnable"]
+__all__ = ["GraphEditor", "GraphRewriteError", "ancestors", "calls", "evaluate", "layer_io",
+           "module_path", "nodes_by_owner", "owned", "region_inputs", "runnable", "user_inputs"]

@@ -70,6 +70,8 @@ class Program:
         self.log: list[PassRecord] = []
         self.analyses: dict[str, dict[str, Any]] = {}
         self.graph_passes: list[GraphPass] = []
+        # passes a PassContext disabled: the backends' default graph passes skip them too
+        self.disabled: set[str] = set()
         self.verified_graph: ExportedProgram | None = None
         self.captures = 0
         self._signature: Signature | None = None
@@ -120,6 +122,7 @@ class Program:
         other = Program(module, tokenizer=self.tokenizer, source=self.source)
         other.log = list(self.log)
         other.graph_passes = list(self.graph_passes)
+        other.disabled = set(self.disabled)
         return other
 
     def invalidate(self, *, keep_analyses: bool = False) -> None:
@@ -248,14 +251,18 @@ class Program:
         return self.module(input_ids=input_ids, use_cache=False).logits
 
     @torch.no_grad()
-    def graph_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits of the captured graph for ``input_ids`` ``[B, S]`` (no padding, empty cache)."""
+    def graph_logits(self, input_ids: torch.Tensor, ep: ExportedProgram | None = None
+                     ) -> torch.Tensor:
+        """Logits of the captured graph (or of ``ep``, a graph derived from it) for
+        ``input_ids`` ``[B, S]`` (no padding, empty cache)."""
+        from modelfold.ir.graph import past_dtype, runnable
         from modelfold.ir.signature import graph_inputs
 
         sig = self.signature
+        ep = self.exported if ep is None else ep
         args = self.encoder_inputs(input_ids) if sig.kind == "encoder" \
-            else graph_inputs(sig, input_ids)
-        out = self.graph_module()(*args)
+            else graph_inputs(sig, input_ids, cache_dtype=past_dtype(ep, sig))
+        out = (self.graph_module() if ep is self._exported else runnable(ep))(*args)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def encoder_inputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:

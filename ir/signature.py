@@ -184,15 +184,17 @@ def example_inputs(model: nn.Module, signature: Signature) -> tuple[torch.Tensor
 
 
 def graph_inputs(signature: Signature, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+                 attention_mask: torch.Tensor | None = None, *,
+                 cache_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Decoder inputs for a forward over ``input_ids`` ``[B, S]`` with an empty cache (P = 0):
-    the mask (default all ones), its position ids and ``[B, H, 0, D]`` past tensors."""
+    the mask (default all ones), its position ids and ``[B, H, 0, D]`` past tensors (of
+    ``cache_dtype``, default the captured cache's: a graph pass may store it otherwise)."""
     layout = signature.cache
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     positions = decoder_positions(attention_mask, input_ids.shape[1]).contiguous()
     empty = torch.zeros(input_ids.shape[0], layout.num_kv_heads, 0, layout.head_dim,
-                        dtype=layout.dtype, device=input_ids.device)
+                        dtype=cache_dtype or layout.dtype, device=input_ids.device)
     return [input_ids, attention_mask, positions, *[empty] * len(signature.past_names)]
 
 

@@ -12,6 +12,8 @@ them). Each linear op takes an optional LoRA pair, fused into the same kernel:
 - ``lora_linear(x, weight, bias?, lora_a, lora_b, scaling)`` (fused LoRA over a float weight)
 - ``lora_delta(x, lora_a, lora_b, scaling)``, ``w8a8_linear(x, qweight_t, weight_scales, bias?)``,
   ``quant_embedding(ids, qweight, scales, zero_points?, embedding_dim, bits, block_size)``
+- ``attention(...)``: ``modelfold::attention`` (``modelfold.ir.attention``) on
+  ``scaled_dot_product_attention``
 
 Importing this module also registers the kernels as the ``cuda`` implementation of every dialect
 op (``modelfold::quant_linear``, ``nm_linear``, ``nm_quant_linear``, ``lora_delta``,
@@ -117,6 +119,44 @@ def quant_embedding(ids: Tensor, qweight: Tensor, scales: Tensor, zero_points: T
 @quant_embedding.register_fake
 def _(ids, qweight, scales, zero_points, embedding_dim, bits, block_size):
     return scales.new_empty((*ids.shape, embedding_dim))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention", mutates_args=())
+def attention(query: Tensor, key: Tensor | None, value: Tensor | None, past_key: Tensor,
+              past_value: Tensor, attention_mask: Tensor, cos_cache: Tensor | None,
+              sin_cache: Tensor | None, num_heads: int, kv_num_heads: int, scale: float,
+              softcap: float, window: int, k_scale: Tensor | None = None,
+              v_scale: Tensor | None = None, query_lengths: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """``modelfold::attention`` on ``scaled_dot_product_attention`` (flash / memory-efficient
+    kernels on a GPU, K/V not expanded: ``enable_gqa``); soft-capped scores, which SDPA cannot
+    take, use the op's reference."""
+    from modelfold.ir import attention as ref
+
+    if softcap > 0:
+        return ref.attention(query, key, value, past_key, past_value, attention_mask, cos_cache,
+                             sin_cache, num_heads, kv_num_heads, scale, softcap, window, k_scale,
+                             v_scale, query_lengths)
+    q, present_key, present_value, allowed, positions, valid = ref.prepare(
+        query, key, value, past_key, past_value, attention_mask, cos_cache, sin_cache,
+        num_heads, kv_num_heads, k_scale, v_scale, query_lengths)
+    allowed = ref.visible(allowed, positions, window) | ~valid[:, :, None]  # padding rows: any
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, ref.read_cache(present_key, k_scale, q.dtype),
+        ref.read_cache(present_value, v_scale, q.dtype), attn_mask=allowed[:, None],
+        scale=scale, enable_gqa=True)  # [B, H, S, D]
+    b, h, s, d = q.shape
+    out = out.transpose(1, 2) * valid[:, :, None, None]
+    return out.reshape(b, s, h * d), present_key, present_value
+
+
+@attention.register_fake
+def _(query, key, value, past_key, past_value, attention_mask, cos_cache, sin_cache, num_heads,
+      kv_num_heads, scale, softcap, window, k_scale=None, v_scale=None, query_lengths=None):
+    b, s, _ = query.shape
+    length = torch.sym_max(attention_mask.shape[1], past_key.shape[2])
+    present = past_key.new_empty((b, kv_num_heads, length, past_key.shape[-1]))
+    return query.new_empty((b, s, num_heads * past_key.shape[-1])), present, present.clone()
 
 
 # -- the kernels as the CUDA implementation of the dialect ops ----------------------------------

@@ -112,6 +112,9 @@ class GraphPass(Pass):
     """
 
     level: ClassVar[str] = "graph"
+    # Backends whose lowering applies this pass by default (``("onnxruntime",)``), in ``order``.
+    default_for: ClassVar[tuple[str, ...]] = ()
+    order: ClassVar[int] = 0
 
     def rewrite(self, program: Program, ep: ExportedProgram) -> tuple[ExportedProgram,
                                                                         dict[str, Any]]:

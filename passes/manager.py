@@ -23,7 +23,8 @@ class PassContext:
         verify: run IR verification (including re-capture) after every pass.
         measure: measure each pass's effect on the probe batch.
         exact_atol: the largest max-abs logit change an ``exact`` pass may cause.
-        disabled: pass names to skip (recorded in the report as skipped).
+        disabled: pass names to skip (recorded in the report as skipped); the program keeps
+            them, so a backend's default graph passes (the fusions) skip them as well.
         log: where progress lines go (``None`` for silence).
     """
 
@@ -59,6 +60,7 @@ class PassManager:
         is_logits = program.arch.kind == "causal-lm"
         original = program.logits(probe) if ctx.measure else None
         previous = original
+        program.disabled |= set(ctx.disabled)  # the export's default graph passes too
         program.analyses.setdefault("_probe", {"description": probe_desc,
                                                "shape": list(probe.shape)})
         if ctx.verify:  # the input: its graph too if it was captured already (no capture for it)

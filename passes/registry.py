@@ -39,6 +39,14 @@ def registered_passes() -> dict[str, type[Pass]]:
     return dict(sorted(_REGISTRY.items()))
 
 
+def default_graph_passes(backend: str) -> list[type[Pass]]:
+    """The graph passes ``backend``'s lowering applies by default (``default_for``), in their
+    ``order``."""
+    return sorted((cls for cls in registered_passes().values()
+                   if backend in getattr(cls, "default_for", ())),
+                  key=lambda cls: (cls.order, cls.name))
+
+
 def _load_builtin_passes() -> None:
     # Every module of modelfold.passes is imported on first use (not at package import, so
     # `import modelfold` stays fast); a module defines its passes with @register_pass. Other

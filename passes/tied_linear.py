@@ -41,7 +41,6 @@ class TiedLinear(GraphPass):
     kind = "exact"
     summary = ("a linear whose weight is tied to an embedding (a tied LM head) multiplies by the "
                "table's transpose without storing a transposed copy")
-    # Backends whose lowering applies this pass by default.
     default_for: ClassVar[tuple[str, ...]] = ("onnxruntime",)
 
     def rewrite(self, program: Program, ep: ExportedProgram) -> tuple[ExportedProgram,
