@@ -37,6 +37,7 @@ from torch import nn
 
 from modelfold.errors import ModelfoldError
 from modelfold.ir.module_types import register_module_type
+from modelfold.ir.rows import register_row_wise
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MIN_BLOCK = 16
@@ -543,6 +544,8 @@ def _build_w8a8_linear(f: dict[str, Any]) -> W8A8Linear:
 
 
 register_module_type(QuantLinear, _describe_quant_linear, _build_quant_linear)
+register_row_wise(torch.ops.modelfold.quant_linear.default, {1: 0, 2: 0, 3: 0}, bias=4)
+register_row_wise(torch.ops.modelfold.w8a8_linear.default, {1: 1, 2: 0}, bias=3)
 register_module_type(QuantEmbedding, _describe_quant_embedding, _build_quant_embedding)
 register_module_type(W8A8Linear, _describe_w8a8_linear, _build_w8a8_linear)
 

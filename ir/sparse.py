@@ -43,6 +43,7 @@ from modelfold.ir.quant import (
     unpack_rows,
     unpack_zero_points,
 )
+from modelfold.ir.rows import register_row_wise
 
 MAX_M = 256
 
@@ -445,6 +446,8 @@ def _build_nm_quant_linear(f: dict[str, Any]) -> NMQuantLinear:
 
 register_module_type(NMLinear, _describe_nm_linear, _build_nm_linear)
 register_module_type(NMQuantLinear, _describe_nm_quant_linear, _build_nm_quant_linear)
+register_row_wise(torch.ops.modelfold.nm_linear.default, {1: 0, 2: 0}, bias=3)
+register_row_wise(torch.ops.modelfold.nm_quant_linear.default, {1: 0, 2: 0, 3: 0, 4: 0}, bias=5)
 
 
 __all__ = ["NMLinear", "NMQuantLinear", "SparsityFormatError", "check_pattern", "check_shape",
