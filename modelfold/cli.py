@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +114,10 @@ def _convert(args: argparse.Namespace, out: Path | None) -> int:
     from modelfold.passes.pipeline import build_pipeline
 
     # Everything that can be checked is checked before the model loads.
-    disabled = tuple(args.disable or ())
+    disabled = tuple(args.disable or ()) + fusions_named(args.no_fuse or ())
     export_options = ExportOptions(parity=not args.no_parity, accuracy_level=args.accuracy_level,
                                    lora=args.lora_export, sparse=args.sparse_export,
-                                   disable=disabled)
+                                   disable=disabled, provider=args.provider, dtype=args.dtype)
     export_options.check_graph_passes()
     if args.pipeline:
         build_pipeline(args.pipeline)
@@ -156,6 +157,26 @@ def _convert(args: argparse.Namespace, out: Path | None) -> int:
                                                    manifest["parity"].items()))
         print(f"report: {out / 'report.md'}")
     return 0
+
+
+def fusions_named(names: Sequence[str]) -> tuple[str, ...]:
+    """The fusion passes ``--no-fuse`` names: ``attention`` or ``fuse-attention`` ..., or
+    ``all`` (every ``fuse-*`` graph pass the ONNX lowering applies by default)."""
+    from modelfold.passes.registry import default_graph_passes
+
+    fusions = [cls.name for cls in default_graph_passes("onnxruntime")
+               if cls.name.startswith("fuse-")]
+    chosen: list[str] = []
+    for name in names:
+        full = name if name.startswith("fuse-") else f"fuse-{name}"
+        if name == "all":
+            chosen += fusions
+        elif full in fusions:
+            chosen.append(full)
+        else:
+            raise _UserError(f"--no-fuse {name}: not a fusion; one of "
+                             f"{', '.join(f.removeprefix('fuse-') for f in fusions)}, all")
+    return tuple(dict.fromkeys(chosen))
 
 
 def _stderr_line(line: str) -> None:
@@ -309,7 +330,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from modelfold.artifact import artifact_tokenizer, open_artifact
 
         # an adapter of an artifact exported with --lora-export inputs
-        target = open_artifact(args.target, adapter=args.adapter)
+        target = open_artifact(args.target, adapter=args.adapter, provider=args.provider)
         tokenizer = artifact_tokenizer(args.target)
     else:
         import modelfold
@@ -531,12 +552,15 @@ def _training_markdown(trained: dict[str, Any]) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from modelfold.artifact import is_artifact
+    from modelfold.generation import Sampling
 
     _check_backend_args(args)
     if args.backend == "triton":
         if is_artifact(args.artifact):
             raise _UserError(f"'{args.artifact}' is an ONNX artifact (it runs on ONNX Runtime); "
                              "--backend triton takes a model or checkpoint")
+        if args.provider != "cpu":
+            raise _UserError("--provider applies to ONNX artifacts, not --backend triton")
     elif not is_artifact(args.artifact):
         from modelfold.checkpoint import is_checkpoint
 
@@ -547,6 +571,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          "make one with `modelfold convert`")
     if args.max_new_tokens < 1:
         raise _UserError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed)
     if args.backend == "triton":
         import modelfold
 
@@ -560,41 +586,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from modelfold.artifact import artifact_tokenizer
 
         tokenizer = artifact_tokenizer(args.artifact)
-    if args.chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                            add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-    else:
-        ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise _UserError("the prompt is empty")
+    prompts = [_encode_prompt(tokenizer, text, args.chat) for text in args.prompt]
     context = _context_length(program.module.config if args.backend == "triton"
                               else _artifact_config(Path(args.artifact)))
-    if context is not None and len(ids) + args.max_new_tokens > context:
-        raise _UserError(f"the prompt ({len(ids)} tokens) plus --max-new-tokens "
+    longest = max(len(ids) for ids in prompts)
+    if context is not None and longest + args.max_new_tokens > context:
+        raise _UserError(f"the prompt ({longest} tokens) plus --max-new-tokens "
                          f"{args.max_new_tokens} is more than the model's context length of "
                          f"{context} tokens; lower --max-new-tokens to at most "
-                         f"{max(context - len(ids), 0)}")
+                         f"{max(context - longest, 0)}")
     if args.backend == "triton":
         lm = _triton_compile(program, args)
     else:
         from modelfold.artifact import open_artifact
 
-        lm = open_artifact(args.artifact, adapter=args.adapter)
-    out = lm.generate(list(ids), args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-    text = tokenizer.decode(out["new_tokens"], skip_special_tokens=True)
-    result = {"prompt": args.prompt, "text": text, "new_tokens": out["new_tokens"],
-              "prompt_tokens": len(ids), "prefill_seconds": out["prefill_seconds"],
-              "decode_seconds": out["decode_seconds"],
+        lm = open_artifact(args.artifact, adapter=args.adapter, provider=args.provider)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = lm.generate(prompts if len(prompts) > 1 else prompts[0], args.max_new_tokens,
+                      eos_token_id=tokenizer.eos_token_id, sampling=sampling, pad_token_id=pad)
+    new_tokens = out["new_tokens"] if len(prompts) > 1 else [out["new_tokens"]]
+    results = [{"prompt": text, "text": tokenizer.decode(new, skip_special_tokens=True),
+                "new_tokens": new, "prompt_tokens": len(ids)}
+               for text, ids, new in zip(args.prompt, prompts, new_tokens)]
+    timing = {"prefill_seconds": out["prefill_seconds"], "decode_seconds": out["decode_seconds"],
               "tokens_per_s": out["decode_tokens_per_s"]}
     if args.json:
-        _print_json(result)
+        _print_json({**results[0], **timing} if len(results) == 1 else
+                    {"results": results, "batch": len(results), **timing})
     else:
-        print(args.prompt + text)
-        print(f"[{len(out['new_tokens'])} tokens, {out['decode_tokens_per_s']:.1f} tokens/s decode, "
-              f"prefill {out['prefill_seconds'] * 1000:.0f} ms]", file=sys.stderr)
+        for result in results:
+            print(result["prompt"] + result["text"])
+        steps = max(len(new) for new in new_tokens)
+        print(f"[{len(results)} x {steps} tokens, {out['decode_tokens_per_s']:.1f} tokens/s "
+              f"decode{' per sequence' if len(results) > 1 else ''}, prefill "
+              f"{out['prefill_seconds'] * 1000:.0f} ms]", file=sys.stderr)
     return 0
+
+
+def _encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                            add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise _UserError("the prompt is empty")
+    return list(ids)
 
 
 def _artifact_config(path: Path) -> dict[str, Any]:
@@ -669,6 +708,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable", action="append", metavar="PASS",
                    help="skip this pass: one of the pipeline's, or a graph pass the ONNX "
                         "lowering applies by default (e.g. tied-linear); repeatable")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="execution provider the artifact is for (its parity check runs there); "
+                        "cuda needs onnxruntime-gpu, an NVIDIA GPU and --dtype float16")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="float type of the artifact (float16: half the bytes of float weights; "
+                        "what CUDA runs)")
+    p.add_argument("--no-fuse", action="append", metavar="NAME",
+                   help="leave out a fusion the ONNX lowering applies by default: attention, "
+                        "projections, norms (or fuse-attention ...), or all; repeatable")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
 
@@ -732,6 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chars", type=int, default=200_000, help="characters of text (default 200000)")
     p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="ONNX Runtime execution provider for an artifact (cuda: onnxruntime-gpu)")
     _add_backend_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -739,8 +789,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy generation from an artifact (KV cache), or from a "
                                         "model / checkpoint with --backend triton")
     p.add_argument("artifact", help="artifact folder (or model / checkpoint with --backend triton)")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="+", help="one prompt, or several (generated as one batch)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default): greedy; > 0: sample from softmax(logits / T)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample among the tokens that make up probability p (nucleus)")
+    p.add_argument("--seed", type=int, help="sampling seed (same seed, same text)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="ONNX Runtime execution provider (cuda: onnxruntime-gpu and a GPU)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--adapter", metavar="NAME_OR_FILE",
                    help="ONNX Runtime adapter of an artifact exported with --lora-export inputs "

@@ -61,11 +61,24 @@ def tiny_config(family: str, layers: int = 4, **overrides):
     return cls(**{**kwargs, **overrides})
 
 
-def tiny_model(family: str, seed: int = 0, *, layers: int = 4, **overrides) -> torch.nn.Module:
+# Sizes ONNX Runtime's GroupQueryAttention takes with rotary embedding (head_dim % 16 == 0 and a
+# rotary table width that is a multiple of 8), so that ``fuse-attention`` fuses the tiny model:
+# head_dim 16 (Phi: 32, half of it rotary). GPT-2 and OPT (no rotary) fuse at any size.
+_FUSABLE = {"gemma": dict(head_dim=16), "gemma2": dict(head_dim=16),
+            "gemma3_text": dict(head_dim=16), "phi": dict(hidden_size=128),
+            "gpt2": {}, "opt": {}, "bert": {}}
+
+
+def tiny_model(family: str, seed: int = 0, *, layers: int = 4, fusable: bool = False,
+               **overrides) -> torch.nn.Module:
     """A tiny model of ``family`` in eval mode (``BertModel`` for bert, *ForCausalLM otherwise).
 
-    ``overrides`` are config arguments (e.g. ``tie_word_embeddings=True``).
+    ``overrides`` are config arguments (e.g. ``tie_word_embeddings=True``). ``fusable`` picks
+    head sizes that ``fuse-attention`` (GroupQueryAttention) takes; the default sizes (head_dim
+    8) keep the captured attention in the ONNX lowering of every rotary family.
     """
+    if fusable:
+        overrides = {**_FUSABLE.get(family, dict(hidden_size=64)), **overrides}
     config = tiny_config(family, layers, **overrides)
     torch.manual_seed(seed)
     if family == "bert":

@@ -36,7 +36,11 @@ from torch.export import ExportedProgram
 from modelfold.backends.onnxruntime.lowering import lowerings
 from modelfold.backends.onnxruntime.options import ExportOptions, export_options
 from modelfold.backends.onnxruntime.parity import check_parity
-from modelfold.backends.onnxruntime.runtime import MODEL_FILE, OPTIMIZATION_LEVELS
+from modelfold.backends.onnxruntime.runtime import (
+    MODEL_FILE,
+    OPTIMIZATION_LEVELS,
+    execution_providers,
+)
 from modelfold.backends.onnxruntime.translations import translation_table
 from modelfold.errors import ModelfoldError, UsageError
 from modelfold.ir.program import Program
@@ -98,6 +102,9 @@ def export_onnx(model: Program | nn.Module, out_dir: Path, options: ExportOption
     program = model if isinstance(model, Program) else Program(model)
     _check_float32(program.module)
     options.check_graph_passes()
+    providers = execution_providers(options.provider)  # a missing provider fails here, at once
+    if options.dtype == "float16":  # a copy of the program in float16, captured there
+        program = program.converted(dtype=torch.float16)
     phases = _Phases(progress)
     captures = program.captures
     steps = [cls(program, options) for cls in lowerings()]  # option checks before any work
@@ -108,6 +115,8 @@ def export_onnx(model: Program | nn.Module, out_dir: Path, options: ExportOption
         ep, applied = lowered_graph(program, options, steps)
     facts = _signature_facts(program)
     facts["graph_passes"] = applied
+    if program.signature.kind == "causal-lm":
+        facts["attention"] = _attention_facts(ep, applied)
     unoptimized = out_dir / UNOPTIMIZED_FILE
     with phases("translate"):
         _translate(ep, program, unoptimized, options, steps)
@@ -118,7 +127,8 @@ def export_onnx(model: Program | nn.Module, out_dir: Path, options: ExportOption
             disabled = sorted({name for step in steps for name in step.disabled_optimizers()})
             _optimize_with_ort(unoptimized, out_dir / MODEL_FILE,
                                OPTIMIZATION_LEVELS[options.optimization_level],
-                               options.external_data_threshold_bytes, disabled or None)
+                               options.external_data_threshold_bytes, disabled or None,
+                               providers)
             if not options.keep_unoptimized:
                 _remove_model(unoptimized)
         else:
@@ -131,6 +141,7 @@ def export_onnx(model: Program | nn.Module, out_dir: Path, options: ExportOption
             step.finish(out_dir)
     facts["optimization_level"] = options.optimization_level if options.optimize else "disabled"
     facts["opset"] = options.opset
+    facts["provider"], facts["dtype"] = options.provider, options.dtype
     facts["accuracy_level"] = options.accuracy_level
     facts["files"] = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())
                       if p.name.startswith("model.")}
@@ -142,7 +153,8 @@ def export_onnx(model: Program | nn.Module, out_dir: Path, options: ExportOption
     if options.parity:
         with phases("parity"):
             custom = [r for r in (step.parity(out_dir) for step in steps) if r is not None]
-            facts["parity"] = custom[0] if custom else check_parity(program.module, out_dir)
+            facts["parity"] = custom[0] if custom else check_parity(
+                program.module, out_dir, provider=options.provider)
     for step in steps:
         if step.facts:
             facts[step.name] = step.facts
@@ -153,26 +165,65 @@ def export_onnx(model: Program | nn.Module, out_dir: Path, options: ExportOption
 
 def lowered_graph(program: Program, options: ExportOptions, steps: list | None = None
                   ) -> tuple[ExportedProgram, dict[str, Any]]:
-    """The graph this backend translates: the Program's verified graph after the default graph
-    passes and the lowerings' graph steps (each output verified; ``program.verified_graph`` is
-    the result). Returns it with the details of the graph passes applied."""
-    from modelfold.passes.registry import registered_passes
+    """The graph this backend translates: the Program's verified graph after the graph steps of
+    the registered lowerings (LoRA merge, N:M storage) and then the graph passes this backend
+    applies by default (fusions, ``tied-linear``; ``options.disable`` skips them), each output
+    verified and each exact pass checked on a probe batch (``program.verified_graph`` is the
+    result). Returns it with the details of the graph passes applied."""
+    from modelfold.passes.registry import default_graph_passes
 
     ep = program.exported
-    applied: dict[str, Any] = {}
-    done = {p.name for p in program.graph_passes}
-    for name, cls in registered_passes().items():
-        if "onnxruntime" in getattr(cls, "default_for", ()) and name not in done \
-                and name not in options.disable:
-            new, details = cls().rewrite(program, ep)
-            applied[name] = details
-            if new is not ep:
-                ep = verify_graph(program, new)
     for step in steps if steps is not None else [c(program, options) for c in lowerings()]:
         new = step.rewrite(ep)
         if new is not ep:
             ep = verify_graph(program, new)
+    applied: dict[str, Any] = {}
+    done = {p.name for p in program.graph_passes}
+    check = _ExactCheck(program)
+    for cls in default_graph_passes("onnxruntime"):
+        if cls.name in done or cls.name in options.disable or cls.name in program.disabled:
+            continue
+        graph_pass = cls()
+        new, details = graph_pass.rewrite(program, ep)
+        applied[cls.name] = details
+        if new is not ep:
+            verify_graph(program, new)
+            check(graph_pass, ep, new)
+            ep = new
     return ep, applied
+
+
+class _ExactCheck:
+    """Checks that an exact graph pass the lowering applied left the logits where they were (the
+    pass manager's check, for passes no pipeline named): a small probe through both graphs."""
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.probe: torch.Tensor | None = None
+        self.before: tuple[int, torch.Tensor] | None = None
+
+    def __call__(self, graph_pass: Any, before: ExportedProgram, after: ExportedProgram) -> None:
+        from modelfold.passes.base import PostconditionError
+        from modelfold.passes.fidelity import probe_inputs
+
+        if graph_pass.kind != "exact":
+            return
+        if self.probe is None:
+            self.probe = probe_inputs(self.program, n_samples=2, seq_len=32)[0]
+        if self.before is None or self.before[0] != id(before):
+            self.before = (id(before), self.program.graph_logits(self.probe, before))
+        reference = self.before[1]
+        logits = self.program.graph_logits(self.probe, after)
+        diff = float((logits - reference).abs().max())
+        # float16 programs (dtype="float16") round every op to 11 bits: 2e-3 of the logits' size
+        rtol = max(graph_pass.exact_rtol, 2e-3 if reference.dtype == torch.float16 else 0.0)
+        tolerance = 1e-4 + rtol * float(reference.abs().max())
+        if not diff <= tolerance:
+            raise PostconditionError(
+                f"exact graph pass {graph_pass.name} changed the logits by {diff:.3g} (> "
+                f"tolerance {tolerance:g}); export with --disable {graph_pass.name} and report "
+                "the model")
+        self.before = (id(after), logits)
 
 
 class _Phases:
@@ -193,6 +244,21 @@ class _Phases:
         if self.progress:
             self.progress(f"export: {name} done in {self.seconds[name]:.1f} s "
                           f"({time.perf_counter() - self.start:.0f} s so far)")
+
+
+def _attention_facts(ep: ExportedProgram, applied: dict[str, Any]) -> dict[str, Any]:
+    """How the artifact's attention and KV cache work (what the runtime must feed)."""
+    from modelfold.passes.fuse_attention import fused_attention
+
+    if fused_attention(ep):
+        return {"op": "com.microsoft.GroupQueryAttention", "layers": fused_attention(ep),
+                "padding": "right",
+                "kv_cache": "past and present may be one buffer per layer (written in place)"}
+    details = applied.get("fuse-attention")
+    reason = details.get("not_fused", "") if details else "fuse-attention was disabled"
+    return {"op": "the captured attention", "padding": "left",
+            "kv_cache": "present = past + new tokens (Concat)", "not_fused": reason,
+            "skipped": (details or {}).get("skipped", [])}
 
 
 def _signature_facts(program: Program) -> dict[str, Any]:
@@ -292,7 +358,8 @@ def _check_float32(model: nn.Module) -> None:
     if dtypes - {torch.float32}:
         raise UsageError(
             f"export_onnx expects float32 floating-point parameters, found {sorted(map(str, dtypes))}; "
-            "call model.float() first (lower precision belongs in a quantization pass)"
+            "call model.float() first (a float16 artifact: export option dtype='float16'; lower "
+            "precision belongs in a quantization pass)"
         )
 
 
@@ -316,6 +383,7 @@ def _optimize_with_ort(
     level: ort.GraphOptimizationLevel,
     threshold_bytes: int,
     disabled_optimizers: list[str] | None = None,
+    providers: list[str] | None = None,
 ) -> None:
     """Runs ONNX Runtime's graph optimizer on `src` and saves the optimized graph as `dst`.
 
@@ -334,7 +402,8 @@ def _optimize_with_ort(
     )
     options.log_severity_level = 3  # the "model may only run on this hardware" notice is expected
     ort.InferenceSession(
-        str(src), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled_optimizers
+        str(src), options, providers=providers or ["CPUExecutionProvider"],
+        disabled_optimizers=disabled_optimizers
     )
     if not dst.is_file():
         raise RuntimeError(f"ONNX Runtime did not write the optimized model {dst}")

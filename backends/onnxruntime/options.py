@@ -57,6 +57,12 @@ class ExportOptions(Options):
     external_data_threshold_bytes: int = option(1024, "initializers at least this large go to "
                                                       "model.onnx.data")
     verbose: bool = option(False, "print the exporter's own progress")
+    provider: Literal["cpu", "cuda"] = option(
+        "cpu", "execution provider the artifact is made for (its parity check runs there): cpu, "
+               "or cuda (needs onnxruntime-gpu and an NVIDIA GPU; float16 weights)")
+    dtype: Literal["float32", "float16"] = option(
+        "float32", "float type of the artifact's weights and activations (cuda: float16, which "
+                   "GroupQueryAttention on CUDA needs)")
 
     def validate(self) -> None:
         level = self.accuracy_level
@@ -69,7 +75,13 @@ class ExportOptions(Options):
         if self.external_data_threshold_bytes < 0:
             raise OptionError("export option 'external_data_threshold_bytes' must be >= 0; got "
                               f"{self.external_data_threshold_bytes}")
-        for choices, name, value in ((LORA_MODES, "lora", self.lora),
+        if self.provider == "cuda" and self.dtype != "float16":
+            raise OptionError("export option 'provider' cuda needs dtype float16 (ONNX Runtime's "
+                              "GroupQueryAttention on CUDA takes float16 only); got "
+                              f"{self.dtype}")
+        for choices, name, value in ((("cpu", "cuda"), "provider", self.provider),
+                                     (("float32", "float16"), "dtype", self.dtype),
+                                     (LORA_MODES, "lora", self.lora),
                                      (SPARSE_MODES, "sparse", self.sparse),
                                      (OPTIMIZATION_LEVEL_NAMES, "optimization_level",
                                       self.optimization_level)):

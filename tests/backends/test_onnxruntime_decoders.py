@@ -9,41 +9,55 @@ from transformers import DynamicCache
 
 from modelfold.backends.onnxruntime.export import check_parity, export_onnx
 from modelfold.backends.onnxruntime.runtime import OnnxCausalLM
+from modelfold.generation import Sampling
 from modelfold.passes.drop_layers import remove_layers
 from tests.tiny_models import DECODER_FAMILIES, tiny_model
 
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """A tiny llama and its artifact (exported once for the runtime tests)."""
-    model = tiny_model("llama", layers=2)
+FUSIONS = ("fuse-attention", "fuse-projections", "fuse-norms")
+
+
+@pytest.fixture(scope="module", params=["fused", "unfused"])
+def llama(request, tmp_path_factory):
+    """A tiny llama and its artifact (exported once for the runtime tests): with the default
+    fusions (GroupQueryAttention, right padding, shared KV buffers) and without them (the
+    captured attention, left padding, the cache grown by Concat)."""
+    fused = request.param == "fused"
+    model = tiny_model("llama", layers=2, fusable=True)
     out_dir = tmp_path_factory.mktemp("llama")
-    facts = export_onnx(model, out_dir)
+    facts = export_onnx(model, out_dir, disable=() if fused else FUSIONS)
     return model, out_dir, facts
 
 
+@pytest.mark.parametrize("fusions", ["default", "none"])
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
-def test_decoder_parity(family, tmp_path):
-    """Prefill (empty past, left-padded batch) and 6 decode steps: 7 + 6 tokens run well past the
-    sliding window (4) of Mistral / Gemma2 / Gemma3."""
-    model = tiny_model(family, layers=2)
+def test_decoder_parity(family, fusions, tmp_path):
+    """Prefill (empty past, a batch with one row padded) and 6 decode steps: 7 + 6 tokens run
+    well past the sliding window (4) of Mistral / Gemma2 / Gemma3. With the default fusions every
+    family's attention is one GroupQueryAttention per layer (the artifact takes right padding);
+    without them the captured attention is lowered as it is."""
+    model = tiny_model(family, layers=2, fusable=True)
     if family == "mixtral":  # transformers' default, which captures to an op ONNX lacks
         model.set_experts_implementation("grouped_mm")
-    facts = export_onnx(model, tmp_path, parity=False)
+    facts = export_onnx(model, tmp_path, parity=False,
+                        disable=FUSIONS if fusions == "none" else ())
 
     parity = check_parity(model, tmp_path, decode_steps=6)
     assert parity["prefill_max_abs_diff"] <= TOLERANCE, parity
     assert parity["decode_max_abs_diff"] <= TOLERANCE, parity
     assert parity["top1_agreement"] == 1.0
     num_layers = model.config.num_hidden_layers
+    gqa = facts["onnx_nodes"].get("com.microsoft.GroupQueryAttention", 0)
+    assert gqa == (num_layers if fusions == "default" else 0)
+    assert OnnxCausalLM(tmp_path).padding == ("right" if gqa else "left")
     assert facts["num_layers"] == num_layers
     assert list(facts["inputs"])[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert list(facts["inputs"])[-1] == f"past_key_values.{num_layers - 1}.value"
     assert list(facts["outputs"])[-1] == f"present.{num_layers - 1}.value"
     assert facts["inputs"]["past_key_values.0.key"][::2] == ["batch", "past_sequence"]
-    assert facts["outputs"]["present.0.key"][::2] == ["batch", "total_sequence"]
+    assert facts["outputs"]["present.0.key"][0] == "batch"
     assert set(facts["files"]) == {"model.onnx", "model.onnx.data"}
     if family == "mixtral":
         assert facts["experts_implementation"] == "batched_mm"
@@ -82,8 +96,9 @@ def test_logits_with_empty_past_match_torch(llama):
     assert np.abs(actual - expected).max() <= TOLERANCE
 
 
-def test_left_padded_batch_then_decode(llama):
-    """A ragged batch with left padding: real positions match torch, decode continues both rows."""
+def test_padded_batch_then_decode(llama):
+    """A ragged batch: real positions match torch, decode continues both rows; the artifact
+    takes the padding on its side (right with GroupQueryAttention) and refuses the other."""
     model, out_dir, _ = llama
     input_ids = torch.randint(0, model.config.vocab_size, (2, 6))
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
@@ -93,9 +108,15 @@ def test_left_padded_batch_then_decode(llama):
 
     # Row 1 alone (no padding) gives the same last-token logits as inside the padded batch.
     onnx_model = OnnxCausalLM(out_dir)
-    batch = onnx_model.logits(input_ids.numpy(), attention_mask.numpy())
+    mask, ids, last = attention_mask.numpy(), input_ids.numpy().copy(), -1
+    if onnx_model.padding == "right":
+        mask, last = mask[:, ::-1].copy(), 2
+        ids[1] = np.concatenate([ids[1, 3:], ids[1, :3]])
+    batch = onnx_model.logits(ids, mask)
     alone = onnx_model.logits(input_ids[1:, 3:].numpy())
-    assert np.abs(batch[1, -1] - alone[0, -1]).max() <= TOLERANCE
+    assert np.abs(batch[1, last] - alone[0, -1]).max() <= TOLERANCE
+    with pytest.raises(ValueError, match="padded"):
+        onnx_model.logits(ids, mask[:, ::-1].copy())
 
 
 def test_step_with_past_matches_torch_cache(llama):
@@ -115,11 +136,56 @@ def test_step_with_past_matches_torch_cache(llama):
     assert np.abs(present[0] - cache.layers[0].keys.numpy()).max() <= TOLERANCE
 
 
-def test_ort_values_cache_gives_the_same_tokens(llama):
+def test_batch_generation_equals_one_prompt_at_a_time(llama):
+    """Prompts of different lengths in one batch give each prompt's own greedy tokens."""
+    model, out_dir, _ = llama
+    lm = OnnxCausalLM(out_dir)
+    prompts = [[5, 9, 17, 3, 8], [4, 8], [1, 2, 3, 4, 5, 6, 7]]
+    batch = lm.generate(prompts, max_new_tokens=8)
+    for prompt, tokens, sequence in zip(prompts, batch["new_tokens"], batch["sequences"]):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0].tolist()
+        assert sequence == expected
+        assert tokens == expected[len(prompt):]
+
+
+def test_sampling_is_seeded(llama):
     _, out_dir, _ = llama
-    plain = OnnxCausalLM(out_dir).generate([4, 8, 15, 16], max_new_tokens=6)
-    bound = OnnxCausalLM(out_dir, use_ort_values=True).generate([4, 8, 15, 16], max_new_tokens=6)
-    assert plain["tokens"] == bound["tokens"]
+    lm = OnnxCausalLM(out_dir)
+    sampling = Sampling(temperature=0.9, top_k=20, top_p=0.9, seed=3)
+    first = lm.generate([4, 8, 15], 12, sampling=sampling)["new_tokens"]
+    assert lm.generate([4, 8, 15], 12, sampling=sampling)["new_tokens"] == first
+    other = lm.generate([4, 8, 15], 12, sampling=Sampling(temperature=0.9, seed=4))["new_tokens"]
+    assert other != first
+    assert lm.generate([4, 8, 15], 12)["new_tokens"] != first  # greedy by default
+
+
+def test_decode_writes_the_shared_cache_in_place(llama):
+    """With GroupQueryAttention the same buffer is bound as past and present: a decode step
+    leaves every row but the new token's untouched (nothing is copied)."""
+    model, out_dir, _ = llama
+    lm = OnnxCausalLM(out_dir)
+    if lm.padding != "right":
+        assert lm.new_cache(1, 8)[0].shape() == [1, lm.num_kv_heads, 0, lm.head_dim]
+        return
+    cache = lm.new_cache(1, 8)
+    ids = np.array([[3, 1, 4, 1]])
+    lm.bound_step(ids, np.ones((1, 4), np.int64), np.arange(4)[None], cache)
+    before = cache[0].numpy().copy()
+    address = cache[0].data_ptr()
+    lm.bound_step(np.array([[5]]), np.ones((1, 5), np.int64), np.array([[4]]), cache)
+    after = cache[0].numpy()
+    assert cache[0].data_ptr() == address and cache[0].shape() == [1, lm.num_kv_heads, 8, lm.head_dim]
+    np.testing.assert_array_equal(after[:, :, :4], before[:, :, :4])
+    assert not np.array_equal(after[:, :, 4], before[:, :, 4])
+    np.testing.assert_array_equal(after[:, :, 5:], before[:, :, 5:])
+
+
+def test_a_missing_execution_provider_is_a_clear_error(llama):
+    with pytest.raises(ValueError, match="onnxruntime-gpu"):
+        OnnxCausalLM(llama[1], provider="cuda")
+    with pytest.raises(ValueError, match="unknown execution provider"):
+        OnnxCausalLM(llama[1], provider="tpu")
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -158,7 +224,31 @@ def test_runtime_rejects_an_encoder_artifact(tmp_path):
 def test_generate_validates_arguments(llama):
     _, out_dir, _ = llama
     onnx_model = OnnxCausalLM(out_dir)
-    with pytest.raises(ValueError, match="non-empty prompt"):
+    with pytest.raises(ValueError, match="non-empty prompts"):
         onnx_model.generate([], max_new_tokens=3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         onnx_model.generate([1, 2], max_new_tokens=0)
+
+
+def test_a_float16_artifact_matches_the_float16_model(tmp_path):
+    """ExportOptions.dtype="float16" (what a CUDA artifact is): the program is cast, captured and
+    fused in float16; ONNX Runtime runs it (here on the CPU) like the float16 torch model."""
+    model = tiny_model("llama", layers=2, fusable=True)
+    facts = export_onnx(model, tmp_path, dtype="float16")
+    assert facts["dtype"] == "float16" and facts["onnx_nodes"]["com.microsoft.GroupQueryAttention"] == 2
+    assert facts["parity"]["top1_agreement"] == 1.0
+    assert facts["parity"]["prefill_max_abs_diff"] < 2e-3
+    lm = OnnxCausalLM(tmp_path)
+    assert lm.cache_dtype == np.float16
+    prompt = torch.tensor([[5, 17, 42, 99]])
+    expected = model.half().generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0)[0].tolist()
+    assert lm.generate(prompt[0].tolist(), 6)["tokens"] == expected
+
+
+def test_a_cuda_export_needs_the_cuda_provider_and_float16(tmp_path):
+    model = tiny_model("llama", layers=2, fusable=True)
+    with pytest.raises(ValueError, match="provider' cuda needs dtype float16"):
+        export_onnx(model, tmp_path, provider="cuda")
+    with pytest.raises(ValueError, match="onnxruntime-gpu"):  # no CUDA on this machine
+        export_onnx(model, tmp_path, provider="cuda", dtype="float16")

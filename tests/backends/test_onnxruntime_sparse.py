@@ -252,21 +252,26 @@ def test_compressed_artifact_is_smaller_and_keeps_the_packed_tensors(artifacts):
         assert facts["mode"] == mode and facts["layers"] == len(layers) == 7
         assert facts["compressed_bytes"] < facts["dense_bytes"]
 
-    # compressed: the packed tensors of every layer are in the file, decompressed by a subgraph
+    # compressed: the packed tensors of every layer are in the file (those of q/k/v and of
+    # gate/up concatenated by fuse-projections), each decompressed by a subgraph
     names = initializer_names(compressed / "model.onnx")
     packed = "codes" if quantized else "values"
-    for path in layers:
+    fused = {path: group["as"] for group in c_manifest["onnx"]["graph_passes"]["fuse-projections"]
+             ["fused"] for path in group["layers"]}
+    stored = {fused.get(path, path) for path in layers}
+    assert len(stored) < len(layers)  # the sparse layers were fused too
+    for path in stored:
         assert {f"model.{path}.{packed}", f"model.{path}.indices"} <= names, path
     counts = op_counts(compressed / "model.onnx")
-    assert counts["ScatterElements"] == len(layers)
-    assert counts["MatMulNBits" if quantized else "FusedMatMul"] >= len(layers)
+    assert counts["ScatterElements"] == len(stored)
+    assert counts["MatMulNBits" if quantized else "FusedMatMul"] >= len(stored)
 
     # dense: plain MatMul / MatMulNBits initializers, nothing to decompress
     names = initializer_names(dense / "model.onnx")
     assert not [name for name in names if name.endswith((".indices", ".codes", ".values"))]
     counts = op_counts(dense / "model.onnx")
     assert not DECOMPRESSION_OPS & set(counts)
-    assert counts["MatMulNBits" if quantized else "MatMul"] >= len(layers)
+    assert counts["MatMulNBits" if quantized else "MatMul"] >= len(stored)
 
 
 def test_compressed_artifact_is_decompressed_when_loaded(artifacts, tmp_path):
