@@ -58,12 +58,13 @@ OURS = {  # row -> (pipeline, accuracy_level)
     "modelfold-int4-rtn": (INT4 + "}", 4),
     "modelfold-int4-rtn-kv8": (INT4 + "},quantize-kv", 4),
     "modelfold-int4-gptq-kv8": (INT4 + ",method=gptq},quantize-kv", 4),
+    "modelfold-int4-awq-gptq": (INT4 + ",method=awq-gptq}", 4),
 }
-GENAI = {  # row -> (precision, extra options)
+GENAI = {  # row -> (precision, extra options); genai 0.18's defaults on CPU: block 32, level 4
     "genai-fp32": ("fp32", {}),
-    "genai-int8": ("int8", {"int4_accuracy_level": "4"}),
-    "genai-int4-b128": ("int4", {"int4_block_size": "128", "int4_accuracy_level": "4"}),
-    "genai-int4-b32": ("int4", {"int4_accuracy_level": "4"}),
+    "genai-int8": ("int8", {"accuracy_level": "4"}),
+    "genai-int4-b128": ("int4", {"block_size": "128", "accuracy_level": "4"}),
+    "genai-int4-b32": ("int4", {"block_size": "32", "accuracy_level": "4"}),
 }
 TORCH = "torch-fp32"
 LABELS = {
@@ -72,6 +73,7 @@ LABELS = {
     "modelfold-int4-rtn": "modelfold int4 g128 RTN + int4 table (acc 4), fp32 KV cache",
     "modelfold-int4-rtn-kv8": "modelfold int4 g128 RTN + int4 table (acc 4), int8 KV cache",
     "modelfold-int4-gptq-kv8": "modelfold int4 g128 GPTQ + int4 table (acc 4), int8 KV cache",
+    "modelfold-int4-awq-gptq": "modelfold int4 g128 AWQ+GPTQ + int4 table (acc 4), fp32 KV cache",
     "genai-fp32": "onnxruntime-genai fp32",
     "genai-int8": "onnxruntime-genai int8 (acc 4)",
     "genai-int4-b128": "onnxruntime-genai int4 block 128 (acc 4)",
@@ -170,6 +172,20 @@ class TorchRunner:
         return time.perf_counter() - start
 
 
+def perplexity_of(row: str, path: Path, program, tokenizer, text: str, args) -> float:
+    """Perplexity through the artifact (torch for the eager row); kept in
+    ``--out/perplexity.json`` so that ``--reuse`` does not score an artifact twice."""
+    cache_file = Path(args.out) / "perplexity.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    key = f"{row}@{args.chars}"
+    if args.reuse and key in cache:
+        return cache[key]
+    target = program.module if row == TORCH else OnnxCausalLM(path, threads=args.threads)
+    cache[key] = evaluate(target, tokenizer, text, chars=args.chars, progress=False)["perplexity"]
+    cache_file.write_text(json.dumps(cache, indent=2))
+    return cache[key]
+
+
 def onnx_facts(path: Path) -> dict:
     import onnx
 
@@ -233,10 +249,8 @@ def main() -> None:
             runners[row] = GenaiRunner(path) if row in GENAI else OursRunner(path, args.threads)
             results[row] = onnx_facts(path)
         if args.chars:
-            target = program.module if row == TORCH else OnnxCausalLM(path, threads=args.threads)
-            ppl = evaluate(target, tokenizer, text, chars=args.chars, progress=False)
-            results[row]["perplexity"] = ppl["perplexity"]
-            print(f"{row}: perplexity {ppl['perplexity']:.4f}", flush=True)
+            results[row]["perplexity"] = perplexity_of(row, path, program, tokenizer, text, args)
+            print(f"{row}: perplexity {results[row]['perplexity']:.4f}", flush=True)
     for runner in runners.values():  # warm-up
         runner.decode(prompts["decode@16"], 4)
     samples: dict[str, dict[str, list[float]]] = {r: {k: [] for k in prompts} for r in rows}
@@ -270,7 +284,8 @@ def main() -> None:
               f"{cell(r['decode@16'])} | {cell(r['decode@1024'])} | {cell(r['prefill@128'])} | "
               f"{cell(r['prefill@1024'])} |")
     pairs = [("modelfold-int4-rtn", "genai-int4-b128"), ("modelfold-int4-rtn-kv8", "genai-int4-b128"),
-             ("modelfold-int4-gptq-kv8", "genai-int4-b128"), ("modelfold-int8", "genai-int8"),
+             ("modelfold-int4-gptq-kv8", "genai-int4-b128"),
+             ("modelfold-int4-awq-gptq", "genai-int4-b32"), ("modelfold-int8", "genai-int8"),
              ("modelfold-fp32", "genai-fp32")]
     for ours, theirs in pairs:
         if ours in results and theirs in results:
