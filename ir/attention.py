@@ -78,7 +78,7 @@ def read_cache(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dty
 
 
 def prepare(query, key, value, past_key, past_value, attention_mask, cos_cache, sin_cache,
-            num_heads: int, kv_num_heads: int, k_scale=None, v_scale=None, query_lengths=None):
+            num_heads: int, kv_num_heads: int, k_scale=None, v_scale=None):
     """The parts every implementation shares: rotated q ``[B, H, S, D]``, the present caches
     ``[B, Hkv, L, D]`` (as stored: int8 with scales), which keys each query row may see
     ``[B, S, L]`` (causal, no window) with the query positions ``[B, S]``, and which query rows
@@ -90,7 +90,7 @@ def prepare(query, key, value, past_key, past_value, attention_mask, cos_cache, 
         query, key, value = query.split([h * d, hkv * d, hkv * d], dim=-1)
     length = max(attention_mask.shape[1], past_key.shape[2])  # L
     total = attention_mask.sum(-1)  # [B] T_b
-    new = total.clamp(max=s) if query_lengths is None else query_lengths.to(total.dtype)  # Q_b
+    new = total.clamp(max=s)  # [B] Q_b
     steps = torch.arange(s, device=query.device)
     positions = (total - new)[:, None] + steps  # [B, S]
     valid = steps[None] < new[:, None]  # [B, S]
@@ -125,19 +125,15 @@ def attention(query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor
               past_key: torch.Tensor, past_value: torch.Tensor, attention_mask: torch.Tensor,
               cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | None, num_heads: int,
               kv_num_heads: int, scale: float, softcap: float, window: int,
-              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-              query_lengths: torch.Tensor | None = None
+              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grouped-query attention over the KV cache (see the module docstring).
-
-    ``query_lengths`` ``[B]`` (int32) is ``min(S, sum(mask))`` computed once for all layers by
-    the pass (GroupQueryAttention's ``query_seqlens``); None: computed here.
 
     Returns ``(output [B, S, H * D], present_key, present_value [B, Hkv, L, D])``.
     """
     q, present_key, present_value, allowed, positions, valid = prepare(
         query, key, value, past_key, past_value, attention_mask, cos_cache, sin_cache,
-        num_heads, kv_num_heads, k_scale, v_scale, query_lengths)
+        num_heads, kv_num_heads, k_scale, v_scale)
     b, h, s, d = q.shape
     hkv, length = kv_num_heads, present_key.shape[2]
     g = h // hkv
@@ -156,7 +152,7 @@ def attention(query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor
 
 @attention.register_fake
 def _(query, key, value, past_key, past_value, attention_mask, cos_cache, sin_cache, num_heads,
-      kv_num_heads, scale, softcap, window, k_scale=None, v_scale=None, query_lengths=None):
+      kv_num_heads, scale, softcap, window, k_scale=None, v_scale=None):
     b, s, _ = query.shape
     hkv, d = kv_num_heads, past_key.shape[-1]
     length = torch.sym_max(attention_mask.shape[1], past_key.shape[2])

@@ -126,8 +126,7 @@ def attention(query: Tensor, key: Tensor | None, value: Tensor | None, past_key:
               past_value: Tensor, attention_mask: Tensor, cos_cache: Tensor | None,
               sin_cache: Tensor | None, num_heads: int, kv_num_heads: int, scale: float,
               softcap: float, window: int, k_scale: Tensor | None = None,
-              v_scale: Tensor | None = None, query_lengths: Tensor | None = None
-              ) -> tuple[Tensor, Tensor, Tensor]:
+              v_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``modelfold::attention`` on ``scaled_dot_product_attention`` (flash / memory-efficient
     kernels on a GPU, K/V not expanded: ``enable_gqa``); soft-capped scores, which SDPA cannot
     take, use the op's reference."""
@@ -136,10 +135,10 @@ def attention(query: Tensor, key: Tensor | None, value: Tensor | None, past_key:
     if softcap > 0:
         return ref.attention(query, key, value, past_key, past_value, attention_mask, cos_cache,
                              sin_cache, num_heads, kv_num_heads, scale, softcap, window, k_scale,
-                             v_scale, query_lengths)
+                             v_scale)
     q, present_key, present_value, allowed, positions, valid = ref.prepare(
         query, key, value, past_key, past_value, attention_mask, cos_cache, sin_cache,
-        num_heads, kv_num_heads, k_scale, v_scale, query_lengths)
+        num_heads, kv_num_heads, k_scale, v_scale)
     allowed = ref.visible(allowed, positions, window) | ~valid[:, :, None]  # padding rows: any
     out = torch.nn.functional.scaled_dot_product_attention(
         q, ref.read_cache(present_key, k_scale, q.dtype),
@@ -152,7 +151,7 @@ def attention(query: Tensor, key: Tensor | None, value: Tensor | None, past_key:
 
 @attention.register_fake
 def _(query, key, value, past_key, past_value, attention_mask, cos_cache, sin_cache, num_heads,
-      kv_num_heads, scale, softcap, window, k_scale=None, v_scale=None, query_lengths=None):
+      kv_num_heads, scale, softcap, window, k_scale=None, v_scale=None):
     b, s, _ = query.shape
     length = torch.sym_max(attention_mask.shape[1], past_key.shape[2])
     present = past_key.new_empty((b, kv_num_heads, length, past_key.shape[-1]))

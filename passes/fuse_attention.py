@@ -39,7 +39,7 @@ from modelfold.ir.graph import (
     user_inputs,
 )
 from modelfold.ir.program import Program
-from modelfold.ir.signature import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_name, present_name
+from modelfold.ir.signature import ATTENTION_MASK, POSITION_IDS, past_name, present_name
 from modelfold.passes.base import GraphPass, PassConfig, option
 from modelfold.passes.registry import register_pass
 
@@ -130,7 +130,6 @@ class FuseAttention(GraphPass):
             return ep, {"fused": [], "not_fused": str(err)}
         cache = sig.cache
         graph_output = next(n for n in editor.graph.nodes if n.op == "output")
-        query_lengths = _query_lengths(editor, inputs, layers[0].query)
         for i, layer in enumerate(layers):
             cos, sin = tables[layer.rotary] if layer.rotary is not None else (None, None)
             q, k = layer.query, layer.key
@@ -140,7 +139,7 @@ class FuseAttention(GraphPass):
                 k = _heads_last(editor, k, layer.output)
             args = (q, k, layer.value, inputs[past_name(i, "key")], inputs[past_name(i, "value")],
                     inputs[ATTENTION_MASK], cos, sin, program.arch.num_heads, cache.num_kv_heads,
-                    layer.scale, layer.softcap, layer.window, None, None, query_lengths)
+                    layer.scale, layer.softcap, layer.window)
             fused = editor.call(_ATTENTION, args, near=layer.output)
             out = editor.call(operator.getitem, (fused, 0), near=layer.output)
             for user in list(layer.output.users):
@@ -156,18 +155,6 @@ class FuseAttention(GraphPass):
             "padding": "right", "rotary": rotary,
             "windows": sorted({layer.window for layer in layers if layer.window > 0}),
             "softcap": max((layer.softcap for layer in layers), default=0.0)}
-
-
-def _query_lengths(editor: GraphEditor, inputs: dict[str, torch.fx.Node],
-                   near: torch.fx.Node) -> torch.fx.Node:
-    """``min(S, sum(mask))`` per row as int32 ``[B]``, once for all layers (before ``near``, the
-    first layer's query)."""
-    aten = torch.ops.aten
-    first = next(n for n in editor.graph.nodes if n.op == "call_function")
-    new = editor.call(aten.sym_size.int, (inputs[INPUT_IDS], 1), near=first)
-    total = editor.call(aten.sum.dim_IntList, (inputs[ATTENTION_MASK], [1]), near=first)
-    clamped = editor.call(aten.clamp.default, (total, None, new), near=first)
-    return editor.call(aten._to_copy.default, (clamped,), {"dtype": torch.int32}, near=first)
 
 
 def _heads_last(editor: GraphEditor, node: torch.fx.Node, near: torch.fx.Node) -> torch.fx.Node:

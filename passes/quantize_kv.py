@@ -89,8 +89,7 @@ class QuantizeKV(GraphPass):
             scales = [(m.clamp(min=1e-8) / 127.0).float() for m in (k_max, v_max)]
             k_scale, v_scale = (editor.add_tensor(f"kv_cache.{i}.{kind}_scale", s)
                                 for kind, s in zip(("key", "value"), scales))
-            args = list(node.args) + [None] * (16 - len(node.args))
-            new = editor.call(_ATTENTION, (*args[:13], k_scale, v_scale, *args[15:]), near=node)
+            new = editor.call(_ATTENTION, (*node.args[:13], k_scale, v_scale), near=node)
             editor.replace(node, new)
             layers.append({"layer": i, "key_scale": [float(scales[0].min()), float(scales[0].max())],
                            "value_scale": [float(scales[1].min()), float(scales[1].max())]})

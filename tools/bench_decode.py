@@ -8,7 +8,8 @@ side in one run.
 
 Rows (each built into --out/ROW unless --reuse finds it there):
 
-- modelfold fp32, int8 (per-channel RTN), int4 g128 RTN and GPTQ (linears and the tied
+- modelfold fp32, int8 (RTN, groups of 32 like genai's int8), int4 g128 RTN, GPTQ and AWQ+GPTQ
+  (linears and the tied
   embedding / LM head table in int4, accuracy_level 4; with the float32 KV cache and with
   ``quantize-kv``'s int8 cache), all with the default fusions;
 - ``--against DIR ...``: other artifacts of the same model (e.g. written by an earlier
@@ -54,7 +55,7 @@ from benchlib import save_results  # noqa: E402
 INT4 = "quantize{bits=4,group_size=128,embeddings=true,lm_head=true"
 OURS = {  # row -> (pipeline, accuracy_level)
     "modelfold-fp32": ("", 0),
-    "modelfold-int8": ("quantize{bits=8,group_size=-1}", 4),
+    "modelfold-int8": ("quantize{bits=8,group_size=32}", 4),
     "modelfold-int4-rtn": (INT4 + "}", 4),
     "modelfold-int4-rtn-kv8": (INT4 + "},quantize-kv", 4),
     "modelfold-int4-gptq-kv8": (INT4 + ",method=gptq},quantize-kv", 4),
@@ -69,7 +70,7 @@ GENAI = {  # row -> (precision, extra options); genai 0.18's defaults on CPU: bl
 TORCH = "torch-fp32"
 LABELS = {
     "modelfold-fp32": "modelfold fp32",
-    "modelfold-int8": "modelfold int8 per-channel RTN (acc 4)",
+    "modelfold-int8": "modelfold int8 g32 RTN (acc 4)",
     "modelfold-int4-rtn": "modelfold int4 g128 RTN + int4 table (acc 4), fp32 KV cache",
     "modelfold-int4-rtn-kv8": "modelfold int4 g128 RTN + int4 table (acc 4), int8 KV cache",
     "modelfold-int4-gptq-kv8": "modelfold int4 g128 GPTQ + int4 table (acc 4), int8 KV cache",

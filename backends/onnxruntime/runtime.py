@@ -237,6 +237,11 @@ class OnnxCausalLM:
         cache (numpy). ``generate`` uses the IO-bound path instead."""
         if len(past) != len(self.past_names):
             raise UsageError(f"expected {len(self.past_names)} past tensors, got {len(past)}")
+        if self.padding == "right" and input_ids.shape[0] > 1 and input_ids.shape[1] > 1 and \
+                past[0].shape[2] > 0:
+            raise UsageError(f"{self.path} has GroupQueryAttention, which takes several new tokens "
+                             "per row after a past for one row at a time (a batch: one token "
+                             "per row, or an empty past)")
         feeds: dict[str, Any] = self._small_feeds(input_ids, attention_mask, position_ids)
         feeds.update(zip(self.past_names, past))
         outputs = self.session.run(self.output_names, feeds, self.run_options)

@@ -120,19 +120,26 @@ def test_padded_batch_then_decode(llama):
 
 
 def test_step_with_past_matches_torch_cache(llama):
-    """Feed a torch-made past of length 4 and 2 new tokens; compare logits and presents."""
+    """Feed a torch-made past of length 4 and 2 new tokens; compare logits and presents (one row
+    with GroupQueryAttention, which refuses several new tokens per row in a batch with a past)."""
     model, out_dir, _ = llama
     onnx_model = OnnxCausalLM(out_dir)
-    tokens = torch.randint(0, model.config.vocab_size, (2, 6))
+    batch = 1 if onnx_model.padding == "right" else 2
+    if batch == 1:
+        with pytest.raises(ValueError, match="one row at a time"):
+            onnx_model.step(np.ones((2, 2), np.int64), np.ones((2, 6)), np.ones((2, 2)),
+                            [np.zeros((2, onnx_model.num_kv_heads, 4, onnx_model.head_dim),
+                                      np.float32)] * len(onnx_model.past_names))
+    tokens = torch.randint(0, model.config.vocab_size, (batch, 6))
     cache = DynamicCache()
     with torch.no_grad():
         model(tokens[:, :4], past_key_values=cache, use_cache=True)
         past = [t.numpy().copy() for layer in cache.layers for t in (layer.keys, layer.values)]
         expected = model(tokens[:, 4:], past_key_values=cache, use_cache=True).logits.numpy()
-    positions = np.array([[4, 5], [4, 5]])
-    logits, present = onnx_model.step(tokens[:, 4:].numpy(), np.ones((2, 6)), positions, past)
+    positions = np.array([[4, 5]] * batch)
+    logits, present = onnx_model.step(tokens[:, 4:].numpy(), np.ones((batch, 6)), positions, past)
     assert np.abs(logits - expected).max() <= TOLERANCE
-    assert present[0].shape == (2, onnx_model.num_kv_heads, 6, onnx_model.head_dim)
+    assert present[0].shape == (batch, onnx_model.num_kv_heads, 6, onnx_model.head_dim)
     assert np.abs(present[0] - cache.layers[0].keys.numpy()).max() <= TOLERANCE
 
 
