@@ -186,9 +186,15 @@ class LoraLowering(Lowering):
         for index, (path, layer) in enumerate(self.layers.items()):
             k, n = layer.in_features, layer.out_features
             # Each slot's values are unique (layer index): torch.onnx's optimizer merges
-            # initializers of equal content.
-            a = editor.add_tensor(f"{path}.lora_A", torch.full((_SLOT_RANK, k), index + 1.0))
-            b = editor.add_tensor(f"{path}.lora_B", torch.full((n, _SLOT_RANK), -(index + 1.0)))
+            # initializers of equal content. Their delta is exactly zero (B's column 0 meets A's
+            # only non-zero row, 0; column 1 meets A's zero row), so the graph the default passes
+            # check on a probe is the base model the artifact is without an adapter.
+            a = torch.zeros(_SLOT_RANK, k)
+            a[0, 0] = index + 1.0
+            b = torch.zeros(n, _SLOT_RANK)
+            b[0, 1] = -(index + 1.0)
+            a = editor.add_tensor(f"{path}.lora_A", a)
+            b = editor.add_tensor(f"{path}.lora_B", b)
             x, base_out, out = layer_io(owned, path)
             delta = editor.call(torch.ops.modelfold.lora_delta.default, (x, a, b, 1.0), near=out,
                                 after=True)
