@@ -7,9 +7,10 @@ A runtime (ONNX Runtime, the Triton backend) provides a ``Decoder``:
   its cache, the mask of row ``b`` is ``T_b`` ones then zeros);
 - ``new_cache(batch, capacity)``: the empty cache for a batch that will hold at most ``capacity``
   tokens per row;
-- ``step(input_ids [B, S], attention_mask [B, T], position_ids [B, S], cache)`` ->
-  ``(logits [B, S, V], cache)`` on numpy integer inputs (the logits may be a view that the next
-  step overwrites).
+- ``step(input_ids [B, S], attention_mask [B, T], position_ids [B, S], cache, logits_to_keep)``
+  -> ``(logits [B, S', V], cache)`` on numpy integer inputs: the logits of the last S' positions,
+  S' = S or, where the runtime can, ``logits_to_keep`` (> 0) of them (a view that the next step
+  may overwrite).
 
 ``generate`` runs the prompts once (prefill), then one token per row and step, choosing each
 token greedily or by sampling (``Sampling``: temperature, top-k, top-p, seeded).
@@ -36,7 +37,7 @@ class Decoder(Protocol):
     def new_cache(self, batch: int, capacity: int) -> Any: ...
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: Any) -> tuple[np.ndarray, Any]: ...
+             cache: Any, logits_to_keep: int = 0) -> tuple[np.ndarray, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -151,9 +152,10 @@ def generate(decoder: Decoder, input_ids: Sequence[int] | Sequence[Sequence[int]
 
     start = time.perf_counter()
     cache = decoder.new_cache(batch, width + max_new_tokens)
-    logits, cache = decoder.step(ids, mask[:, :width], positions, cache)  # [B, S, V]
-    last = lengths - 1 if right else np.full(batch, width - 1)
-    token = choose(logits[np.arange(batch), last])  # [B]
+    last = lengths - 1 if right else np.full(batch, width - 1)  # each row's last prompt token
+    logits, cache = decoder.step(ids, mask[:, :width], positions, cache,
+                                 width - int(last.min()))  # [B, S', V]: the last S' positions
+    token = choose(logits[np.arange(batch), last - (width - logits.shape[1])])  # [B]
     prefill_seconds = time.perf_counter() - start
 
     new = [[int(t)] for t in token]

@@ -25,6 +25,9 @@ MODEL_FILE = "model.onnx"
 # LoRA adapter files of an artifact exported with lora="inputs" (see lora_lowering.py).
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
+# The optional input of decoder artifacts that limits the LM head to the last k positions
+# (see logits_lowering.py).
+LOGITS_TO_KEEP = "logits_to_keep"
 
 OPTIMIZATION_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -130,7 +133,7 @@ def _adapter_run_options(
             raise UsageError(
                 f"unknown adapter {text!r} for {model_path.parent}; available: {', '.join(known) or 'none'}"
             )
-    slots = {i.name for i in session.get_overridable_initializers()}
+    slots = {i.name for i in session.get_overridable_initializers()} - {LOGITS_TO_KEEP}
     if not slots:
         raise UsageError(
             f"{model_path} has no adapter inputs (overridable initializers); export the model with "
@@ -210,6 +213,11 @@ class OnnxCausalLM:
             sig.present_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")
         ]
         self.output_names = [sig.LOGITS] + self.present_names
+        # the LM head for the last k positions only (``logits_lowering``; older artifacts: all)
+        overridable = {i.name for i in self.session.get_overridable_initializers()}
+        self.keeps_logits = LOGITS_TO_KEEP in overridable or LOGITS_TO_KEEP in inputs
+        self._keep_bound: int | None = None
+        self._keep_value: Any = None  # the bound OrtValue (kept alive while bound)
         # GroupQueryAttention reads the mask as per-row lengths: right padding, shared buffers
         self.padding = "right" if _has_op(self.path, "GroupQueryAttention") else "left"
         self._device = "cuda" if provider == "cuda" else "cpu"
@@ -300,24 +308,33 @@ class OnnxCausalLM:
         return [ort.OrtValue.ortvalue_from_numpy(p, self._device, 0) for p in self.empty_past(batch)]
 
     def bound_step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                   position_ids: np.ndarray, cache: list[Any]) -> tuple[np.ndarray, list[Any]]:
+                   position_ids: np.ndarray, cache: list[Any],
+                   logits_to_keep: int = 0) -> tuple[np.ndarray, list[Any]]:
         """One forward pass with IO binding: the cache stays in OrtValues (shared buffers are
         written in place and stay bound from step to step: only the token, the mask and the
         positions are bound anew), the logits land in a reused buffer (a view the next step
-        overwrites)."""
+        overwrites). ``logits_to_keep`` k > 0 asks for the logits of the last k positions only
+        ([B, k, V]; artifacts without the ``logits_to_keep`` input return all S)."""
         io = self._io
         shared = self.padding == "right"
+        seq = input_ids.shape[1]
+        keep = logits_to_keep if self.keeps_logits and 0 < logits_to_keep < seq else 0
         if not shared or self._bound is not cache:
             io.clear_binding_inputs()
             io.clear_binding_outputs()
-            self._bound, self._logits_bound = cache, None
+            self._bound, self._logits_bound, self._keep_bound = cache, None, None
             for name, value in zip(self.past_names, cache):
                 io.bind_ortvalue_input(name, value)
             # run_with_iobinding does not apply the RunOptions' active adapter (ORT 1.32: the
             # logits were the base model's): its tensors are bound as the inputs they override
             for name, value in self._adapter_inputs.items():
                 io.bind_ortvalue_input(name, value)
-        logits = self._logits_buffer(input_ids.shape)
+        if self.keeps_logits and keep != self._keep_bound:
+            # an overridable initializer: bind_cpu_input looks for a graph input and fails
+            self._keep_value = ort.OrtValue.ortvalue_from_numpy(np.array(keep, dtype=np.int64))
+            io.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_value)
+            self._keep_bound = keep
+        logits = self._logits_buffer((input_ids.shape[0], keep or seq))
         if self._logits_bound is not logits[1]:
             if shared and self._logits_bound is not None:  # outputs are rebound as a set
                 io.clear_binding_outputs()

@@ -143,7 +143,7 @@ class _TorchDecoder:
         shape = (batch, layout.num_kv_heads, 0, layout.head_dim)
         return [torch.zeros(shape, dtype=m.dtype, device=m.device) for _ in m.signature.past_names]
 
-    def step(self, ids, mask, positions, past):
+    def step(self, ids, mask, positions, past, logits_to_keep=0):  # every position's logits
         m = self.model
         args = [torch.as_tensor(a, device=m.device) for a in (ids, mask, positions)]
         out = m(*args, *past)

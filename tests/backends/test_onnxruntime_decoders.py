@@ -62,6 +62,15 @@ def test_decoder_parity(family, fusions, tmp_path):
     if family == "mixtral":
         assert facts["experts_implementation"] == "batched_mm"
         assert model.config._experts_implementation == "grouped_mm"  # restored after capture
+    # logits_to_keep: the LM head (a bias, Gemma 2's soft-cap after it) on the last k positions
+    assert facts["logits"]["input"] == "logits_to_keep", facts["logits"]
+    assert facts["outputs"]["logits"][1] == "logits_sequence"
+    lm = OnnxCausalLM(tmp_path)
+    ids = np.array([[3, 1, 4, 1, 5, 9]])
+    full = lm.logits(ids)
+    kept, _ = lm.bound_step(ids, np.ones_like(ids), np.arange(6)[None], lm.new_cache(1, 6), 2)
+    assert kept.shape == (1, 2, full.shape[-1])
+    np.testing.assert_allclose(kept, full[:, -2:], atol=1e-5)
 
 
 def test_greedy_generation_matches_transformers(llama):

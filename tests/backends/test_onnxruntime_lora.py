@@ -218,7 +218,8 @@ def test_inputs_artifact_has_overridable_empty_slots(inputs_artifact):
     assert lora["adapter_files"]["default"]["ranks"] == [4]
     assert lora["adapter_files"]["b"]["file"] == "adapters/b.onnx_adapter"
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    slots = {i.name: i.shape for i in session.get_overridable_initializers()}
+    slots = {i.name: i.shape for i in session.get_overridable_initializers()
+             if i.name != "logits_to_keep"}  # the LM head's optional input (logits_lowering)
     path = "model.layers.0.self_attn.k_proj"
     assert slots[f"{path}.lora_A"] == [f"{path}.lora_rank", 32]
     assert slots[f"{path}.lora_B"] == [16, f"{path}.lora_rank"]  # 2 KV heads x head dim 8
