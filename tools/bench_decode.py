@@ -8,10 +8,10 @@ side in one run.
 
 Rows (each built into --out/ROW unless --reuse finds it there):
 
-- modelfold fp32, int8 (RTN, groups of 32 like genai's int8), int4 g128 RTN, GPTQ and AWQ+GPTQ
-  (linears and the tied
-  embedding / LM head table in int4, accuracy_level 4; with the float32 KV cache and with
-  ``quantize-kv``'s int8 cache), all with the default fusions;
+- modelfold fp32, int8 (RTN, groups of 32 like genai's int8, the tied embedding / LM head table
+  in int8), int4 g128 RTN (asymmetric, and symmetric like genai's), GPTQ and AWQ+GPTQ (linears
+  and the table in int4, accuracy_level 4; with the float32 KV cache and with ``quantize-kv``'s
+  int8 cache), all with the default fusions;
 - ``--against DIR ...``: other artifacts of the same model (e.g. written by an earlier
   modelfold), run by today's runtime in the same rounds;
 - onnxruntime-genai's model builder (`onnxruntime_genai.models.builder`) on the same SmolLM2
@@ -55,8 +55,11 @@ from benchlib import save_results  # noqa: E402
 INT4 = "quantize{bits=4,group_size=128,embeddings=true,lm_head=true"
 OURS = {  # row -> (pipeline, accuracy_level)
     "modelfold-fp32": ("", 0),
-    "modelfold-int8": ("quantize{bits=8,group_size=32}", 4),
+    # the table (tied embedding + LM head) quantized too, as genai quantizes its LM head
+    "modelfold-int8": ("quantize{bits=8,group_size=32,embeddings=true,lm_head=true}", 4),
     "modelfold-int4-rtn": (INT4 + "}", 4),
+    # symmetric (no zero points), as genai's MatMulNBits: MLAS's int8-compute path is faster
+    "modelfold-int4-rtn-sym": (INT4 + ",symmetric=true}", 4),
     "modelfold-int4-rtn-kv8": (INT4 + "},quantize-kv", 4),
     "modelfold-int4-gptq-kv8": (INT4 + ",method=gptq},quantize-kv", 4),
     "modelfold-int4-awq-gptq": (INT4 + ",method=awq-gptq}", 4),
@@ -70,8 +73,10 @@ GENAI = {  # row -> (precision, extra options); genai 0.18's defaults on CPU: bl
 TORCH = "torch-fp32"
 LABELS = {
     "modelfold-fp32": "modelfold fp32",
-    "modelfold-int8": "modelfold int8 g32 RTN (acc 4)",
+    "modelfold-int8": "modelfold int8 g32 RTN + int8 table (acc 4)",
     "modelfold-int4-rtn": "modelfold int4 g128 RTN + int4 table (acc 4), fp32 KV cache",
+    "modelfold-int4-rtn-sym": "modelfold int4 g128 RTN symmetric + int4 table (acc 4), fp32 KV "
+                              "cache",
     "modelfold-int4-rtn-kv8": "modelfold int4 g128 RTN + int4 table (acc 4), int8 KV cache",
     "modelfold-int4-gptq-kv8": "modelfold int4 g128 GPTQ + int4 table (acc 4), int8 KV cache",
     "modelfold-int4-awq-gptq": "modelfold int4 g128 AWQ+GPTQ + int4 table (acc 4), fp32 KV cache",
@@ -284,7 +289,8 @@ def main() -> None:
         print(f"| {LABELS[row]} | {r['bytes']:,} | {r['nodes'] or '-'} | {ppl} | "
               f"{cell(r['decode@16'])} | {cell(r['decode@1024'])} | {cell(r['prefill@128'])} | "
               f"{cell(r['prefill@1024'])} |")
-    pairs = [("modelfold-int4-rtn", "genai-int4-b128"), ("modelfold-int4-rtn-kv8", "genai-int4-b128"),
+    pairs = [("modelfold-int4-rtn", "genai-int4-b128"), ("modelfold-int4-rtn-sym", "genai-int4-b128"),
+             ("modelfold-int4-rtn-kv8", "genai-int4-b128"),
              ("modelfold-int4-gptq-kv8", "genai-int4-b128"),
              ("modelfold-int4-awq-gptq", "genai-int4-b32"), ("modelfold-int8", "genai-int8"),
              ("modelfold-fp32", "genai-fp32")]
