@@ -1,14 +1,23 @@
 """ONNX lowering of ``modelfold::skip_rms_norm`` / ``modelfold::skip_layer_norm``
 (``modelfold.ir.norms``): ``com.microsoft.SkipSimplifiedLayerNormalization`` /
 ``SkipLayerNormalization``, taking outputs 0 (the normalized sum) and 3 (the sum).
+
+The translation names all four outputs; ``SkipNormOutputs`` blanks the unused statistics
+(outputs 1 and 2, ``mean`` / ``inv_std_var``) in the ONNX file, so that ONNX Runtime neither
+allocates nor writes them (as onnxruntime-genai's graphs do; 0.1 ms of a 5 ms SmolLM2 int4 decode
+step in ONNX Runtime's profile).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import onnx
 from onnx.defs import OpSchema
 from onnxscript.values import Op, Opset
 
 import modelfold.ir.norms  # noqa: F401  (defines the ops)
+from modelfold.backends.onnxruntime.lowering import Lowering, register_lowering
 from modelfold.backends.onnxruntime.translations import ensure_registered
 
 _MS = Opset("com.microsoft", 1)
@@ -50,4 +59,30 @@ def skip_layer_norm_onnx(x, skip, weight, bias=None, eps: float = 1e-5):
 
 ensure_registered({"skip_rms_norm": skip_rms_norm_onnx, "skip_layer_norm": skip_layer_norm_onnx})
 
-__all__ = ["skip_layer_norm_onnx", "skip_rms_norm_onnx"]
+
+
+@register_lowering
+class SkipNormOutputs(Lowering):
+    """Blanks the unread ``mean`` / ``inv_std_var`` outputs of the skip norms (module docstring);
+    facts under ``skip_norms``: how many nodes."""
+
+    name = "skip_norms"
+    order = 80
+
+    def edit_onnx(self, path: Path) -> None:
+        model = onnx.load(str(path), load_external_data=False)
+        graph = model.graph
+        read = {name for node in graph.node for name in node.input}
+        read |= {o.name for o in graph.output}
+        nodes = [n for n in graph.node if n.domain == "com.microsoft" and
+                 n.op_type in ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")]
+        for node in nodes:
+            for i in (1, 2):
+                if i < len(node.output) and node.output[i] and node.output[i] not in read:
+                    node.output[i] = ""
+        if nodes:
+            onnx.save(model, str(path))  # the graph only; the external data file is unchanged
+            self.facts = {"nodes": len(nodes)}
+
+
+__all__ = ["SkipNormOutputs", "skip_layer_norm_onnx", "skip_rms_norm_onnx"]

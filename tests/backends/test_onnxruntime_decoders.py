@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from transformers import DynamicCache
@@ -62,6 +63,10 @@ def test_decoder_parity(family, fusions, tmp_path):
     if family == "mixtral":
         assert facts["experts_implementation"] == "batched_mm"
         assert model.config._experts_implementation == "grouped_mm"  # restored after capture
+    if fusions == "default":  # the skip norms' unread statistics are not even allocated
+        graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+        skips = [n for n in graph.node if n.op_type.startswith("Skip")]
+        assert skips and all(list(n.output[1:3]) == ["", ""] for n in skips)
     # logits_to_keep: the LM head (a bias, Gemma 2's soft-cap after it) on the last k positions
     assert facts["logits"]["input"] == "logits_to_keep", facts["logits"]
     assert facts["outputs"]["logits"][1] == "logits_sequence"
