@@ -120,8 +120,10 @@ def export_onnx(model: Program | nn.Module, out_dir: Path, options: ExportOption
     unoptimized = out_dir / UNOPTIMIZED_FILE
     with phases("translate"):
         _translate(ep, program, unoptimized, options, steps)
+        graph_file = onnx.load(str(unoptimized), load_external_data=False)
         for step in steps:
-            step.edit_onnx(unoptimized)
+            step.edit_onnx(graph_file)
+        onnx.save_model(graph_file, str(unoptimized))  # the external data file is unchanged
     with phases("optimize"):
         if options.optimize:
             disabled = sorted({name for step in steps for name in step.disabled_optimizers()})

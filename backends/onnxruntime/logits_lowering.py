@@ -22,7 +22,6 @@ Shape legend: B = batch, S = new tokens of the step, k = logits_to_keep, V = voc
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -31,10 +30,6 @@ from onnx import TensorProto, helper, numpy_helper
 from modelfold.backends.onnxruntime.lowering import Lowering, register_lowering
 from modelfold.backends.onnxruntime.runtime import LOGITS_TO_KEEP, MODEL_FILE
 from modelfold.ir import signature as sig
-
-if TYPE_CHECKING:
-    from modelfold.backends.onnxruntime.options import ExportOptions
-    from modelfold.ir.program import Program
 
 __all__ = ["LOGITS_TO_KEEP", "LogitsLowering"]
 
@@ -52,28 +47,21 @@ class LogitsLowering(Lowering):
     name = "logits"
     order = 90
 
-    def __init__(self, program: Program, options: ExportOptions):
-        super().__init__(program, options)
-        self.added = False
-
-    def edit_onnx(self, path: Path) -> None:
+    def edit_onnx(self, model: onnx.ModelProto) -> None:
         if self.program.signature.kind != "causal-lm":
             return
-        model = onnx.load(str(path), load_external_data=False)
         found = _head(model.graph)
         if isinstance(found, str):
             self.facts = {"input": None, "reason": found}
             return
         head, downstream = found
         _slice_head_input(model.graph, head, downstream)
-        onnx.save(model, str(path))  # the graph only; the external data file is unchanged
-        self.added = True
         self.facts = {"input": LOGITS_TO_KEEP, "head": head.op_type,
                       "default": 0, "meaning": "compute the logits of the last k positions "
                                                "only (0: all)"}
 
     def finish(self, out_dir: Path) -> None:
-        if not self.added:
+        if not self.facts.get("input"):
             return
         graph = onnx.load(str(Path(out_dir) / MODEL_FILE), load_external_data=False).graph
         if LOGITS_TO_KEEP not in {i.name for i in graph.input} or \

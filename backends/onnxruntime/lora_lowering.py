@@ -208,9 +208,9 @@ class LoraLowering(Lowering):
                                      "[out, r]")
 
     # -- the ONNX file ---------------------------------------------------------------------
-    def edit_onnx(self, path: Path) -> None:
+    def edit_onnx(self, model: onnx.ModelProto) -> None:
         if self.slots:
-            _expose_slots(Path(path), self.slots)
+            _expose_slots(model, self.slots)
 
     def finish(self, out_dir: Path) -> None:
         """Mode "inputs": checks that the optimized graph kept the slots overridable and writes
@@ -300,15 +300,14 @@ def _placeholder(editor: GraphEditor, name: str) -> torch.fx.Node:
     raise GraphRewriteError(f"the graph has no lifted tensor {name}")
 
 
-def _expose_slots(path: Path, slots: dict[str, tuple[int, int]]) -> None:
+def _expose_slots(model: onnx.ModelProto, slots: dict[str, tuple[int, int]]) -> None:
     """Renames each slot's A / B initializer (the lowered graph's ``model.<path>.lora_A`` /
     ``.lora_B``) to ``<module path>.lora_A`` / ``.lora_B``, empties it, declares it a graph input
     with a symbolic rank, and drops the value_info that pins the rank.
 
-    Only the graph file changes; the old slot bytes stay unreferenced in the external data file,
+    Only the graph changes; the old slot bytes stay unreferenced in the external data file,
     which ONNX Runtime's optimizer rewrites anyway.
     """
-    model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -344,7 +343,6 @@ def _expose_slots(path: Path, slots: dict[str, tuple[int, int]]) -> None:
     kept = [v for v in graph.value_info if v.name not in pinned]
     del graph.value_info[:]
     graph.value_info.extend(kept)
-    onnx.save_model(model, str(path))
 
 
 # -- adapter files -------------------------------------------------------------------------------

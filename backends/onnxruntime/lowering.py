@@ -10,7 +10,9 @@ subclasses ``Lowering`` in its own ``*_lowering.py`` module and registers it wit
   ``modelfold.ir.graph.GraphEditor``; the result is verified and becomes the graph that is
   lowered);
 - ``context()``: a context manager around ``torch.onnx.export`` (options the translations read);
-- ``edit_onnx(path)``: the unoptimized ONNX file, before ONNX Runtime's optimizer;
+- ``edit_onnx(model)``: the unoptimized ONNX graph (an ``onnx.ModelProto`` loaded without its
+  external data, edited in place; the exporter loads and saves it once for all lowerings),
+  before ONNX Runtime's optimizer;
 - ``disabled_optimizers()``: ONNX Runtime graph transformers to skip offline;
 - ``finish(out_dir)``: the optimized artifact (write side files, check what the optimizer kept);
 - ``parity(out_dir)``: a parity check that replaces the default one (None: the default runs).
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    import onnx
     from torch.export import ExportedProgram
 
     from modelfold.backends.onnxruntime.options import ExportOptions
@@ -50,7 +53,7 @@ class Lowering:
     def context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def edit_onnx(self, path: Path) -> None:
+    def edit_onnx(self, model: onnx.ModelProto) -> None:
         pass
 
     def disabled_optimizers(self) -> list[str]:

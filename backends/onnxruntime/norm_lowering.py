@@ -10,8 +10,6 @@ step in ONNX Runtime's profile).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import onnx
 from onnx.defs import OpSchema
 from onnxscript.values import Op, Opset
@@ -69,8 +67,7 @@ class SkipNormOutputs(Lowering):
     name = "skip_norms"
     order = 80
 
-    def edit_onnx(self, path: Path) -> None:
-        model = onnx.load(str(path), load_external_data=False)
+    def edit_onnx(self, model: onnx.ModelProto) -> None:
         graph = model.graph
         read = {name for node in graph.node for name in node.input}
         read |= {o.name for o in graph.output}
@@ -81,7 +78,6 @@ class SkipNormOutputs(Lowering):
                 if i < len(node.output) and node.output[i] and node.output[i] not in read:
                     node.output[i] = ""
         if nodes:
-            onnx.save(model, str(path))  # the graph only; the external data file is unchanged
             self.facts = {"nodes": len(nodes)}
 
 
