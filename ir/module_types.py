@@ -59,6 +59,23 @@ def register_module_type(cls: type[nn.Module], describe_fn: Callable[[nn.Module]
     _MODULE_TYPES[name] = ModuleType(name, cls, describe_fn, build_fn)
 
 
+_REBUILD_HOOKS: list[Callable[[nn.Module], None]] = []
+
+
+def register_rebuild_hook(fn: Callable[[nn.Module], None]) -> None:
+    """Run ``fn(model)`` on every model a checkpoint rebuilds, after its modules are swapped in
+    and before its tensors load: for structure that lives in the config and in module wiring
+    rather than in module types (attention sharing)."""
+    if fn not in _REBUILD_HOOKS:
+        _REBUILD_HOOKS.append(fn)
+
+
+def rebuild_hooks() -> list[Callable[[nn.Module], None]]:
+    """The registered rebuild hooks (every dialect module imported first)."""
+    load_dialects()
+    return list(_REBUILD_HOOKS)
+
+
 def registered_module_types() -> dict[str, type[nn.Module]]:
     """Type name -> class of every module type checkpoints can describe and rebuild."""
     load_dialects()
@@ -90,5 +107,6 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-__all__ = ["ModuleType", "load_dialects", "register_module_type", "registered_module_types",
+__all__ = ["ModuleType", "load_dialects", "rebuild_hooks", "register_module_type",
+           "register_rebuild_hook", "registered_module_types",
            "type_for_class", "type_named"]

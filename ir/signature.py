@@ -61,12 +61,29 @@ def present_name(layer: int, kind: str) -> str:
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Shape of the KV cache of a decoder: one ``[B, num_kv_heads, P, head_dim]`` pair per layer."""
+    """Shape of the KV cache of a decoder: ``[B, num_kv_heads, P, head_dim]`` tensors, a key and a
+    value per layer unless layers share attention (``kinds``: per layer, the entries it keeps;
+    empty means both for every layer)."""
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    kinds: tuple[tuple[str, ...], ...] = ()
+
+    def layer_kinds(self, layer: int) -> tuple[str, ...]:
+        return self.kinds[layer] if self.kinds else ("key", "value")
+
+    @property
+    def entries(self) -> list[tuple[int, str]]:
+        """``(layer, "key" | "value")`` of every cache tensor, in signature order."""
+        return [(i, k) for i in range(self.num_layers) for k in self.layer_kinds(i)]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes the cache grows by per token of one sequence."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return len(self.entries) * self.num_kv_heads * self.head_dim * size
 
 
 @dataclass(frozen=True)
@@ -118,7 +135,10 @@ def probe_cache_layout(model: nn.Module) -> CacheLayout:
     works for every family: GPT-2 has no ``num_key_value_heads``, Gemma's head_dim is not
     hidden / heads.
     """
+    from modelfold.ir.shared_attention import cache_kinds, sharing_of
+
     num_layers = num_decoder_layers(model)
+    kinds = cache_kinds(model, num_layers)
     was_training = model.training
     model.eval()
     try:
@@ -127,28 +147,30 @@ def probe_cache_layout(model: nn.Module) -> CacheLayout:
     finally:
         model.train(was_training)
     layers = out.past_key_values.layers
-    if len(layers) != num_layers:
+    filled = max((i for i, k in enumerate(kinds) if k), default=-1) + 1
+    if len(layers) < filled or (len(layers) != num_layers and sharing_of(model) is None):
         raise UsageError(
             f"the model filled {len(layers)} cache layers but config.num_hidden_layers is "
             f"{num_layers}; after removing layers, set config.num_hidden_layers and re-index each "
             "attention module's layer_idx (0..n-1)")
-    shapes = {tuple(layer.keys.shape) for layer in layers} | \
-        {tuple(layer.values.shape) for layer in layers}
+    tensors = [getattr(layers[i], "keys" if kind == "key" else "values")
+               for i in range(num_layers) for kind in kinds[i]]
+    shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1:
         raise UsageError(
             f"{model.config.model_type}: KV-cache layers have different shapes {sorted(shapes)}; "
             "the KV-cache signature supports one [B, kv_heads, P, head_dim] shape for all layers")
     _, num_kv_heads, _, head_dim = shapes.pop()  # [B, H, S, D]
-    return CacheLayout(num_layers, num_kv_heads, head_dim, layers[0].keys.dtype)
+    shared = kinds if sharing_of(model) is not None else ()
+    return CacheLayout(num_layers, num_kv_heads, head_dim, tensors[0].dtype, shared)
 
 
 def signature_for(model: nn.Module) -> Signature:
     """The signature of ``model``: the KV-cache one for decoders, the plain one for encoders."""
     if is_decoder(model):
         layout = probe_cache_layout(model)
-        past = tuple(past_name(i, k) for i in range(layout.num_layers) for k in ("key", "value"))
-        present = tuple(present_name(i, k) for i in range(layout.num_layers)
-                        for k in ("key", "value"))
+        past = tuple(past_name(i, k) for i, k in layout.entries)
+        present = tuple(present_name(i, k) for i, k in layout.entries)
         dims = {INPUT_IDS: {0: BATCH, 1: SEQUENCE}, ATTENTION_MASK: {0: BATCH, 1: TOTAL},
                 POSITION_IDS: {0: BATCH, 1: SEQUENCE}, **{n: {0: BATCH, 2: PAST} for n in past}}
         return Signature("causal-lm", (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past),
@@ -201,7 +223,7 @@ def graph_inputs(signature: Signature, input_ids: torch.Tensor,
 def signature_module(model: nn.Module, signature: Signature) -> nn.Module:
     """``model`` behind the signature's flat forward (``KVCacheDecoder`` / ``Encoder``)."""
     if signature.kind == "causal-lm":
-        return KVCacheDecoder(model, signature.cache.num_layers)
+        return KVCacheDecoder(model, signature.cache)
     return Encoder(model)
 
 
@@ -215,12 +237,16 @@ class KVCacheDecoder(nn.Module):
     forward(input_ids [B, S], attention_mask [B, T], position_ids [B, S],
             *past: k_0, v_0, k_1, v_1, ... each [B, H, P, D])
       -> (logits [B, S, V], k_0', v_0', ... each [B, H, T, D])
+
+    With attention shared across layers (``layout.kinds``) only the entries a layer keeps are
+    passed and returned: a score-sharing borrower's value, nothing of a KV-sharing borrower.
     """
 
-    def __init__(self, model: nn.Module, num_layers: int):
+    def __init__(self, model: nn.Module, layout: CacheLayout):
         super().__init__()
         self.model = model
-        self.num_layers = num_layers
+        self.layout = layout
+        self.num_layers = layout.num_layers
 
     def forward(
         self,
@@ -233,13 +259,18 @@ class KVCacheDecoder(nn.Module):
         # still attend only inside their window through the mask built from config.layer_types;
         # a DynamicSlidingWindowLayer would instead crop the cache to a length that varies per layer.
         cache = DynamicCache()
+        given = dict(zip(self.layout.entries, past))
         for layer in range(self.num_layers):
-            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+            kinds = self.layout.layer_kinds(layer)
+            if kinds == ("key", "value"):
+                cache.update(given[layer, "key"], given[layer, "value"], layer)
+            elif kinds == ("value",):  # keys of width 0: the layer reuses its owner's scores
+                value = given[layer, "value"]
+                cache.update(value[..., :0], value, layer)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=cache, use_cache=True)
-        present = []
-        for layer in cache.layers[: self.num_layers]:
-            present += [layer.keys, layer.values]  # [B, H, T, D] each
+        present = [cache.layers[i].keys if kind == "key" else cache.layers[i].values
+                   for i, kind in self.layout.entries]  # [B, H, T, D] each
         return (out.logits, *present)  # logits: [B, S, V]
 
 

@@ -45,6 +45,7 @@ from modelfold.assets import (
 from modelfold.ir.lora import lora_layers
 from modelfold.ir.module_types import (
     ModuleType,
+    rebuild_hooks,
     register_module_type,
     registered_module_types,
     type_for_class,
@@ -316,6 +317,8 @@ def _rebuild(config: Any, manifest: dict[str, Any], *, device: str) -> nn.Module
             setter(runtime["experts_implementation"])
         else:
             model.config._experts_implementation = runtime["experts_implementation"]
+    for hook in rebuild_hooks():
+        hook(model)
     _retie(model, manifest.get("aliases", {}))
     return model.eval()
 
