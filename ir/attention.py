@@ -120,6 +120,27 @@ def visible(allowed: torch.Tensor, positions: torch.Tensor, window: int) -> torc
     return allowed & (keys[None, None, :] > positions[:, :, None] - window)
 
 
+def _attend(q: torch.Tensor, present_key: torch.Tensor, present_value: torch.Tensor,
+            allowed: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, kv_num_heads: int,
+            scale: float, softcap: float, window: int, k_scale: torch.Tensor | None,
+            v_scale: torch.Tensor | None) -> torch.Tensor:
+    """Rotated q ``[B, H, S, D]`` over the caches ``[B, Hkv, L, D]`` -> ``[B, S, H * D]``."""
+    b, h, s, d = q.shape
+    hkv, length = kv_num_heads, present_key.shape[2]
+    g = h // hkv
+    keys = read_cache(present_key, k_scale, q.dtype)
+    scores = q.reshape(b, hkv, g * s, d) @ keys.transpose(-1, -2)  # [B, Hkv, G*S, L]
+    scores = scores * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    allowed = visible(allowed, positions, window)
+    allowed = allowed[:, None, None].expand(b, 1, g, s, length).reshape(b, 1, g * s, length)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    out = probs @ read_cache(present_value, v_scale, q.dtype)  # [B, Hkv, G*S, D]
+    out = out.reshape(b, h, s, d).transpose(1, 2) * valid[:, :, None, None]  # [B, S, H, D]
+    return out.reshape(b, s, h * d)
+
+
 @torch.library.custom_op("modelfold::attention", mutates_args=())
 def attention(query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
               past_key: torch.Tensor, past_value: torch.Tensor, attention_mask: torch.Tensor,
@@ -134,20 +155,70 @@ def attention(query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor
     q, present_key, present_value, allowed, positions, valid = prepare(
         query, key, value, past_key, past_value, attention_mask, cos_cache, sin_cache,
         num_heads, kv_num_heads, k_scale, v_scale)
-    b, h, s, d = q.shape
-    hkv, length = kv_num_heads, present_key.shape[2]
-    g = h // hkv
-    keys = read_cache(present_key, k_scale, q.dtype)
-    scores = q.reshape(b, hkv, g * s, d) @ keys.transpose(-1, -2)  # [B, Hkv, G*S, L]
-    scores = scores * scale
-    if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
-    allowed = visible(allowed, positions, window)
-    allowed = allowed[:, None, None].expand(b, 1, g, s, length).reshape(b, 1, g * s, length)
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    out = probs @ read_cache(present_value, v_scale, q.dtype)  # [B, Hkv, G*S, D]
-    out = out.reshape(b, h, s, d).transpose(1, 2) * valid[:, :, None, None]  # [B, S, H, D]
-    return out.reshape(b, s, h * d), present_key, present_value
+    out = _attend(q, present_key, present_value, allowed, positions, valid, kv_num_heads, scale,
+                  softcap, window, k_scale, v_scale)
+    return out, present_key, present_value
+
+
+def query_positions(attention_mask: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions ``[B, S]`` of this step's rows and which rows are valid ``[B, S]`` (right-padded
+    mask, as ``prepare``)."""
+    total = attention_mask.sum(-1)  # [B] T_b
+    new = total.clamp(max=s)  # [B] Q_b
+    steps = torch.arange(s, device=attention_mask.device)
+    return (total - new)[:, None] + steps, steps[None] < new[:, None]
+
+
+@torch.library.custom_op("modelfold::attend", mutates_args=())
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+           attention_mask: torch.Tensor, cos_cache: torch.Tensor | None,
+           sin_cache: torch.Tensor | None, num_heads: int, kv_num_heads: int, scale: float,
+           softcap: float, window: int, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of ``query`` ``[B, S, H * D]`` (rotated here, as ``attention`` does) over caches
+    ``[B, Hkv, L, D]`` that already hold this step's rows -- another layer's present keys/values
+    (attention shared across layers): nothing is written. Returns ``[B, S, H * D]``."""
+    b, s, _ = query.shape
+    d = keys.shape[-1]
+    positions, valid = query_positions(attention_mask, s)
+    q = query.reshape(b, s, num_heads, d).transpose(1, 2)  # [B, H, S, D]
+    if cos_cache is not None and sin_cache is not None:
+        at = positions.clamp(max=cos_cache.shape[0] - 1)
+        q = rotate(q, cos_cache[at][:, None], sin_cache[at][:, None])
+    allowed = torch.arange(keys.shape[2], device=q.device)[None, None, :] <= positions[:, :, None]
+    return _attend(q, keys, values, allowed, positions, valid, kv_num_heads, scale, softcap,
+                   window, k_scale, v_scale)
+
+
+@attend.register_fake
+def _(query, keys, values, attention_mask, cos_cache, sin_cache, num_heads, kv_num_heads, scale,
+      softcap, window, k_scale=None, v_scale=None):
+    return query.new_empty(query.shape[:2] + (num_heads * keys.shape[-1],))
+
+
+@torch.library.custom_op("modelfold::cache_write", mutates_args=())
+def cache_write(past: torch.Tensor, rows: torch.Tensor, attention_mask: torch.Tensor,
+                kv_num_heads: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One cache (``past`` ``[B, Hkv, C, D]``) with this step's ``rows`` ``[B, S, Hkv * D]`` written
+    at their positions (every row, padding rows too: they land past the row's length, where no
+    query looks) -> ``[B, Hkv, L, D]``, ``L = max(T, C)``; int8 on ``scale``'s grid when given. The
+    cache of a layer that keeps values only (score sharing)."""
+    b, s, _ = rows.shape
+    d = past.shape[-1]
+    positions, _ = query_positions(attention_mask, s)
+    length = max(attention_mask.shape[1], past.shape[2])
+    new = rows.reshape(b, s, kv_num_heads, d).transpose(1, 2)  # [B, Hkv, S, D]
+    new = new.to(past.dtype) if scale is None else quantize_rows(new, scale)
+    grown = torch.cat([past, past.new_zeros(b, kv_num_heads, length - past.shape[2], d)], 2)
+    index = positions[:, None, :, None].expand(b, kv_num_heads, s, d)
+    return grown.scatter(2, index, new)
+
+
+@cache_write.register_fake
+def _(past, rows, attention_mask, kv_num_heads, scale=None):
+    b, hkv, _, d = past.shape
+    length = torch.sym_max(attention_mask.shape[1], past.shape[2])
+    return past.new_empty((b, hkv, length, d))
 
 
 @attention.register_fake
@@ -160,4 +231,5 @@ def _(query, key, value, past_key, past_value, attention_mask, cos_cache, sin_ca
     return query.new_empty((b, s, num_heads * d)), present, present.clone()
 
 
-__all__ = ["attention", "prepare", "quantize_rows", "read_cache", "rotate", "visible"]
+__all__ = ["attend", "attention", "cache_write", "prepare", "query_positions", "quantize_rows",
+           "read_cache", "rotate", "visible"]

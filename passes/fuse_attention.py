@@ -39,11 +39,14 @@ from modelfold.ir.graph import (
     user_inputs,
 )
 from modelfold.ir.program import Program
+from modelfold.ir.shared_attention import DROPPED, sharing_of
 from modelfold.ir.signature import ATTENTION_MASK, POSITION_IDS, past_name, present_name
 from modelfold.passes.base import GraphPass, PassConfig, option
 from modelfold.passes.registry import register_pass
 
 _ATTENTION = torch.ops.modelfold.attention.default
+_ATTEND = torch.ops.modelfold.attend.default
+_CACHE_WRITE = torch.ops.modelfold.cache_write.default
 # Families whose attention modules this pass knows (their scaling / window / soft-cap attributes
 # and rotate_half rotary embedding); others keep their attention as captured.
 FAMILIES = ("llama", "qwen2", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text", "phi",
@@ -82,6 +85,7 @@ class _Layer:
     softcap: float
     window: int
     region: list[torch.fx.Node]  # the nodes the op replaces
+    owner: int | None = None  # attention shared with this earlier layer (a borrower)
 
 
 @register_pass
@@ -109,10 +113,18 @@ class FuseAttention(GraphPass):
             return ep, {"fused": [], "not_fused": "the attention is already fused"}
         sig = program.signature
         inputs = user_inputs(editor, sig.inputs)
+        sharing = sharing_of(program.module)
         layers, skipped = [], []
+        found: dict[int, _Layer] = {}
         for i in range(program.arch.num_layers):
+            owner = found.get(sharing.owners[i]) if sharing and sharing.is_borrower(i) else None
             try:
-                layers.append(_find_layer(program, editor, inputs, i))
+                if sharing and sharing.is_borrower(i) and owner is None:
+                    raise GraphRewriteError(f"layer {i} borrows from layer {sharing.owners[i]}, "
+                                            "which cannot be fused")
+                found[i] = _find_layer(program, editor, inputs, i, owner,
+                                       sharing.mode if sharing else "")
+                layers.append(found[i])
             except GraphRewriteError as err:
                 skipped.append({"target": program.arch.layer_path(i), "reason": str(err)})
         if skipped:
@@ -130,28 +142,51 @@ class FuseAttention(GraphPass):
             return ep, {"fused": [], "not_fused": str(err)}
         cache = sig.cache
         graph_output = next(n for n in editor.graph.nodes if n.op == "output")
-        for i, layer in enumerate(layers):
+        presents: dict[int, list[torch.fx.Node]] = {}  # owner -> its fused present key / value
+        for layer in layers:
+            i = layers.index(layer)
             cos, sin = tables[layer.rotary] if layer.rotary is not None else (None, None)
             q, k = layer.query, layer.key
             if layer.flatten[0]:
                 q = _heads_last(editor, q, layer.output)
             if layer.flatten[1]:
                 k = _heads_last(editor, k, layer.output)
-            args = (q, k, layer.value, inputs[past_name(i, "key")], inputs[past_name(i, "value")],
-                    inputs[ATTENTION_MASK], cos, sin, program.arch.num_heads, cache.num_kv_heads,
-                    layer.scale, layer.softcap, layer.window)
-            fused = editor.call(_ATTENTION, args, near=layer.output)
-            out = editor.call(operator.getitem, (fused, 0), near=layer.output)
+            shape = (program.arch.num_heads, cache.num_kv_heads, layer.scale, layer.softcap,
+                     layer.window)
+            news: list[torch.fx.Node] = []
+            if layer.owner is None:
+                args = (q, k, layer.value, inputs[past_name(i, "key")],
+                        inputs[past_name(i, "value")], inputs[ATTENTION_MASK], cos, sin, *shape)
+                fused = editor.call(_ATTENTION, args, near=layer.output)
+                out = editor.call(operator.getitem, (fused, 0), near=layer.output)
+                news = [editor.call(operator.getitem, (fused, j), near=layer.output)
+                        for j in (1, 2)]
+                presents[i] = news
+            elif sharing.mode == "kv":  # the owner's keys and values, nothing written
+                keys, values = presents[layer.owner]
+                out = editor.call(_ATTEND, (q, keys, values, inputs[ATTENTION_MASK], cos, sin,
+                                            *shape), near=layer.output)
+            else:  # scores: the owner's query and keys, this layer's values
+                values = editor.call(_CACHE_WRITE, (inputs[past_name(i, "value")], layer.value,
+                                                    inputs[ATTENTION_MASK], cache.num_kv_heads),
+                                     near=layer.output)
+                news = [values]
+                out = editor.call(_ATTEND, (q, presents[layer.owner][0], values,
+                                            inputs[ATTENTION_MASK], cos, sin, *shape),
+                                  near=layer.output)
             for user in list(layer.output.users):
                 if editor.owner(user) != layer.path:  # the output projection's nodes
                     user.replace_input_with(layer.output, out)
-            for j, present in enumerate(layer.presents, 1):
-                new = editor.call(operator.getitem, (fused, j), near=layer.output)
+            for present, new in zip(layer.presents, news):
                 graph_output.replace_input_with(present, new)
+        for layer in layers:
             editor.remove_unused(layer.region)
         rotary = {"tables": len(tables), "positions": max_positions} if tables else None
+        shared = {"mode": sharing.mode, "borrowers": sharing.borrowers,
+                  "op": "modelfold::attend"} if sharing else None
         return editor.finish(), {
             "fused": [layer.path for layer in layers], "op": "modelfold::attention",
+            **({"shared": shared} if shared else {}),
             "padding": "right", "rotary": rotary,
             "windows": sorted({layer.window for layer in layers if layer.window > 0}),
             "softcap": max((layer.softcap for layer in layers), default=0.0)}
@@ -191,8 +226,12 @@ def _last(editor: GraphEditor, path: str) -> torch.fx.Node:
 
 
 def _find_layer(program: Program, editor: GraphEditor, inputs: dict[str, torch.fx.Node],
-                i: int) -> _Layer:
-    """The attention of layer ``i`` in the graph, or GraphRewriteError saying why not."""
+                i: int, owner: _Layer | None = None, mode: str = "") -> _Layer:
+    """The attention of layer ``i`` in the graph, or GraphRewriteError saying why not.
+
+    A layer that shares the attention of ``owner`` (``mode`` scores or kv) reads the owner's
+    present keys (and values), and, for scores, the owner's query and key projections; the
+    projections it dropped produce nothing it keeps."""
     arch, config = program.arch, program.module.config
     layer_path = arch.layer_path(i)
     path = f"{layer_path}.{arch.layer.attention}"
@@ -201,15 +240,21 @@ def _find_layer(program: Program, editor: GraphEditor, inputs: dict[str, torch.f
     if not region:
         raise GraphRewriteError(f"no graph node belongs to {path}")
     proj = {role: f"{layer_path}.{p}" for role, p in arch.layer.attention_proj.items()}
+    dropped = set(DROPPED[mode]) if owner is not None else set()
     flatten = (False, False)
     if "qkv" in proj:
         query, key, value = _last(editor, proj["qkv"]), None, None
+    elif owner is not None and mode == "scores":  # the owner's query, this layer's values
+        query, key, value = owner.query, None, _last(editor, proj["v"])
+        flatten = (owner.flatten[0], False)
     else:
-        query, key, value = (_last(editor, proj[r]) for r in ("q", "k", "v"))
+        query, key, value = (None if r in dropped else _last(editor, proj[r])
+                             for r in ("q", "k", "v"))
         norms = [getattr(module, n, None) for n in ("q_norm", "k_norm")]
         if all(n is not None for n in norms):  # per-head q/k norms (Gemma 3): [B, S, H, D]
-            query, key = _last(editor, f"{path}.q_norm"), _last(editor, f"{path}.k_norm")
-            flatten = (True, True)
+            query = _last(editor, f"{path}.q_norm")
+            key = None if "k" in dropped else _last(editor, f"{path}.k_norm")
+            flatten = (True, key is not None)
         elif any(n is not None for n in norms):
             raise GraphRewriteError(f"{path} has a norm on only one of q and k")
     out_nodes = owned(editor, proj["o"])
@@ -221,17 +266,27 @@ def _find_layer(program: Program, editor: GraphEditor, inputs: dict[str, torch.f
         raise GraphRewriteError(f"the output projection {proj['o']} does not read {path}")
     graph_out = next(n for n in editor.graph.nodes if n.op == "output").args[0]
     outputs = program.signature.outputs
-    presents = tuple(graph_out[outputs.index(present_name(i, k))] for k in ("key", "value"))
+    presents = tuple(graph_out[outputs.index(present_name(i, k))]
+                     for k in program.signature.cache.layer_kinds(i))
     if any(p not in inside for p in presents):
         raise GraphRewriteError(f"the present keys/values of layer {i} are not computed by {path}")
-    projections = {_last(editor, p) for role, p in proj.items() if role != "o"}
+    projections = {_last(editor, p) for role, p in proj.items()
+                   if role != "o" and role not in dropped}
     sources = ({query, key, value} | projections) - {None}
+    if owner is not None:  # what the owner hands over
+        sources |= {*owner.presents, owner.query, owner.key, owner.value} - {None}
+    own_cache = {inputs[n] for n in (past_name(i, "key"), past_name(i, "value")) if n in inputs}
     rotary = []
     for node in region_inputs(region):
         if node in sources or not isinstance(node.meta.get("val"), torch.Tensor):
             continue
+        if editor.owner(node).startswith(path + ".") or \
+                any(editor.owner(node) == proj[r] for r in dropped):
+            continue  # a borrower's q/k norms or dropped projections: their values go unused
+        if owner is not None and editor.owner(node).startswith(owner.path + "."):
+            continue  # the owner's projections, read by the borrower's unused q/k
         reads = {n for n in ancestors(node) if n.op == "placeholder" and not editor.is_lifted(n)}
-        if reads <= {inputs[past_name(i, "key")], inputs[past_name(i, "value")]} and reads:
+        if reads <= own_cache and reads:
             continue  # the cache as the model's DynamicCache holds it
         if inputs[ATTENTION_MASK] in reads:
             continue  # the mask (built from the attention mask and the inputs' shapes)
@@ -260,7 +315,12 @@ def _find_layer(program: Program, editor: GraphEditor, inputs: dict[str, torch.f
         raise GraphRewriteError(f"{path} has no float `scaling` attribute")
     return _Layer(path, query, key, value, flatten, output, presents,
                   (rotary[0], rotary[1]) if rotary else None, scale, float(softcap or 0.0),
-                  int(window or 0), region)
+                  int(window or 0), region, None if owner is None else _index(owner.path))
+
+
+def _index(path: str) -> int:
+    """The layer index of an attention module path (``model.layers.3.self_attn`` -> 3)."""
+    return int(path.rsplit(".", 2)[-2])
 
 
 def _rotary_tables(editor: GraphEditor, inputs: dict[str, torch.fx.Node], layer: _Layer,

@@ -159,8 +159,8 @@ def _fuse(editor: GraphEditor, paths: list[str], name: str) -> dict[str, Any]:
             editor.graph.erase_node(node)
         return {"op": op, "packed_attention": True}
     split = editor.call(torch.ops.aten.split_with_sizes.default, (fused, sizes, -1), near=first)
-    for j, node in enumerate(nodes):
-        part = editor.call(operator.getitem, (split, j), near=first)
+    parts = [editor.call(operator.getitem, (split, j), near=first) for j in range(len(nodes))]
+    for node, part in zip(nodes, parts):  # after: replacing erases ``first``
         editor.replace(node, part)
     return {"op": op, "packed_attention": False}
 

@@ -105,6 +105,112 @@ def attention_onnx(query, key, value, past_key, past_value, attention_mask, cos_
                 do_rotary=int(rotary), rotary_interleaved=0, _num_outputs=3, **quantized)
 
 
-ensure_registered({"attention": attention_onnx})
+_ROTARY_SCHEMA = OpSchema(
+    "RotaryEmbedding",
+    _MS_DOMAIN,
+    1,
+    "Rotary embedding of [B, S, H*D] at position_ids [B, S] from cos/sin caches [M, R/2].",
+    inputs=[OpSchema.FormalParameter("input", "T"),
+            OpSchema.FormalParameter("position_ids", "M"),
+            OpSchema.FormalParameter("cos_cache", "T"),
+            OpSchema.FormalParameter("sin_cache", "T")],
+    outputs=[OpSchema.FormalParameter("output", "T")],
+    type_constraints=[("T", _FLOAT_TYPES, "activations"),
+                      ("M", ["tensor(int64)"], "positions")],
+    attributes=[OpSchema.Attribute("interleaved", _INT, "interleaved", required=False),
+                OpSchema.Attribute("num_heads", _INT, "heads", required=False),
+                OpSchema.Attribute("rotary_embedding_dim", _INT, "rotated dims", required=False)],
+)
+_ROTARY = Op(Opset(_MS_DOMAIN, 1), "RotaryEmbedding", _ROTARY_SCHEMA)
 
-__all__ = ["attention_onnx"]
+
+def _positions(attention_mask, rows):
+    """Positions ``[B, S]`` of this step's rows (``rows`` ``[B, S, ...]``) and which are valid
+    (``modelfold.ir.attention.query_positions``)."""
+    total = op.ReduceSum(attention_mask, op.Constant(value_ints=[1]), keepdims=0)  # [B] T_b
+    s = op.Shape(rows, start=1, end=2)  # [1]
+    new = op.Min(total, s)  # [B] Q_b
+    steps = op.Range(op.Constant(value_int=0), op.Squeeze(s), op.Constant(value_int=1))  # [S]
+    positions = op.Add(op.Unsqueeze(op.Sub(total, new), op.Constant(value_ints=[1])),
+                       op.Unsqueeze(steps, op.Constant(value_ints=[0])))  # [B, S]
+    valid = op.Less(op.Unsqueeze(steps, op.Constant(value_ints=[0])),
+                    op.Unsqueeze(new, op.Constant(value_ints=[1])))  # [B, S]
+    return positions, valid
+
+
+def _dequantized(cache, scale, like):
+    return op.CastLike(cache, like) if scale is None else \
+        op.Mul(op.CastLike(cache, like), op.CastLike(scale, like))
+
+
+def attend_onnx(query, keys, values, attention_mask, cos_cache=None, sin_cache=None,
+                num_heads: int = 0, kv_num_heads: int = 0, scale: float = 1.0,
+                softcap: float = 0.0, window: int = 0, k_scale=None, v_scale=None):
+    """``modelfold::attend`` (attention over another layer's cache, nothing written) as plain ops:
+    ``RotaryEmbedding`` on q, ``q K^T`` per KV head (K read in place: ONNX Runtime fuses the
+    Transpose into its MatMul), the causal / window mask from the positions, softmax, ``P V``."""
+    head_dim = int(keys.shape[3])
+    group = num_heads // kv_num_heads
+    positions, valid = _positions(attention_mask, query)
+    if cos_cache is not None:
+        query = _ROTARY(query, positions, cos_cache, sin_cache, interleaved=0,
+                        num_heads=num_heads, rotary_embedding_dim=2 * int(cos_cache.shape[1]))
+    q = op.Transpose(op.Reshape(query, op.Constant(value_ints=[0, 0, num_heads, head_dim])),
+                     perm=[0, 2, 1, 3])  # [B, H, S, D]
+    q = op.Reshape(q, op.Constant(value_ints=[0, kv_num_heads, -1, head_dim]))  # [B, Hkv, G*S, D]
+    k = _dequantized(keys, k_scale, query)
+    scores = op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2]))  # [B, Hkv, G*S, L]
+    scores = op.Mul(scores, op.CastLike(op.Constant(value_float=float(scale)), query))
+    if softcap > 0:
+        cap = op.CastLike(op.Constant(value_float=float(softcap)), query)
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
+    length = op.Shape(keys, start=2, end=3)  # [1] L
+    key_index = op.Range(op.Constant(value_int=0), op.Squeeze(length),
+                         op.Constant(value_int=1))  # [L]
+    at = op.Unsqueeze(positions, op.Constant(value_ints=[2]))  # [B, S, 1]
+    allowed = op.LessOrEqual(key_index, at)  # [B, S, L]
+    if window > 0:
+        allowed = op.And(allowed, op.Greater(key_index, op.Sub(at, op.Constant(value_int=window))))
+    allowed = op.Unsqueeze(allowed, op.Constant(value_ints=[1, 2]))  # [B, 1, 1, S, L]
+    scores = op.Reshape(scores, op.Concat(op.Constant(value_ints=[0, kv_num_heads, group, -1]),
+                                          length, axis=0))
+    scores = op.Where(allowed, scores, op.CastLike(op.Constant(value_float=float("-inf")),
+                                                     query))  # [B, Hkv, G, S, L]
+    probs = op.Reshape(op.Softmax(scores, axis=-1),
+                       op.Concat(op.Constant(value_ints=[0, kv_num_heads, -1]), length,
+                                 axis=0))  # [B, Hkv, G*S, L]
+    out = op.MatMul(probs, _dequantized(values, v_scale, query))  # [B, Hkv, G*S, D]
+    out = op.Reshape(out, op.Constant(value_ints=[0, num_heads, -1, head_dim]))  # [B, H, S, D]
+    out = op.Transpose(out, perm=[0, 2, 1, 3])  # [B, S, H, D]
+    out = op.Mul(out, op.CastLike(op.Unsqueeze(valid, op.Constant(value_ints=[2, 3])), query))
+    return op.Reshape(out, op.Constant(value_ints=[0, 0, -1]))
+
+
+def cache_write_onnx(past, rows, attention_mask, kv_num_heads: int = 0, scale=None):
+    """``modelfold::cache_write`` -> ``ScatterElements`` along the cache rows: in place when
+    past and present are one buffer (``OnnxCausalLM`` binds them so), a copy otherwise. The cache
+    grows to the mask's length first when it is shorter (a concatenation-style past)."""
+    head_dim = int(past.shape[3])
+    positions, _ = _positions(attention_mask, rows)
+    new = op.Transpose(op.Reshape(rows, op.Constant(value_ints=[0, 0, kv_num_heads, head_dim])),
+                       perm=[0, 2, 1, 3])  # [B, Hkv, S, D]
+    if scale is None:
+        new = op.CastLike(new, past)
+    else:
+        new = op.Cast(op.Clip(op.Round(op.Div(new, op.CastLike(scale, new))),
+                              op.CastLike(op.Constant(value_float=-128.0), new),
+                              op.CastLike(op.Constant(value_float=127.0), new)),
+                      to=TensorProto.INT8)
+    total = op.Shape(attention_mask, start=1, end=2)  # [1] T
+    missing = op.Max(op.Sub(total, op.Shape(past, start=2, end=3)), op.Constant(value_ints=[0]))
+    pad = op.Concat(op.Constant(value_ints=[0, 0, 0, 0, 0, 0]), missing,
+                    op.Constant(value_ints=[0]), axis=0)
+    grown = op.Pad(past, pad)  # [B, Hkv, max(T, C), D]
+    index = op.Expand(op.Unsqueeze(positions, op.Constant(value_ints=[1, 3])), op.Shape(new))
+    return op.ScatterElements(grown, index, new, axis=2)
+
+
+ensure_registered({"attention": attention_onnx, "attend": attend_onnx,
+                   "cache_write": cache_write_onnx})
+
+__all__ = ["attend_onnx", "attention_onnx", "cache_write_onnx"]

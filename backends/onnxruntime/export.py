@@ -43,7 +43,9 @@ from modelfold.backends.onnxruntime.runtime import (
 )
 from modelfold.backends.onnxruntime.translations import translation_table
 from modelfold.errors import ModelfoldError, UsageError
+from modelfold.ir.graph import past_dtype
 from modelfold.ir.program import Program
+from modelfold.ir.shared_attention import sharing_of
 from modelfold.ir.verify import verify, verify_graph
 
 __all__ = ["OPTIMIZATION_LEVELS", "ExportError", "check_parity", "copy_tokenizer_files",
@@ -269,8 +271,16 @@ def _signature_facts(program: Program) -> dict[str, Any]:
     facts: dict[str, Any] = {"kind": sig.kind,
                              "model_type": getattr(config, "model_type", type(program.module).__name__)}
     if sig.kind == "causal-lm":
-        facts.update(num_layers=sig.cache.num_layers, num_kv_heads=sig.cache.num_kv_heads,
-                     head_dim=sig.cache.head_dim, vocab_size=config.vocab_size)
+        cache = sig.cache
+        facts.update(num_layers=cache.num_layers, num_kv_heads=cache.num_kv_heads,
+                     head_dim=cache.head_dim, vocab_size=config.vocab_size)
+        dtype = past_dtype(program.exported, sig) or cache.dtype  # int8 after quantize-kv
+        row = cache.num_kv_heads * cache.head_dim * torch.empty((), dtype=dtype).element_size()
+        facts["kv_cache_bytes_per_token"] = {"artifact": len(cache.entries) * row,
+                                             "without_sharing": 2 * cache.num_layers * row}
+        sharing = sharing_of(program.module)
+        if sharing is not None:
+            facts["attention_sharing"] = {"mode": sharing.mode, "groups": sharing.groups}
         if getattr(config, "_experts_implementation", None) is not None:
             facts["experts_implementation"] = "batched_mm"  # what capture uses (signature.py)
     else:

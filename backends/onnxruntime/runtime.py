@@ -42,6 +42,7 @@ _ORT_TO_NUMPY = {
     "tensor(double)": np.float64,
 }
 _PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -199,19 +200,20 @@ class OnnxCausalLM:
                 "export a *ForCausalLM model with export_onnx()"
             )
         self.has_positions = sig.POSITION_IDS in inputs
+        # layers that share attention keep a value only (scores) or nothing (kv): the cache is
+        # the past inputs the artifact has, in layer order
+        entries = sorted((int(m.group(1)), m.group(2) != "key") for n in inputs
+                         if (m := _PAST.match(n)))
         self.num_layers = len(layers)
-        past = inputs[sig.past_name(0, "key")]
+        past = inputs[sig.past_name(layers[0], "key")]
         _, self.num_kv_heads, _, self.head_dim = _cache_shape(self.path, past.shape)  # [B, H, P, D]
         self.cache_dtype = _ORT_TO_NUMPY[past.type]
         logits = next(o for o in self.session.get_outputs() if o.name == sig.LOGITS)
         self.vocab_size = logits.shape[-1]
         self.logits_dtype = _ORT_TO_NUMPY[logits.type]
-        self.past_names = [
-            sig.past_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")
-        ]
-        self.present_names = [
-            sig.present_name(i, kind) for i in range(self.num_layers) for kind in ("key", "value")
-        ]
+        kinds = [(i, "value" if is_value else "key") for i, is_value in entries]
+        self.past_names = [sig.past_name(i, kind) for i, kind in kinds]
+        self.present_names = [sig.present_name(i, kind) for i, kind in kinds]
         self.output_names = [sig.LOGITS] + self.present_names
         # the LM head for the last k positions only (``logits_lowering``; older artifacts: all)
         overridable = {i.name for i in self.session.get_overridable_initializers()}
@@ -230,7 +232,7 @@ class OnnxCausalLM:
             dict(ort.AdapterFormat.read_adapter(str(self.adapter_path)).get_parameters())
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        """A zero-length KV cache: 2 * num_layers arrays of shape [B, H, 0, D]."""
+        """A zero-length KV cache: one array of shape [B, H, 0, D] per past input."""
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=self.cache_dtype) for _ in self.past_names]
 
