@@ -158,6 +158,40 @@ def _(query, key, value, past_key, past_value, attention_mask, cos_cache, sin_ca
     return query.new_empty((b, s, num_heads * past_key.shape[-1])), present, present.clone()
 
 
+@torch.library.custom_op(f"{NAMESPACE}::attend", mutates_args=())
+def attend(query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor,
+           cos_cache: Tensor | None, sin_cache: Tensor | None, num_heads: int, kv_num_heads: int,
+           scale: float, softcap: float, window: int, k_scale: Tensor | None = None,
+           v_scale: Tensor | None = None) -> Tensor:
+    """``modelfold::attend`` (attention over another layer's cache: shared attention) on
+    ``scaled_dot_product_attention`` like ``attention``; soft-capped scores use the reference."""
+    from modelfold.ir import attention as ref
+
+    if softcap > 0:
+        return ref.attend(query, keys, values, attention_mask, cos_cache, sin_cache, num_heads,
+                          kv_num_heads, scale, softcap, window, k_scale, v_scale)
+    b, s, _ = query.shape
+    d = keys.shape[-1]
+    positions, valid = ref.query_positions(attention_mask, s)
+    q = query.reshape(b, s, num_heads, d).transpose(1, 2)  # [B, H, S, D]
+    if cos_cache is not None and sin_cache is not None:
+        at = positions.clamp(max=cos_cache.shape[0] - 1)
+        q = ref.rotate(q, cos_cache[at][:, None], sin_cache[at][:, None])
+    allowed = torch.arange(keys.shape[2], device=q.device)[None, None, :] <= positions[:, :, None]
+    allowed = ref.visible(allowed, positions, window) | ~valid[:, :, None]  # padding rows: any
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, ref.read_cache(keys, k_scale, q.dtype), ref.read_cache(values, v_scale, q.dtype),
+        attn_mask=allowed[:, None], scale=scale, enable_gqa=True)  # [B, H, S, D]
+    out = out.transpose(1, 2) * valid[:, :, None, None]
+    return out.reshape(b, s, num_heads * d)
+
+
+@attend.register_fake
+def _(query, keys, values, attention_mask, cos_cache, sin_cache, num_heads, kv_num_heads, scale,
+      softcap, window, k_scale=None, v_scale=None):
+    return query.new_empty((*query.shape[:2], num_heads * keys.shape[-1]))
+
+
 # -- the kernels as the CUDA implementation of the dialect ops ----------------------------------
 def _register_dialect_cuda() -> None:
     import modelfold.ir.lora  # noqa: F401  (defines modelfold::lora_delta)

@@ -26,6 +26,7 @@ import modelfold.ir.attention as attention_op
 from modelfold.errors import OptionError
 from modelfold.ir.graph import GraphEditor, runnable, user_inputs
 from modelfold.ir.program import Program
+from modelfold.ir.shared_attention import sharing_of
 from modelfold.ir.signature import graph_inputs
 from modelfold.passes.base import GraphPass, PreconditionError, option
 from modelfold.passes.calibration import CalibrationConfig, calibration_option
@@ -64,6 +65,11 @@ class QuantizeKV(GraphPass):
             raise PreconditionError(f"quantize-kv needs a decoder with a KV cache; "
                                     f"{program.arch.family} is an {program.arch.kind}")
         self.config.require_text(program, "quantize-kv calibrates the cache's scales on text")
+        if sharing_of(program.module) is not None:
+            raise PreconditionError(
+                "quantize-kv does not support attention shared across layers (share-attention): "
+                "the borrowing layers read the owners' cache, whose int8 scales they would need; "
+                "share attention without quantize-kv, or quantize the cache of an unshared model")
 
     def rewrite(self, program: Program, ep: ExportedProgram) -> tuple[ExportedProgram,
                                                                         dict[str, Any]]:

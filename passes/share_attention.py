@@ -20,7 +20,9 @@ average (``w <- (w + w_j) / 2`` for each borrower in order).
 The model keeps working as a transformers model (``modelfold.ir.shared_attention``): its
 ``generate`` uses a cache with entries only for what the layers keep, and the captured graph's
 KV-cache inputs and outputs follow the sharing. Sharing nothing (``count=0``) is exact; anything
-else is lossy, and recovers with uptraining (``modelfold finetune --teacher``).
+else is lossy, and recovers with uptraining (``modelfold finetune --teacher``), which trains the
+attention modules (what is left of q/k/v and o, q/k norms) of every layer in a group; the rest
+of the model is frozen.
 """
 
 from __future__ import annotations
@@ -199,6 +201,8 @@ class ShareAttention(Pass):
         cfg = self.config
         if cfg.groups:
             return [list(g) for g in cfg.groups]
+        if not cfg.count:
+            return []
         classes = [layers for layers in layer_classes(program).values()]
         eligible = [i for layers in classes for i in layers[1:]]
         if cfg.count > len(eligible):
@@ -236,6 +240,13 @@ class ShareAttention(Pass):
                 for group in groups:
                     _average(layers, arch, group, cfg.mode)
         share(program.module, layers, arch.layer.attention, arch.layer.attention_proj, sharing)
+        # uptraining (``modelfold finetune``) trains the attention of the layers that share
+        for p in program.module.parameters():
+            p.requires_grad_(False)
+        for group in groups:
+            for i in group:
+                for p in layers[i].get_submodule(arch.layer.attention).parameters():
+                    p.requires_grad_(True)
         program.invalidate()
         after = program.signature.cache.bytes_per_token
         return {"mode": cfg.mode, "groups": groups, "borrowers": sharing.borrowers,

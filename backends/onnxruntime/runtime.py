@@ -302,10 +302,16 @@ class OnnxCausalLM:
     # -- generation: the decoder protocol of modelfold.generation --------------------------------
     def new_cache(self, batch: int, capacity: int) -> list[Any]:
         """The empty cache of a generation: one shared [B, H, capacity, D] buffer per past /
-        present pair (right padding), or zero-length OrtValues (left padding)."""
+        present pair (right padding), or zero-length OrtValues (left padding).
+
+        The buffers are zeros: GroupQueryAttention reads only the rows it wrote, but a layer
+        that shares another's cache (``modelfold::attend``) multiplies every row by its
+        probability, zero for rows not written yet, and ``0 * NaN`` from uninitialised memory
+        would be NaN."""
         if self.padding == "right":
             shape = (batch, self.num_kv_heads, capacity, self.head_dim)
-            return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self._device, 0)
+            return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_dtype),
+                                                     self._device, 0)
                     for _ in self.past_names]
         return [ort.OrtValue.ortvalue_from_numpy(p, self._device, 0) for p in self.empty_past(batch)]
 
