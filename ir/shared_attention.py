@@ -25,7 +25,9 @@ index per layer), so a checkpoint rebuilds it (``restore_sharing``).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,6 +285,46 @@ def share(model: nn.Module, layers: nn.ModuleList, attention: str, projections: 
     setattr(model.config, CONFIG_KEY, sharing.to_dict())
 
 
+@contextlib.contextmanager
+def trial(layers: nn.ModuleList, attention: str, projections: dict[str, str],
+          sharing: Sharing) -> Iterator[None]:
+    """The sharing wired in for the duration of the block, nothing dropped or tied for good:
+    the dropped projections (and a score borrower's q/k norms) are set aside and put back, so an
+    analysis can measure what sharing a pair of layers would do."""
+    from modelfold.ir.modules import linear_shape
+
+    classes: list[tuple[nn.Module, type]] = []
+    modules: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for group in sharing.groups:
+            slot = _Slot()
+            owner = layers[group[0]].get_submodule(attention)
+            classes.append((owner, type(owner)))
+            _wire(owner, "Lending", _Share(sharing.mode, True, slot))
+            for layer in group[1:]:
+                attn = layers[layer].get_submodule(attention)
+                if sharing.mode == "scores":
+                    for role in DROPPED["scores"]:
+                        old = layers[layer].get_submodule(projections[role])
+                        borrowed = Borrowed(role, *linear_shape(old))
+                        borrowed._slot = slot
+                        modules.append((layers[layer], projections[role], old))
+                        layers[layer].set_submodule(projections[role], borrowed)
+                    for norm in ("q_norm", "k_norm"):
+                        if getattr(attn, norm, None) is not None:
+                            modules.append((attn, norm, getattr(attn, norm)))
+                            setattr(attn, norm, getattr(owner, norm))
+                classes.append((attn, type(attn)))
+                _wire(attn, "Borrowing", _Share(sharing.mode, False, slot))
+        yield
+    finally:
+        for parent, path, old in reversed(modules):
+            parent.set_submodule(path, old)
+        for module, cls in classes:
+            module.__class__ = cls
+            module.__dict__.pop("_modelfold_share", None)
+
+
 def _wire(module: nn.Module, role: str, share_: _Share) -> None:
     module.__class__ = _subclass(base_class(module), role)
     module._modelfold_share = share_
@@ -311,4 +353,4 @@ def kv_bytes_per_token(model: nn.Module, num_layers: int, num_kv_heads: int, hea
 
 
 __all__ = ["CONFIG_KEY", "DROPPED", "MODES", "Borrowed", "Sharing", "base_class", "cache_kinds",
-           "is_sharing", "kv_bytes_per_token", "restore_sharing", "share", "sharing_of"]
+           "is_sharing", "kv_bytes_per_token", "restore_sharing", "share", "sharing_of", "trial"]

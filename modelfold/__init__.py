@@ -204,8 +204,9 @@ def train(model: TransformResult | Program | nn.Module, **options: Any) -> dict[
 
 def uptrain(model: TransformResult | Program | nn.Module, *, teacher: nn.Module,
             **options: Any) -> dict[str, Any]:
-    """Distil the original model (``teacher``) into a ``tie-layers`` model: trains the shared
-    weights and the relaxation adapters; see ``modelfold.recursive.uptrain``."""
+    """Distil the original model (``teacher``) into a ``tie-layers`` model (the shared weights and
+    the relaxation adapters) or a ``share-attention`` one (the sharing layers' attention); see
+    ``modelfold.recursive.uptrain``."""
     from modelfold.recursive import uptrain as _uptrain
 
     return _uptrain(model, teacher=teacher, **options)

@@ -146,6 +146,8 @@ def _convert(args: argparse.Namespace, out: Path | None) -> int:
     summary.update({"output": str(out), "parameters": manifest["model"]["parameters"],
                     "layers": manifest["model"]["layers"], "onnx_bytes": manifest["onnx_bytes"],
                     "parity": manifest["parity"]})
+    if manifest["onnx"].get("kv_cache_bytes_per_token"):
+        summary["kv_cache_bytes_per_token"] = manifest["onnx"]["kv_cache_bytes_per_token"]
     if args.json:
         _print_json(summary)
     else:
@@ -463,8 +465,8 @@ def _finetune(args: argparse.Namespace, out: Path) -> int:
     elif args.teacher is not None and "kl_weight" not in options \
             and "hidden_weight" not in options:
         options["kl_weight"] = 1.0
-    if "tie-layers" in args.pipeline:
-        options.setdefault("lr", 1e-4)  # the shared weights train too, not only adapters
+    if "tie-layers" in args.pipeline or "share-attention" in args.pipeline:
+        options.setdefault("lr", 1e-4)  # whole weights train (shared layers, attention), not LoRA
     config = TrainConfig.from_options(options)  # bad options fail before any loading
     build_pipeline(args.pipeline)
     if args.save_model is not None:

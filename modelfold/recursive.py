@@ -47,7 +47,8 @@ def tying_record(model: Any) -> dict[str, Any]:
         if record.name == "tie-layers":
             return record.details
     raise RecursiveError("the model has no tie-layers pass in its log; run "
-                         "modelfold.transform(model, 'tie-layers{unique=K,...}') first")
+                         "modelfold.transform(model, 'tie-layers{unique=K,...}') (or "
+                         "share-attention) first")
 
 
 def recursive_base(model: Any, adapter: str = "relax"):
@@ -103,16 +104,21 @@ def save_recursive(model: Any, out_dir: str | Path, *, adapter: str = "relax",
 
 
 def uptrain(model: Any, *, teacher: nn.Module, **options: Any) -> dict[str, Any]:
-    """Distil the original model into the recursive one with the fine-tuning engine.
+    """Distil the original model into the recursive one (``tie-layers``) or into one whose layers
+    share attention (``share-attention``) with the fine-tuning engine.
 
-    Trains what ``tie-layers`` marked trainable (shared weights, per-depth vectors, relaxation
-    adapters). Defaults: ``kl_weight=1`` (T^2 KL to the teacher), ``ce_weight=0``, ``lr=1e-4``;
-    any ``modelfold.finetune.TrainConfig`` option (``steps``, ``batch_size``, ``seq_len`` ...)
+    Trains what the pass marked trainable (tie-layers: shared weights, per-depth vectors,
+    relaxation adapters; share-attention: the attention of the layers in a group). Defaults:
+    ``kl_weight=1`` (T^2 KL to the teacher), ``ce_weight=0``, ``lr=1e-4``; any
+    ``modelfold.finetune.TrainConfig`` option (``steps``, ``batch_size``, ``seq_len`` ...)
     overrides them, and ``checkpoint_dir`` / ``tokenizer`` pass through to ``train``.
     """
     from modelfold.finetune import TrainConfig, train
+    from modelfold.ir.shared_attention import sharing_of
 
-    tying_record(model)
+    module = getattr(model, "module", model)
+    if sharing_of(module) is None:  # share-attention models train their attention
+        tying_record(model)
     passthrough = {k: options.pop(k) for k in ("checkpoint_dir", "tokenizer", "resume",
                                                 "step_callback", "progress", "log") if k in options}
     options.setdefault("kl_weight", 1.0)

@@ -7,15 +7,16 @@ MLKV KV sharing; METHODS.md section 2).
 - ``mode=kv`` (CLA / MLKV): the layers of a group attend with their own queries to the keys and
   values of the group's first layer; the borrowers drop W_K / W_V and have no cache entry.
 
-Groups are given (``groups=[[4,5,6],[10,11]]``: the first layer of each owns) or chosen: ``count=N``
-borrowing layers picked by the ``attention-similarity`` analysis (``strategy=similarity``: greedily
-the layer most similar to the owner it would borrow from -- attention maps for scores, keys and
-values for kv), at a fixed stride (``stride``: CLA's every other layer when N = L/2) or at random
-(``random``, ``seed``). A borrower's owner is the nearest earlier owner among the layers it can
-share with: layers share only with layers of the same attention kind (sliding window or global),
-head size, KV heads and rotary settings. ``init=owner`` keeps the owner's projections,
-``average`` folds the group's dropped projections into the owner's by MLKV's running pairwise
-average (``w <- (w + w_j) / 2`` for each borrower in order).
+Groups are given (``groups=[[4,5,6],[10,11]]``: the first layer of each owns) or chosen:
+``count=N`` borrowing layers picked by the ``attention-similarity`` analysis
+(``strategy=similarity``: greedily the borrower that adds the least next-token KL as the analysis
+measured it for each pair of layers, ``scores_kl`` or ``kv_kl``), at a fixed
+stride (``stride``: CLA's every other layer when N = L/2) or at random (``random``, ``seed``). A
+borrower's owner is the nearest earlier owner among the layers it can share with: layers share only
+with layers of the same attention kind (sliding window or global), head size, KV heads and rotary
+settings. ``init=owner`` keeps the owner's projections, ``average`` folds the group's dropped
+projections into the owner's by MLKV's running pairwise average (``w <- (w + w_j) / 2`` for each
+borrower in order).
 
 The model keeps working as a transformers model (``modelfold.ir.shared_attention``): its
 ``generate`` uses a cache with entries only for what the layers keep, and the captured graph's
@@ -216,8 +217,13 @@ class ShareAttention(Pass):
             borrowers = _stride(classes, cfg.count)
         else:
             analysis = program.analyses[ANALYSIS_KEY]
-            sim = analysis["maps" if cfg.mode == "scores" else "kv"]
-            borrowers = _by_similarity(classes, cfg.count, sim)
+            measured = f"{cfg.mode}_kl"
+            if measured not in analysis:
+                raise PreconditionError(
+                    f"share-attention{{strategy=similarity}} picks borrowers by the measured "
+                    f"'{measured}' of attention-similarity, which it did not measure (run it "
+                    "with kl_tokens > 0)")
+            borrowers = _by_cost(classes, cfg.count, analysis[measured])
         return _groups_of(classes, borrowers)
 
     def run(self, program: Program) -> dict[str, Any]:
@@ -227,9 +233,9 @@ class ShareAttention(Pass):
         before = program.signature.cache.bytes_per_token
         analysis = program.analyses.get(ANALYSIS_KEY)
         similarity = None
-        if analysis is not None:
-            sim = analysis["maps" if cfg.mode == "scores" else "kv"]
-            similarity = {str(b): round(sim[g[0]][b], 4) for g in groups for b in g[1:]}
+        if analysis is not None and f"{cfg.mode}_kl" in analysis:
+            kl = analysis[f"{cfg.mode}_kl"]
+            similarity = {str(b): round(kl[g[0]][b], 5) for g in groups for b in g[1:]}
         if not groups:
             return {"mode": cfg.mode, "groups": [], "borrowers": [], "kv_bytes_per_token":
                     {"before": before, "after": before}}
@@ -251,7 +257,7 @@ class ShareAttention(Pass):
         after = program.signature.cache.bytes_per_token
         return {"mode": cfg.mode, "groups": groups, "borrowers": sharing.borrowers,
                 "dropped": [f"{r}_proj" for r in DROPPED[cfg.mode]], "init": cfg.init,
-                "similarity_to_owner": similarity,
+                "measured_kl_alone": similarity,
                 "kv_bytes_per_token": {"before": before, "after": after}}
 
 
@@ -281,22 +287,22 @@ def _owner_map(classes: list[list[int]], borrowers: set[int]) -> dict[int, int]:
     return owners
 
 
-def _by_similarity(classes: list[list[int]], count: int, sim: list[list[float]]) -> set[int]:
-    """Greedy: add the borrower most similar to the owner it would borrow from, ``count`` times
-    (re-reading the owners after each pick, as a pick moves later borrowers to an earlier
-    owner)."""
+def _by_cost(classes: list[list[int]], count: int, cost: list[list[float]]) -> set[int]:
+    """Greedy: ``count`` times, add the borrower that makes the summed cost of every borrower
+    with the owner it would have smallest (a pick moves later borrowers to an earlier owner);
+    a negative cost means "not measured" and rules that pairing out."""
     borrowers: set[int] = set()
     candidates = [i for layers in classes for i in layers[1:]]
     for _ in range(count):
-        best, best_score = None, -2.0
+        best, best_total = None, float("inf")
         for j in candidates:
             if j in borrowers:
                 continue
             trial = _owner_map(classes, borrowers | {j})
-            # the picked layer and the borrowers that move with it
-            score = min(sim[trial[b]][b] for b in borrowers | {j} if trial[b] != b)
-            if score > best_score:
-                best, best_score = j, score
+            costs = [cost[trial[b]][b] for b in borrowers | {j}]
+            total = float("inf") if min(costs) < 0 else sum(costs)
+            if total < best_total or best is None:
+                best, best_total = j, total
         borrowers.add(best)
     return borrowers
 

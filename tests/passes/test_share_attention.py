@@ -18,9 +18,11 @@ from modelfold.errors import OptionError
 from modelfold.ir.program import Program
 from modelfold.ir.shared_attention import Borrowed, sharing_of
 from modelfold.passes.base import PreconditionError
+from modelfold.passes.calibration import calibration_batches
 from modelfold.passes.registry import get_pass
 from modelfold.passes.report import write_report
-from modelfold.passes.share_attention import ShareAttention, _by_similarity, _stride
+from modelfold.passes.share_attention import ShareAttention, _by_cost, _stride
+from tests.conftest import copy_of
 from tests.helpers import QUIET
 from tests.tiny_models import tiny_model
 
@@ -174,12 +176,13 @@ def test_count_strategies():
     assert _stride(classes, 3) == {1, 3, 5}  # CLA2: every other layer
     assert _stride(classes, 2) == {2, 5}
     assert _stride([[0, 2, 4], [1, 3, 5]], 2) == {4, 5}
-    # 1 and 2 are alike, 4 and 5 too, 3 is unlike anything
-    sim = torch.eye(6)
-    sim[1, 2] = sim[2, 1] = 0.9
-    sim[4, 5] = sim[5, 4] = 0.8
-    sim[0, 1] = sim[1, 0] = 0.3
-    assert _by_similarity(classes, 2, sim.tolist()) == {2, 5}
+    # measured costs (KL) of b borrowing from o: 2 from 1 and 5 from 4 are cheap; 3 borrowing
+    # from 1 (when 2 borrows too) is not measured (-1), so 2 and 3 never borrow together
+    cost = torch.full((6, 6), 5.0)
+    cost[1, 2], cost[4, 5], cost[3, 4], cost[0, 1] = 0.1, 0.2, 0.3, 0.4
+    cost[1, 3] = -1.0
+    assert _by_cost(classes, 2, cost.tolist()) == {2, 5}
+    assert _by_cost(classes, 3, cost.tolist()) == {2, 4, 5}  # 4 then reads 3, 5 reads 3 too
     program = Program(tiny_model("llama", layers=6))
     picked = ShareAttention(mode="kv", count=2, strategy="random", seed=3).choose(program)
     again = ShareAttention(mode="kv", count=2, strategy="random", seed=3).choose(program)
@@ -190,19 +193,31 @@ def test_similarity_analysis_and_strategy(tmp_path):
     result = modelfold.transform(
         tiny_model("llama", layers=4),
         "attention-similarity{corpus=random,n_samples=2,seq_len=16},"
-        "share-attention{mode=scores,count=1}", context=QUIET)
+        "share-attention{mode=kv,count=1}", context=QUIET)
     write_report(result.program, tmp_path, pipeline="attention-similarity,share-attention")
     analysis = result.program.log[0].details
     for kind in ("maps", "keys", "values", "kv"):
         matrix = torch.tensor(analysis[kind])
         assert matrix.shape == (4, 4) and torch.allclose(matrix.diagonal(), torch.ones(4))
         assert torch.allclose(matrix, matrix.T, atol=1e-6)
-    maps = torch.tensor(analysis["maps"])
+    kl = torch.tensor(analysis["kv_kl"])  # measured for every earlier layer (distance <= 8)
+    below = torch.ones(4, 4, dtype=torch.bool).tril(-1)
+    assert (kl.triu(1) > 0).sum() == 6 and (kl[below] == -1).all()
+    assert (torch.tensor(analysis["scores_kl"]).triu(1) >= 0).all()
     details = result.program.log[1].details
     borrower = details["borrowers"][0]
     owner = next(g[0] for g in details["groups"] if borrower in g)
-    best = max(((maps[i - 1, i].item(), i) for i in range(1, 4)))
-    assert maps[owner, borrower].item() == pytest.approx(best[0]) and borrower == best[1]
+    best = min((kl[i - 1, i].item(), i) for i in range(1, 4))  # one borrower: the cheapest pair
+    assert (kl[owner, borrower].item(), borrower) == best
+    # the measurement is what sharing that pair does: the KL of the shared model itself
+    original = Program(tiny_model("llama", layers=4))
+    probe = calibration_batches(original, corpus="random", n_samples=2, seq_len=16, seed=0)
+    alone = copy_of(original)
+    get_pass("share-attention")(mode="kv", groups=f"[[{owner},{borrower}]]").run(alone)
+    ref = original.module_logits(probe).log_softmax(-1)
+    got = alone.module_logits(probe).log_softmax(-1)
+    assert (ref.exp() * (ref - got)).sum(-1).mean().item() == pytest.approx(
+        kl[owner, borrower].item(), rel=1e-4)
     assert [p.name for p in tmp_path.glob("*.png")] and \
         "attention-similarity" in (tmp_path / "report.md").read_text()
 
