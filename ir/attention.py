@@ -64,7 +64,7 @@ def _write(cache: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, length)
     b, h, c, d = cache.shape
     grown = torch.cat([cache, cache.new_zeros(b, h, length + 1 - c, d)], 2)  # [B, Hkv, L + 1, D]
     grown = grown.scatter(2, index[:, None, :, None].expand(b, h, index.shape[1], d), rows)
-    return grown[:, :, :length]
+    return grown[:, :, :length].contiguous()  # what the op's fake (and torch.compile) expects
 
 
 def quantize_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

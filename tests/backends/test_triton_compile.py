@@ -162,3 +162,23 @@ def test_clear_errors():
     with pytest.raises(ArtifactError, match="modelfold.compile"):
         modelfold.export(tiny_model("llama", num_hidden_layers=1), "/tmp/never-written",
                          backend="triton")
+
+
+@pytest.mark.slow
+def test_shared_attention_compiles():
+    """A model whose layers share attention (KV sharing, fused: the borrowers are
+    modelfold::attend on SDPA) gives the eager model's logits and greedy tokens."""
+    result = modelfold.transform(tiny_model("llama", num_hidden_layers=4, fusable=True),
+                                 "share-attention{mode=kv,groups=[[0,1],[2,3]]},fuse-attention",
+                                 context=QUIET)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = result.module(input_ids=ids, use_cache=False).logits
+    compiled = modelfold.compile(result, backend="triton", interpret=True)
+    assert "modelfold_triton.attend.default" in triton_ops(compiled.graph)
+    logits_close(compiled.logits(ids), ref)
+    out = compiled.generate([5, 17, 3, 99], 6)
+    with torch.no_grad():
+        expect = result.module.generate(torch.tensor([[5, 17, 3, 99]]), max_new_tokens=6,
+                                        do_sample=False)[0, 4:].tolist()
+    assert out["new_tokens"] == expect
