@@ -214,7 +214,8 @@ def print_tables(results: dict) -> None:
         if up:
             first = next(iter(up.values()))
             print(f"\nuptraining: {first['steps']} steps, {first['tokens']:,} tokens, lr "
-                  f"{first['lr']}, {first['train_seconds']:.0f} s each")
+                  f"{first['lr']}; trainable parameters: " + ", ".join(
+                      f"{n} {u['trainable_parameters']:,}" for n, u in up.items()))
 
 
 def main() -> int:
