@@ -72,8 +72,9 @@ class AttentionSimilarity(Pass):
     name = ANALYSIS_KEY
     config_class = AttentionSimilarityConfig
     kind = "analysis"
-    summary = ("layer x layer cosine similarity of the attention maps (EchoAtt) and of the "
-               "keys / values (KV sharing) on calibration text, with heatmaps")
+    summary = ("layer x layer cosine similarity of the attention maps (EchoAtt) and keys / "
+               "values, and the measured next-token KL of each layer sharing an earlier layer's "
+               "attention (scores / kv), on calibration text, with heatmaps")
 
     def requires(self, program: Program) -> None:
         if program.arch.kind != "causal-lm":

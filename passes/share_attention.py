@@ -93,8 +93,8 @@ class ShareAttentionConfig(PassConfig):
                                       "or give count")
     count: int | None = option(None, "N: how many layers borrow (give up their own Q/K or K/V)")
     strategy: Literal["similarity", "stride", "random"] = option(
-        "similarity", "how count picks the borrowers: similarity (needs attention-similarity "
-        "first), stride (evenly spaced), random")
+        "similarity", "how count picks the borrowers: similarity (least measured KL; needs "
+        "attention-similarity first), stride (evenly spaced), random")
     init: Literal["owner", "average"] = option(
         "owner", "owner: keep the owner's projections; average: MLKV's running pairwise average "
         "of the group's shared projections")
