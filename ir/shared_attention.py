@@ -121,6 +121,14 @@ class _Share:
     mode: str
     owner: bool
     slot: _Slot
+    records: dict[str, str] | None = None  # scores owner: role -> projection path to record
+
+
+def _records(attention: str, projections: dict[str, str]) -> dict[str, str]:
+    """What a score-sharing owner records: its q and k projections (or GPT-2's packed one), by
+    path inside the attention module."""
+    roles = ("qkv",) if "qkv" in projections else DROPPED["scores"]
+    return {role: projections[role].removeprefix(attention + ".") for role in roles}
 
 
 class Borrowed(nn.Module):
@@ -153,6 +161,48 @@ register_module_type(
     Borrowed,
     lambda m: {"role": m.role, "in_features": m.in_features, "out_features": m.out_features},
     lambda f: Borrowed(str(f["role"]), int(f["in_features"]), int(f["out_features"])))
+
+
+class PartialQKV(nn.Module):
+    """GPT-2's packed q/k/v projection (``Conv1D``, weight ``[in, 3 E]``) of a borrowing layer:
+    only the parts it keeps are stored (kv sharing: q; score sharing: v); the dropped parts are
+    zeros (kv: discarded by the cache proxy) or the owner's (scores: its q/k, recorded from its
+    packed projection in this forward pass)."""
+
+    def __init__(self, keep: str, embed_dim: int):
+        super().__init__()
+        self.keep, self.embed_dim = keep, embed_dim
+        self.weight = nn.Parameter(torch.empty(embed_dim, embed_dim))  # [in, out] as Conv1D
+        self.bias = nn.Parameter(torch.empty(embed_dim))
+        self._slot: _Slot | None = None
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, keep: str) -> PartialQKV:
+        e = conv.weight.shape[0]
+        part = "qkv".index(keep)
+        module = cls(keep, e)
+        with torch.no_grad():
+            module.weight.copy_(conv.weight[:, part * e:(part + 1) * e])
+            module.bias.copy_(conv.bias[part * e:(part + 1) * e])
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mine = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        mine = mine.reshape(*x.shape[:-1], self.embed_dim)
+        if self.keep == "q":  # kv sharing: k and v are discarded
+            zeros = mine.new_zeros(*mine.shape[:-1], 2 * self.embed_dim)
+            return torch.cat([mine, zeros], -1)
+        owner = self._slot.outputs.get("qkv") if self._slot is not None else None
+        if owner is None:
+            raise RuntimeError("a borrowed q/k projection ran before its owner layer")
+        return torch.cat([owner[..., : 2 * self.embed_dim], mine], -1)
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}, embed_dim={self.embed_dim}"
+
+
+register_module_type(PartialQKV, lambda m: {"keep": m.keep, "embed_dim": m.embed_dim},
+                     lambda f: PartialQKV(str(f["keep"]), int(f["embed_dim"])))
 
 
 class _CacheProxy:
@@ -202,8 +252,8 @@ class _SharingMixin:
         if not (share.owner and share.mode == "scores"):
             return super().forward(*args, **kwargs)
         share.slot.outputs = {}
-        handles = [getattr(self, f"{role}_proj").register_forward_hook(_Record(share.slot, role))
-                   for role in DROPPED["scores"]]
+        handles = [self.get_submodule(path).register_forward_hook(_Record(share.slot, role))
+                   for role, path in share.records.items()]
         try:
             return super().forward(*args, **kwargs)
         finally:
@@ -262,9 +312,18 @@ def share(model: nn.Module, layers: nn.ModuleList, attention: str, projections: 
     for group in sharing.groups:
         slot = _Slot()
         owner = layers[group[0]].get_submodule(attention)
-        _wire(owner, "Lending", _Share(sharing.mode, True, slot))
+        _wire(owner, "Lending", _Share(sharing.mode, True, slot, _records(attention, projections)))
         for layer in group[1:]:
             attn = layers[layer].get_submodule(attention)
+            if "qkv" in projections:  # GPT-2: one packed projection keeps the borrower's part
+                current = layers[layer].get_submodule(projections["qkv"])
+                if not isinstance(current, PartialQKV):
+                    keep = "q" if sharing.mode == "kv" else "v"
+                    current = PartialQKV.from_conv1d(current, keep)
+                    layers[layer].set_submodule(projections["qkv"], current)
+                current._slot = slot if sharing.mode == "scores" else None
+                _wire(attn, "Borrowing", _Share(sharing.mode, False, slot))
+                continue
             for role in DROPPED[sharing.mode]:
                 path = projections[role]
                 current = layers[layer].get_submodule(path)
@@ -300,10 +359,17 @@ def trial(layers: nn.ModuleList, attention: str, projections: dict[str, str],
             slot = _Slot()
             owner = layers[group[0]].get_submodule(attention)
             classes.append((owner, type(owner)))
-            _wire(owner, "Lending", _Share(sharing.mode, True, slot))
+            _wire(owner, "Lending", _Share(sharing.mode, True, slot,
+                                           _records(attention, projections)))
             for layer in group[1:]:
                 attn = layers[layer].get_submodule(attention)
-                if sharing.mode == "scores":
+                if "qkv" in projections:
+                    old = layers[layer].get_submodule(projections["qkv"])
+                    partial = PartialQKV.from_conv1d(old, "q" if sharing.mode == "kv" else "v")
+                    partial._slot = slot if sharing.mode == "scores" else None
+                    modules.append((layers[layer], projections["qkv"], old))
+                    layers[layer].set_submodule(projections["qkv"], partial)
+                elif sharing.mode == "scores":
                     for role in DROPPED["scores"]:
                         old = layers[layer].get_submodule(projections[role])
                         borrowed = Borrowed(role, *linear_shape(old))
@@ -352,5 +418,5 @@ def kv_bytes_per_token(model: nn.Module, num_layers: int, num_kv_heads: int, hea
     return sum(len(k) for k in kinds) * num_kv_heads * head_dim * element_size
 
 
-__all__ = ["CONFIG_KEY", "DROPPED", "MODES", "Borrowed", "Sharing", "base_class", "cache_kinds",
+__all__ = ["CONFIG_KEY", "DROPPED", "MODES", "Borrowed", "PartialQKV", "Sharing", "base_class", "cache_kinds",
            "is_sharing", "kv_bytes_per_token", "restore_sharing", "share", "sharing_of", "trial"]

@@ -117,8 +117,7 @@ class AttentionSimilarity(Pass):
         result: dict[str, Any] = {kind: _cosine(g).tolist() for kind, g in grams.items()}
         result["kv"] = ((torch.tensor(result["keys"]) + torch.tensor(result["values"])) / 2
                         ).tolist()
-        roles = program.arch.layer.attention_proj
-        if cfg.kl_tokens and all(r in roles for r in ("q", "k", "v")):
+        if cfg.kl_tokens:
             probe = ids[:2, : cfg.kl_tokens]
             for mode in ("scores", "kv"):
                 result[f"{mode}_kl"] = _measured_kl(program, probe, mode, pairs).tolist()

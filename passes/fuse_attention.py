@@ -241,6 +241,9 @@ def _find_layer(program: Program, editor: GraphEditor, inputs: dict[str, torch.f
         raise GraphRewriteError(f"no graph node belongs to {path}")
     proj = {role: f"{layer_path}.{p}" for role, p in arch.layer.attention_proj.items()}
     dropped = set(DROPPED[mode]) if owner is not None else set()
+    if owner is not None and "qkv" in proj:
+        raise GraphRewriteError(f"{path} shares attention through a packed q/k/v projection, "
+                                "which fuse-attention does not split")
     flatten = (False, False)
     if "qkv" in proj:
         query, key, value = _last(editor, proj["qkv"]), None, None

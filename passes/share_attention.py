@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from modelfold.errors import OptionError
-from modelfold.ir.modules import is_linear
+from modelfold.ir.modules import is_linear, linear_shape
 from modelfold.ir.program import Program
 from modelfold.ir.shared_attention import DROPPED, Sharing, is_sharing, share, sharing_of
 from modelfold.passes.attention_similarity import ANALYSIS_KEY
@@ -120,9 +120,11 @@ def layer_classes(program: Program) -> dict[tuple, list[int]]:
     for i, layer in enumerate(layers):
         attn = layer.get_submodule(arch.layer.attention)
         kind = types[i] if types else "full_attention"
-        key_proj = layer.get_submodule(arch.layer.attention_proj["k"])
+        proj = arch.layer.attention_proj
+        width = linear_shape(layer.get_submodule(proj["k"]))[1] if "k" in proj else \
+            linear_shape(layer.get_submodule(proj["qkv"]))[1] // 3
         key = (kind, getattr(attn, "sliding_window", None), getattr(attn, "head_dim", None),
-               getattr(key_proj, "out_features", None))
+               width)
         classes.setdefault(key, []).append(i)
     return classes
 
@@ -148,12 +150,10 @@ class ShareAttention(Pass):
             raise PreconditionError(f"share-attention: {arch.family} is an encoder; attention "
                                     "sharing is for decoders with a KV cache")
         roles = arch.layer.attention_proj
-        if not all(r in roles for r in ("q", "k", "v")):
+        if "qkv" in roles and self.config.init == "average":
             raise PreconditionError(
-                f"share-attention: {arch.family} computes q, k and v in one packed projection "
-                f"({roles.get('qkv')}), which cannot drop the keys or queries of one layer; "
-                "families with separate q/k/v projections are supported (Llama, Qwen2, Mistral, "
-                "Mixtral, Gemma 1-3, Phi, OPT)")
+                f"share-attention: init=average is not built for {arch.family}'s packed q/k/v "
+                f"projection ({roles['qkv']}); use init=owner")
         if sharing_of(program.module) is not None:
             raise PreconditionError("share-attention: the model already shares attention "
                                     "between layers; share the original model once")
@@ -161,7 +161,7 @@ class ShareAttention(Pass):
         for i, layer in enumerate(layers):
             if is_sharing(layer.get_submodule(arch.layer.attention)):
                 raise PreconditionError(f"share-attention: layer {i} already shares attention")
-            for role in ("q", "k", "v"):
+            for role in [r for r in ("q", "k", "v", "qkv") if r in roles]:
                 proj = layer.get_submodule(roles[role])
                 if not is_linear(proj):
                     raise PreconditionError(

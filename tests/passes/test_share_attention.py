@@ -5,6 +5,7 @@ artifact (parity, generation, KV-cache inputs), checkpoints, composition and the
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -127,6 +128,29 @@ def test_onnx_artifact_parity_generation_and_cache(mode, tmp_path):
         assert list(new) == expect.tolist()
 
 
+@pytest.mark.parametrize("mode", ["kv", "scores"])
+def test_gpt2_packed_projection(mode, tmp_path):
+    """GPT-2's packed c_attn: a borrower keeps only its part (PartialQKV); the model is exported
+    with its captured attention (fuse-attention does not split a packed projection and says so),
+    left padding, parity, and a checkpoint round trip."""
+    from modelfold.ir.shared_attention import PartialQKV
+
+    program = shared("gpt2", mode)
+    c_attn = program.module.transformer.h[2].attn.c_attn
+    assert isinstance(c_attn, PartialQKV) and c_attn.weight.shape == (32, 32)
+    prompt = ids(1, 5)
+    out = program.module.generate(prompt, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert torch.equal(program.module(out, use_cache=False).logits[0, 4:-1].argmax(-1), out[0, 5:])
+    (tmp_path / "art").mkdir()
+    facts = export_onnx(program, tmp_path / "art", parity=False)
+    assert "packed q/k/v" in json.dumps(facts)
+    parity = check_parity(program.module, tmp_path / "art", decode_steps=4)
+    assert parity["decode_max_abs_diff"] <= 1e-4 and OnnxCausalLM(tmp_path / "art").padding == "left"
+    save_checkpoint(program, tmp_path / "ckpt")
+    assert torch.equal(load_checkpoint(tmp_path / "ckpt").module_logits(ids()),
+                       program.module_logits(ids()))
+
+
 def test_unfused_artifact_left_padding(tmp_path):
     program = shared("gemma3_text", "scores")
     export_onnx(program, tmp_path, parity=False,
@@ -239,8 +263,9 @@ def test_precondition_errors():
     gemma3 = Program(tiny_model("gemma3_text", layers=4))
     with pytest.raises(PreconditionError, match=r"layers that can be grouped: \[0, 2\]"):
         ShareAttention(mode="kv", groups="[[0,1]]").requires(gemma3)
-    with pytest.raises(PreconditionError, match="packed projection"):
-        ShareAttention(mode="kv", groups="[[0,1]]").requires(Program(tiny_model("gpt2")))
+    with pytest.raises(PreconditionError, match="init=average is not built"):
+        ShareAttention(mode="kv", groups="[[0,1]]", init="average").requires(
+            Program(tiny_model("gpt2")))
     llama = Program(tiny_model("llama", layers=4))
     with pytest.raises(PreconditionError, match="has layers 0..3"):
         ShareAttention(mode="kv", groups="[[2,4]]").requires(llama)
