@@ -19,6 +19,9 @@ q/k projection outputs) in a slot the group shares; a borrower's proxy returns t
 the sharing works with transformers' caches (``generate``), without a cache (training) and in a
 ``torch.export`` capture, where the owner's tensors simply flow into the borrower's attention.
 
+GPT-2's packed q/k/v projection becomes a ``PartialQKV`` in a borrower: the part it keeps (q for
+kv sharing, v for scores), with zeros or the owner's q/k in the place of the rest.
+
 The sharing is recorded in ``config.modelfold_attention_sharing`` (``{"mode", "owners"}``, owner
 index per layer), so a checkpoint rebuilds it (``restore_sharing``).
 """
