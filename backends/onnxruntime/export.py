@@ -255,9 +255,14 @@ def _attention_facts(ep: ExportedProgram, applied: dict[str, Any]) -> dict[str, 
     from modelfold.passes.fuse_attention import fused_attention
 
     if fused_attention(ep):
-        return {"op": "com.microsoft.GroupQueryAttention", "layers": fused_attention(ep),
-                "padding": "right",
-                "kv_cache": "past and present may be one buffer per layer (written in place)"}
+        facts = {"op": "com.microsoft.GroupQueryAttention", "layers": fused_attention(ep),
+                 "padding": "right",
+                 "kv_cache": "past and present may be one buffer per layer (written in place)"}
+        shared = (applied.get("fuse-attention") or {}).get("shared")
+        if shared:  # borrowers attend to their owner's cache (modelfold::attend)
+            facts["shared"] = {"mode": shared["mode"], "borrowers": shared["borrowers"],
+                               "op": "MatMul / Softmax over the owner's cache"}
+        return facts
     details = applied.get("fuse-attention")
     reason = details.get("not_fused", "") if details else "fuse-attention was disabled"
     return {"op": "the captured attention", "padding": "left",

@@ -116,6 +116,7 @@ def test_onnx_artifact_parity_generation_and_cache(mode, tmp_path):
         assert per_token["artifact"] * 2 == per_token["without_sharing"]
     assert facts["attention_sharing"] == {"mode": mode, "groups": [[0, 1], [2, 3]]}
     assert facts["onnx_nodes"]["com.microsoft.GroupQueryAttention"] == 2
+    assert facts["attention"]["shared"]["borrowers"] == [1, 3]
     parity = check_parity(program.module, tmp_path, decode_steps=6)
     assert parity["prefill_max_abs_diff"] <= 1e-4 and parity["decode_max_abs_diff"] <= 1e-4
     lm = OnnxCausalLM(tmp_path)
