@@ -305,45 +305,63 @@ def is_sharing(module: nn.Module) -> bool:
     return isinstance(module, _SharingMixin)
 
 
-def share(model: nn.Module, layers: nn.ModuleList, attention: str, projections: dict[str, str],
-          sharing: Sharing) -> None:
-    """Wire ``sharing`` into the model: subclass the attention modules of every group, replace
-    the borrowers' dropped projections by ``Borrowed`` (parameters must already be initialised,
-    see ``modelfold.passes.share_attention``), tie score borrowers' q/k norms to the owner's, and
-    record the sharing in the config. ``projections``: role -> path inside a layer
-    (``arch.layer.attention_proj``)."""
+def _borrow_projections(layer: nn.Module, projections: dict[str, str], mode: str,
+                        slot: _Slot) -> list[tuple[str, nn.Module]]:
+    """Put ``Borrowed`` (or, for a packed q/k/v projection, ``PartialQKV``) in place of what a
+    borrowing layer drops; returns ``(path, module it replaced)`` for each replacement (none for
+    a layer that already borrows, such as a rebuilt checkpoint)."""
+    from modelfold.ir.modules import linear_shape
+
+    replaced = []
+    roles = ("qkv",) if "qkv" in projections else DROPPED[mode]
+    for role in roles:
+        path = projections[role]
+        current = layer.get_submodule(path)
+        if not isinstance(current, (Borrowed, PartialQKV)):
+            replaced.append((path, current))
+            current = PartialQKV.from_conv1d(current, "q" if mode == "kv" else "v") \
+                if role == "qkv" else Borrowed(role, *linear_shape(current))
+            layer.set_submodule(path, current)
+        current._slot = slot if mode == "scores" else None
+    return replaced
+
+
+def _wire_groups(layers: nn.ModuleList, attention: str, projections: dict[str, str],
+                 sharing: Sharing) -> Iterator[tuple[nn.Module, nn.Module, nn.Module,
+                                                     list[tuple[str, nn.Module]]]]:
+    """Subclass the attention modules of every group and give each borrower its borrowed
+    projections; yields ``(owner attention, borrower layer, borrower attention, replaced)``
+    per borrower, before the borrower's attention is wired (its q/k norms are the caller's)."""
     for group in sharing.groups:
         slot = _Slot()
         owner = layers[group[0]].get_submodule(attention)
         _wire(owner, "Lending", _Share(sharing.mode, True, slot, _records(attention, projections)))
-        for layer in group[1:]:
-            attn = layers[layer].get_submodule(attention)
-            if "qkv" in projections:  # GPT-2: one packed projection keeps the borrower's part
-                current = layers[layer].get_submodule(projections["qkv"])
-                if not isinstance(current, PartialQKV):
-                    keep = "q" if sharing.mode == "kv" else "v"
-                    current = PartialQKV.from_conv1d(current, keep)
-                    layers[layer].set_submodule(projections["qkv"], current)
-                current._slot = slot if sharing.mode == "scores" else None
-                _wire(attn, "Borrowing", _Share(sharing.mode, False, slot))
-                continue
-            for role in DROPPED[sharing.mode]:
-                path = projections[role]
-                current = layers[layer].get_submodule(path)
-                if not isinstance(current, Borrowed):
-                    from modelfold.ir.modules import linear_shape
-
-                    k, n = linear_shape(current)
-                    layers[layer].set_submodule(path, Borrowed(role, k, n))
-                borrowed = layers[layer].get_submodule(path)
-                borrowed._slot = slot if sharing.mode == "scores" else None
-            if sharing.mode == "scores":
-                for norm in ("q_norm", "k_norm"):
-                    mine, theirs = getattr(attn, norm, None), getattr(owner, norm, None)
-                    if mine is not None and theirs is not None:
-                        for name, param in theirs.named_parameters(recurse=False):
-                            setattr(mine, name, param)
+        for index in group[1:]:
+            attn = layers[index].get_submodule(attention)
+            replaced = _borrow_projections(layers[index], projections, sharing.mode, slot)
+            yield owner, layers[index], attn, replaced
             _wire(attn, "Borrowing", _Share(sharing.mode, False, slot))
+
+
+def _score_norms(mode: str, attn: nn.Module, owner: nn.Module) -> list[str]:
+    """The q/k norms a score borrower takes from its owner (Gemma 3)."""
+    if mode != "scores":
+        return []
+    return [n for n in ("q_norm", "k_norm")
+            if getattr(attn, n, None) is not None and getattr(owner, n, None) is not None]
+
+
+def share(model: nn.Module, layers: nn.ModuleList, attention: str, projections: dict[str, str],
+          sharing: Sharing) -> None:
+    """Wire ``sharing`` into the model: subclass the attention modules of every group, replace
+    the borrowers' dropped projections by ``Borrowed`` / ``PartialQKV`` (parameters must already
+    be initialised, see ``modelfold.passes.share_attention``), tie score borrowers' q/k norms to
+    the owner's, and record the sharing in the config. ``projections``: role -> path inside a
+    layer (``arch.layer.attention_proj``)."""
+    for owner, _, attn, _ in _wire_groups(layers, attention, projections, sharing):
+        for norm in _score_norms(sharing.mode, attn, owner):
+            for name, param in getattr(owner, norm).named_parameters(recurse=False):
+                setattr(getattr(attn, norm), name, param)
     setattr(model.config, CONFIG_KEY, sharing.to_dict())
 
 
@@ -353,38 +371,15 @@ def trial(layers: nn.ModuleList, attention: str, projections: dict[str, str],
     """The sharing wired in for the duration of the block, nothing dropped or tied for good:
     the dropped projections (and a score borrower's q/k norms) are set aside and put back, so an
     analysis can measure what sharing a pair of layers would do."""
-    from modelfold.ir.modules import linear_shape
-
-    classes: list[tuple[nn.Module, type]] = []
+    attentions = [layers[i].get_submodule(attention) for g in sharing.groups for i in g]
+    classes = [(module, type(module)) for module in attentions]
     modules: list[tuple[nn.Module, str, nn.Module]] = []
     try:
-        for group in sharing.groups:
-            slot = _Slot()
-            owner = layers[group[0]].get_submodule(attention)
-            classes.append((owner, type(owner)))
-            _wire(owner, "Lending", _Share(sharing.mode, True, slot,
-                                           _records(attention, projections)))
-            for layer in group[1:]:
-                attn = layers[layer].get_submodule(attention)
-                if "qkv" in projections:
-                    old = layers[layer].get_submodule(projections["qkv"])
-                    partial = PartialQKV.from_conv1d(old, "q" if sharing.mode == "kv" else "v")
-                    partial._slot = slot if sharing.mode == "scores" else None
-                    modules.append((layers[layer], projections["qkv"], old))
-                    layers[layer].set_submodule(projections["qkv"], partial)
-                elif sharing.mode == "scores":
-                    for role in DROPPED["scores"]:
-                        old = layers[layer].get_submodule(projections[role])
-                        borrowed = Borrowed(role, *linear_shape(old))
-                        borrowed._slot = slot
-                        modules.append((layers[layer], projections[role], old))
-                        layers[layer].set_submodule(projections[role], borrowed)
-                    for norm in ("q_norm", "k_norm"):
-                        if getattr(attn, norm, None) is not None:
-                            modules.append((attn, norm, getattr(attn, norm)))
-                            setattr(attn, norm, getattr(owner, norm))
-                classes.append((attn, type(attn)))
-                _wire(attn, "Borrowing", _Share(sharing.mode, False, slot))
+        for owner, layer, attn, replaced in _wire_groups(layers, attention, projections, sharing):
+            modules += [(layer, path, old) for path, old in replaced]
+            for norm in _score_norms(sharing.mode, attn, owner):
+                modules.append((attn, norm, getattr(attn, norm)))
+                setattr(attn, norm, getattr(owner, norm))
         yield
     finally:
         for parent, path, old in reversed(modules):
@@ -414,12 +409,5 @@ def restore_sharing(model: nn.Module) -> None:
 register_rebuild_hook(restore_sharing)
 
 
-def kv_bytes_per_token(model: nn.Module, num_layers: int, num_kv_heads: int, head_dim: int,
-                       element_size: int) -> int:
-    """Bytes the KV cache grows by per token (batch 1)."""
-    kinds = cache_kinds(model, num_layers)
-    return sum(len(k) for k in kinds) * num_kv_heads * head_dim * element_size
-
-
 __all__ = ["CONFIG_KEY", "DROPPED", "MODES", "Borrowed", "PartialQKV", "Sharing", "base_class", "cache_kinds",
-           "is_sharing", "kv_bytes_per_token", "restore_sharing", "share", "sharing_of", "trial"]
+           "is_sharing", "restore_sharing", "share", "sharing_of", "trial"]

@@ -116,8 +116,7 @@ def uptrain(model: Any, *, teacher: nn.Module, **options: Any) -> dict[str, Any]
     from modelfold.finetune import TrainConfig, train
     from modelfold.ir.shared_attention import sharing_of
 
-    module = getattr(model, "module", model)
-    if sharing_of(module) is None:  # share-attention models train their attention
+    if sharing_of(_program(model).module) is None:  # share-attention models train their attention
         tying_record(model)
     passthrough = {k: options.pop(k) for k in ("checkpoint_dir", "tokenizer", "resume",
                                                 "step_callback", "progress", "log") if k in options}

@@ -143,8 +143,7 @@ class FuseAttention(GraphPass):
         cache = sig.cache
         graph_output = next(n for n in editor.graph.nodes if n.op == "output")
         presents: dict[int, list[torch.fx.Node]] = {}  # owner -> its fused present key / value
-        for layer in layers:
-            i = layers.index(layer)
+        for i, layer in enumerate(layers):  # every layer is found: layers[i] is layer i
             cos, sin = tables[layer.rotary] if layer.rotary is not None else (None, None)
             q, k = layer.query, layer.key
             if layer.flatten[0]:

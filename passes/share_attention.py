@@ -232,10 +232,10 @@ class ShareAttention(Pass):
         groups = self.choose(program)
         before = program.signature.cache.bytes_per_token
         analysis = program.analyses.get(ANALYSIS_KEY)
-        similarity = None
+        measured = None
         if analysis is not None and f"{cfg.mode}_kl" in analysis:
             kl = analysis[f"{cfg.mode}_kl"]
-            similarity = {str(b): round(kl[g[0]][b], 5) for g in groups for b in g[1:]}
+            measured = {str(b): round(kl[g[0]][b], 5) for g in groups for b in g[1:]}
         if not groups:
             return {"mode": cfg.mode, "groups": [], "borrowers": [], "kv_bytes_per_token":
                     {"before": before, "after": before}}
@@ -257,7 +257,7 @@ class ShareAttention(Pass):
         after = program.signature.cache.bytes_per_token
         return {"mode": cfg.mode, "groups": groups, "borrowers": sharing.borrowers,
                 "dropped": [f"{r}_proj" for r in DROPPED[cfg.mode]], "init": cfg.init,
-                "measured_kl_alone": similarity,
+                "measured_kl_alone": measured,
                 "kv_bytes_per_token": {"before": before, "after": after}}
 
 

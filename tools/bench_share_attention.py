@@ -37,13 +37,13 @@ from pathlib import Path
 import modelfold
 from modelfold.corpus import corpus_text
 from modelfold.evaluate import evaluate
+from modelfold.ir.shared_attention import MODES
 from modelfold.passes.manager import PassContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import eager_ppl, load_results, save_results  # noqa: E402
 
 QUIET = PassContext(log=None, verify=False, measure=False)
-MODES = ("scores", "kv")
 STRATEGIES = ("similarity", "stride", "random")
 
 
@@ -143,7 +143,6 @@ def part_uptrain(args, out: Path, results: dict) -> None:
 
 
 def _export(result, target: Path, text: str, tokenizer, chars: int, runtime) -> dict:
-    module = getattr(result, "module", None)
     manifest = modelfold.export(result, target, backend="onnxruntime", overwrite=True)
     files = {p.name: p.stat().st_size for p in target.iterdir() if p.name.startswith("model.")}
     runner = runtime(target)
@@ -152,8 +151,7 @@ def _export(result, target: Path, text: str, tokenizer, chars: int, runtime) -> 
     return {"bytes": sum(files.values()), "onnx_perplexity": ppl,
             "past_inputs": len(runner.past_names),
             "kv_bytes_per_token": onnx["kv_cache_bytes_per_token"]["artifact"],
-            "parameters": sum(p.numel() for p in {id(p): p for p in
-                                                  module.parameters()}.values())}
+            "parameters": getattr(result, "program", result).parameter_count()}
 
 
 def part_speed(args, out: Path, results: dict) -> None:

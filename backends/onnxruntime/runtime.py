@@ -41,7 +41,6 @@ _ORT_TO_NUMPY = {
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
 }
-_PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
@@ -193,17 +192,16 @@ class OnnxCausalLM:
         )
         inputs = {i.name: i for i in self.session.get_inputs()}
         missing = {sig.INPUT_IDS, sig.ATTENTION_MASK} - set(inputs)
-        layers = sorted(int(m.group(1)) for n in inputs if (m := _PAST_KEY.match(n)))
+        # layers that share attention keep a value only (scores) or nothing (kv): the cache is
+        # the past inputs the artifact has, in layer order
+        entries = sorted((int(m.group(1)), m.group(2)) for n in inputs if (m := _PAST.match(n)))
+        layers = [i for i, kind in entries if kind == "key"]  # layers that own keys
         if missing or not layers:
             raise UsageError(
                 f"{self.path} is not a KV-cache decoder artifact (inputs {sorted(inputs)}); "
                 "export a *ForCausalLM model with export_onnx()"
             )
         self.has_positions = sig.POSITION_IDS in inputs
-        # layers that share attention keep a value only (scores) or nothing (kv): the cache is
-        # the past inputs the artifact has, in layer order
-        entries = sorted((int(m.group(1)), m.group(2) != "key") for n in inputs
-                         if (m := _PAST.match(n)))
         self.num_layers = len(layers)
         past = inputs[sig.past_name(layers[0], "key")]
         _, self.num_kv_heads, _, self.head_dim = _cache_shape(self.path, past.shape)  # [B, H, P, D]
@@ -211,9 +209,8 @@ class OnnxCausalLM:
         logits = next(o for o in self.session.get_outputs() if o.name == sig.LOGITS)
         self.vocab_size = logits.shape[-1]
         self.logits_dtype = _ORT_TO_NUMPY[logits.type]
-        kinds = [(i, "value" if is_value else "key") for i, is_value in entries]
-        self.past_names = [sig.past_name(i, kind) for i, kind in kinds]
-        self.present_names = [sig.present_name(i, kind) for i, kind in kinds]
+        self.past_names = [sig.past_name(i, kind) for i, kind in entries]
+        self.present_names = [sig.present_name(i, kind) for i, kind in entries]
         self.output_names = [sig.LOGITS] + self.present_names
         # the LM head for the last k positions only (``logits_lowering``; older artifacts: all)
         overridable = {i.name for i in self.session.get_overridable_initializers()}

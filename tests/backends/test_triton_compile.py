@@ -39,6 +39,16 @@ def mixed():
     return result
 
 
+def greedy_matches_eager(compiled, module, prompt: list[int], new: int = 6) -> None:
+    """Greedy decoding with the KV cache (prefill through GEMM, decode steps through GEMV)
+    gives the eager model's tokens."""
+    out = compiled.generate(prompt, new)
+    with torch.no_grad():
+        expect = module.generate(torch.tensor([prompt]), max_new_tokens=new,
+                                 do_sample=False)[0, len(prompt):].tolist()
+    assert out["new_tokens"] == expect
+
+
 def logits_close(y: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> float:
     diff = (y - ref).abs().max().item()
     assert diff <= rtol * ref.abs().max().item() + 1e-6, f"max |diff| {diff:.2e}"
@@ -56,12 +66,7 @@ def test_compiled_tiny_llama_matches_eager(mixed):
     assert "2 nm," in counts and "4 nm_quant" in counts and "2 quant," in counts
     assert "2 quant+lora" in counts and "2 dense+lora" in counts
     logits_close(compiled.logits(ids), ref)
-    # greedy decoding with the KV cache (prefill through GEMM, decode steps through GEMV)
-    out = compiled.generate([5, 17, 3, 99], 6)
-    with torch.no_grad():
-        expect = mixed.module.generate(torch.tensor([[5, 17, 3, 99]]), max_new_tokens=6,
-                                       do_sample=False)[0, 4:].tolist()
-    assert out["new_tokens"] == expect
+    greedy_matches_eager(compiled, mixed.module, [5, 17, 3, 99])
 
 
 def triton_ops(graph) -> list[str]:
@@ -177,8 +182,4 @@ def test_shared_attention_compiles():
     compiled = modelfold.compile(result, backend="triton", interpret=True)
     assert "modelfold_triton.attend.default" in triton_ops(compiled.graph)
     logits_close(compiled.logits(ids), ref)
-    out = compiled.generate([5, 17, 3, 99], 6)
-    with torch.no_grad():
-        expect = result.module.generate(torch.tensor([[5, 17, 3, 99]]), max_new_tokens=6,
-                                        do_sample=False)[0, 4:].tolist()
-    assert out["new_tokens"] == expect
+    greedy_matches_eager(compiled, result.module, [5, 17, 3, 99])
