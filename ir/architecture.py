@@ -8,7 +8,7 @@ here with a message naming what was not found, not later inside a pass.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from torch import nn
 
@@ -169,6 +169,14 @@ def _rebase(path: str, old: str, new: str) -> str:
     return new + path[len(old):] if path and path.startswith(old) else path
 
 
+def _converted_to_moe(stack: nn.ModuleList, mlp: str) -> bool:
+    """Whether any layer's FFN is a modelfold mixture of experts (``moefy``)."""
+    from modelfold.ir.moe import MoEFFN
+
+    return any(_has(layer, mlp) and isinstance(layer.get_submodule(mlp), MoEFFN)
+               for layer in stack)
+
+
 def describe(model: nn.Module) -> Architecture:
     """Detect the architecture of a Hugging Face transformer.
 
@@ -202,6 +210,10 @@ def describe(model: nn.Module) -> Architecture:
             missing.append(f"layers in `{layers}` (it is empty)")
         else:
             first = stack[0]
+            if layout.mlp and _converted_to_moe(stack, layout.mlp):
+                # FFNs converted by moefy (modelfold.ir.moe): experts are ordinary linears
+                layout = replace(layout, mlp_proj={"router": f"{layout.mlp}.router"})
+                mlp_type = "moe"
             parts = [layout.attention, *layout.norms, *layout.attention_proj.values(),
                      *layout.mlp_proj.values()] + ([layout.mlp] if layout.mlp else [])
             missing += [f"`{layers}.0.{p}`" for p in parts if not _has(first, p)]

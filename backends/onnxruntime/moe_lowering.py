@@ -1,0 +1,151 @@
+"""ONNX lowering of ``modelfold::moe`` (``modelfold.ir.moe``).
+
+Where ONNX Runtime's CPU ``com.microsoft.MoE`` kernel computes the FFN (SwiGLU experts, or dense
+experts with relu / gelu / silu) the op becomes one ``MoE`` node: only the chosen experts are
+computed, so a decode step reads ``top_k`` experts' weights. The gate and up weights are
+interleaved row by row into its ``fc1`` (``swiglu_fusion=1``, the only SwiGLU layout the CPU
+kernel takes; a constant expression ONNX Runtime folds when the session loads):
+
+- ``weighting=softmax``: the router logits go in as they are, ``normalize_routing_weights=1``
+  (Mixtral's weights);
+- ``weighting=unit``: our own top-k of the softmax picks the experts, and the kernel gets logits
+  of 0 for them and -1e4 for the rest, so each chosen expert gets weight ``1 / k``; the output is
+  multiplied by ``k``.
+
+Other activations (GeGLU with tanh GELU: Gemma; GPT-2's gelu_new) take a decomposed subgraph:
+every expert computed on every token and weighted by its routing weight (zero when not chosen),
+which is exact but reads all expert weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+from onnx.defs import OpSchema
+from onnxscript import opset18 as op
+from onnxscript.values import Op, Opset
+
+import modelfold.ir.moe  # noqa: F401  (defines torch.ops.modelfold.moe)
+from modelfold.backends.onnxruntime.translations import ensure_registered
+
+_MS_DOMAIN = "com.microsoft"
+_OPTIONAL = OpSchema.FormalParameterOption.Optional
+_FLOAT_TYPES = ["tensor(float)", "tensor(float16)"]
+_ATTR = OpSchema.AttrType
+_MOE_SCHEMA = OpSchema(
+    "MoE", _MS_DOMAIN, 1, "Mixture of experts (ONNX Runtime contrib op).",
+    inputs=[OpSchema.FormalParameter("input", "T"),
+            OpSchema.FormalParameter("router_probs", "T"),
+            OpSchema.FormalParameter("fc1_experts_weights", "T"),
+            OpSchema.FormalParameter("fc1_experts_bias", "T", param_option=_OPTIONAL),
+            OpSchema.FormalParameter("fc2_experts_weights", "T"),
+            OpSchema.FormalParameter("fc2_experts_bias", "T", param_option=_OPTIONAL),
+            OpSchema.FormalParameter("fc3_experts_weights", "T", param_option=_OPTIONAL),
+            OpSchema.FormalParameter("fc3_experts_bias", "T", param_option=_OPTIONAL)],
+    outputs=[OpSchema.FormalParameter("output", "T")],
+    type_constraints=[("T", _FLOAT_TYPES, "float tensors")],
+    attributes=[OpSchema.Attribute("activation_type", _ATTR.STRING, "", required=False),
+                OpSchema.Attribute("k", _ATTR.INT, "", required=False),
+                OpSchema.Attribute("normalize_routing_weights", _ATTR.INT, "", required=False),
+                OpSchema.Attribute("swiglu_fusion", _ATTR.INT, "", required=False),
+                OpSchema.Attribute("activation_alpha", _ATTR.FLOAT, "", required=False),
+                OpSchema.Attribute("activation_beta", _ATTR.FLOAT, "", required=False),
+                OpSchema.Attribute("use_sparse_mixer", _ATTR.INT, "", required=False)],
+)
+_MOE = Op(Opset(_MS_DOMAIN, 1), "MoE", _MOE_SCHEMA)
+
+# transformers activation name -> what the CPU MoE kernel calls it (dense experts)
+_KERNEL_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu"}
+_MASKED = -1.0e4  # router input of an expert that was not chosen (exp underflows to 0)
+
+
+def kernel_activation(activation: str, gated: bool) -> str | None:
+    """The ``activation_type`` ONNX Runtime's CPU MoE kernel computes for these experts, or None
+    (the decomposed subgraph)."""
+    if gated:
+        return "swiglu" if activation in ("silu", "swish") else None
+    return _KERNEL_ACTIVATIONS.get(activation)
+
+
+def _act(h, activation: str):
+    if activation in ("silu", "swish"):
+        return op.Mul(h, op.Sigmoid(h))
+    if activation == "relu":
+        return op.Relu(h)
+    if activation == "gelu":
+        half = op.CastLike(op.Constant(value_float=0.5), h)
+        root = op.CastLike(op.Constant(value_float=1 / math.sqrt(2.0)), h)
+        return op.Mul(op.Mul(half, h), op.Add(op.CastLike(op.Constant(value_float=1.0), h),
+                                              op.Erf(op.Mul(h, root))))
+    if activation in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh"):
+        c = op.CastLike(op.Constant(value_float=math.sqrt(2.0 / math.pi)), h)
+        cube = op.Mul(op.CastLike(op.Constant(value_float=0.044715), h), op.Mul(h, op.Mul(h, h)))
+        inner = op.Tanh(op.Mul(c, op.Add(h, cube)))
+        half = op.CastLike(op.Constant(value_float=0.5), h)
+        return op.Mul(op.Mul(half, h), op.Add(op.CastLike(op.Constant(value_float=1.0), h),
+                                              inner))
+    raise NotImplementedError(f"modelfold::moe: no ONNX lowering for activation {activation!r}")
+
+
+def _routing(logits, top_k: int, weighting: str):
+    """``(weights [T, k], experts [T, k])`` as ``modelfold.ir.moe.route`` computes them."""
+    probs = op.Softmax(logits, axis=-1)
+    top, index = op.TopK(probs, op.Constant(value_ints=[top_k]), axis=-1, largest=1, sorted=1)
+    if weighting == "softmax":
+        return op.Div(top, op.ReduceSum(top, op.Constant(value_ints=[-1]), keepdims=1)), index
+    return op.Add(op.Mul(top, op.CastLike(op.Constant(value_float=0.0), top)),
+                  op.CastLike(op.Constant(value_float=1.0), top)), index
+
+
+def moe_onnx(x, router, w1, w3, w2, b1, top_k: int = 1, activation: str = "silu",
+             weighting: str = "unit"):
+    """``modelfold::moe`` -> ``com.microsoft.MoE`` (or the decomposed subgraph)."""
+    logits = op.MatMul(x, op.Transpose(router, perm=[1, 0]))  # [T, E]
+    gated = w3 is not None
+    kind = kernel_activation(activation, gated)
+    if kind is None:
+        return _decomposed(x, logits, w1, w3, w2, b1, top_k, activation, weighting)
+    if gated:  # rows g0, u0, g1, u1, ...: [E, 2I, H]
+        pair = op.Concat(op.Unsqueeze(w1, op.Constant(value_ints=[2])),
+                         op.Unsqueeze(w3, op.Constant(value_ints=[2])), axis=2)
+        fc1 = op.Reshape(pair, op.Concat(op.Shape(w1, start=0, end=1),
+                                         op.Constant(value_ints=[-1]),
+                                         op.Shape(w1, start=2, end=3), axis=0))
+        attrs = {"swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
+    else:
+        fc1, attrs = w1, {}
+    if weighting == "softmax":
+        return _MOE(x, logits, fc1, b1, w2, None, None, None, k=top_k, activation_type=kind,
+                    normalize_routing_weights=1, **attrs)
+    _, index = _routing(logits, top_k, weighting)
+    chosen = op.ScatterElements(op.Mul(logits, op.CastLike(op.Constant(value_float=0.0), logits)),
+                                index,
+                                op.Expand(op.CastLike(op.Constant(value_float=1.0), logits),
+                                          op.Shape(index)), axis=1)  # 1 chosen, 0 not
+    masked = op.Mul(op.Sub(chosen, op.CastLike(op.Constant(value_float=1.0), logits)),
+                    op.CastLike(op.Constant(value_float=-_MASKED), logits))
+    y = _MOE(x, masked, fc1, b1, w2, None, None, None, k=top_k, activation_type=kind,
+             normalize_routing_weights=1, **attrs)
+    return op.Mul(y, op.CastLike(op.Constant(value_float=float(top_k)), y))
+
+
+def _decomposed(x, logits, w1, w3, w2, b1, top_k, activation, weighting):
+    """Every expert on every token, times its routing weight (0 when not chosen)."""
+    weights, index = _routing(logits, top_k, weighting)
+    full = op.ScatterElements(op.Mul(logits, op.CastLike(op.Constant(value_float=0.0), logits)),
+                              index, weights, axis=1)  # [T, E]
+    h = op.MatMul(x, op.Transpose(w1, perm=[0, 2, 1]))  # [E, T, I]
+    if b1 is not None:
+        h = op.Add(h, op.Unsqueeze(b1, op.Constant(value_ints=[1])))
+    h = _act(h, activation)
+    if w3 is not None:
+        h = op.Mul(h, op.MatMul(x, op.Transpose(w3, perm=[0, 2, 1])))
+    out = op.MatMul(h, op.Transpose(w2, perm=[0, 2, 1]))  # [E, T, H]
+    out = op.Mul(out, op.Unsqueeze(op.Transpose(full, perm=[1, 0]),
+                                   op.Constant(value_ints=[2])))
+    return op.ReduceSum(out, op.Constant(value_ints=[0]), keepdims=0)
+
+
+ensure_registered({"moe": moe_onnx})
+
+__all__ = ["kernel_activation", "moe_onnx"]

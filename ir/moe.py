@@ -1,0 +1,233 @@
+"""``modelfold::moe``: a mixture-of-experts FFN (router + top-k + routed experts) as one op, and
+``MoEFFN``, the module the ``moefy`` pass swaps in for a dense FFN.
+
+An FFN ``down(act(gate x) * up x)`` (gated: SwiGLU / GeGLU) or ``fc_out(act(fc_in x))`` (dense)
+is a sum over its neurons. ``MoEFFN`` holds the neurons in ``E`` experts (each the same rows of
+gate / up and columns of down as the dense layer had), an optional always-active shared expert,
+and the output bias once, outside the experts. Per token:
+
+- ``logits = router(x)`` ``[T, E]`` (a linear map without bias, as Mixtral's);
+- ``probs = softmax(logits)`` in float32; the experts with the ``k`` largest probabilities are
+  chosen (Mixtral's order: top-k of the probabilities);
+- ``weighting="unit"``: every chosen expert contributes with weight 1, so ``k = E`` is the dense
+  FFN (MoEfication: the router only selects). The weight's gradient is the probability's
+  (``1 + p - p.detach()``: value exactly 1), so recovery training reaches the router;
+- ``weighting="softmax"``: Mixtral's weights, the chosen probabilities renormalised to sum 1
+  (``moefy`` multiplies the experts' down projections by ``k`` so that equal probabilities give
+  weight 1). This is what Mixtral / Qwen2-MoE checkpoints compute; it is exact at ``k = E`` only
+  when the router is uniform.
+
+Eager forward computes each chosen expert on the tokens routed to it (the expert modules are
+called, so quantized / LoRA experts and calibration hooks work as for any linear). Under
+``torch.export`` / ``torch.compile`` a module whose experts are plain linears becomes one
+``modelfold::moe`` node over stacked weights (``[E, I, H]`` gate / up, ``[E, H, I]`` down); its
+ONNX lowering is ONNX Runtime's ``com.microsoft.MoE`` (only the chosen experts are computed and
+read), its Triton lowering computes the routed experts token group by token group. Experts of any
+other kind (quantized, LoRA, N:M) are captured as every expert times its routing weight (zero
+when not chosen): correct, but all expert weights are read; ``moe_lowering`` reports which.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from modelfold.ir.module_types import register_module_type
+
+WEIGHTINGS = ("unit", "softmax")
+
+
+def _activation(name: str):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def route(logits: torch.Tensor, top_k: int, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [T, k], experts [T, k])`` of router ``logits`` ``[T, E]``."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, index = torch.topk(probs, top_k, dim=-1)
+    if weighting == "softmax":
+        weights = top / top.sum(dim=-1, keepdim=True)
+    elif weighting == "unit":
+        weights = 1.0 + (top - top.detach())
+    else:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
+    return weights.to(logits.dtype), index
+
+
+def dispatch(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, num_experts: int,
+             expert) -> torch.Tensor:
+    """``sum_k weights[t, k] * expert(index[t, k], x[t])``, computing each expert once on the
+    tokens routed to it (``expert(e, rows)`` -> ``[n, H]``)."""
+    out = torch.zeros_like(x)
+    hit = torch.bincount(index.flatten(), minlength=num_experts)
+    for e in torch.nonzero(hit).flatten().tolist():
+        token, slot = torch.where(index == e)
+        y = expert(e, x[token]) * weights[token, slot, None]
+        out = out.index_add(0, token, y.to(out.dtype))
+    return out
+
+
+def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor,
+               b1: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """One expert: ``w2 act(w1 x + b1) * (w3 x)`` (gated when ``w3`` is given)."""
+    act = _activation(activation)
+    h = F.linear(x, w1, b1)
+    h = act(h) * F.linear(x, w3) if w3 is not None else act(h)
+    return F.linear(h, w2)
+
+
+@torch.library.custom_op("modelfold::moe", mutates_args=())
+def moe(x: torch.Tensor, router: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None,
+        w2: torch.Tensor, b1: torch.Tensor | None, top_k: int, activation: str,
+        weighting: str) -> torch.Tensor:
+    """Routed experts of tokens ``x`` ``[T, H]``: router ``[E, H]``, ``w1`` (gate, or fc_in of a
+    dense FFN) and ``w3`` (up; None for a dense FFN) ``[E, I, H]``, ``w2`` (down) ``[E, H, I]``,
+    ``b1`` ``[E, I]`` or None. Returns ``[T, H]`` (no shared expert, no output bias)."""
+    weights, index = route(F.linear(x, router), top_k, weighting)
+    return dispatch(x, weights, index, router.shape[0], lambda e, rows: expert_ffn(
+        rows, w1[e], None if w3 is None else w3[e], w2[e], None if b1 is None else b1[e],
+        activation))
+
+
+@moe.register_fake
+def _(x, router, w1, w3, w2, b1, top_k, activation, weighting):
+    return torch.empty_like(x)
+
+
+class Expert(nn.Module):
+    """One expert (or the shared expert): ``down(act(gate x) * up x)`` or ``down(act(up x))``.
+
+    A dense FFN's ``fc_in`` is ``up_proj`` here (with its bias, split between the experts).
+    """
+
+    def __init__(self, hidden: int, size: int, *, gated: bool, activation: str,
+                 bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, size, bias=bias) if gated else None
+        self.up_proj = nn.Linear(hidden, size, bias=bias and not gated)
+        self.down_proj = nn.Linear(size, hidden, bias=False)
+        self.activation = activation
+        self.act_fn = _activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(self.act_fn(self.up_proj(x)))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEFFN(nn.Module):
+    """A mixture-of-experts FFN: ``router``, ``experts`` (``Expert`` each), an optional always
+    active ``shared`` expert and the dense layer's output bias (``bias``).
+
+    Args:
+        hidden: model width H.
+        expert_size: neurons per expert I.
+        num_experts: E.
+        top_k: experts per token.
+        activation: transformers activation name (``silu``, ``gelu_pytorch_tanh`` ...).
+        gated: gate/up experts (SwiGLU / GeGLU) or fc_in -> act -> fc_out.
+        weighting: ``unit`` or ``softmax`` (module docstring).
+        expert_bias: the experts' fc_in has a bias (dense FFNs with biases).
+        out_bias: a bias added once after the experts.
+        shared_size: neurons of the shared expert (0: none).
+    """
+
+    def __init__(self, hidden: int, expert_size: int, num_experts: int, top_k: int, *,
+                 activation: str, gated: bool, weighting: str = "unit",
+                 expert_bias: bool = False, out_bias: bool = False, shared_size: int = 0):
+        super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in 1..{num_experts}; got {top_k}")
+        self.hidden, self.expert_size, self.num_experts = hidden, expert_size, num_experts
+        self.top_k, self.activation, self.gated, self.weighting = top_k, activation, gated, \
+            weighting
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            Expert(hidden, expert_size, gated=gated, activation=activation, bias=expert_bias)
+            for _ in range(num_experts))
+        self.shared = Expert(hidden, shared_size, gated=gated, activation=activation,
+                             bias=expert_bias) if shared_size else None
+        self.bias = nn.Parameter(torch.zeros(hidden)) if out_bias else None
+        self.last_router_logits: torch.Tensor | None = None  # kept while training (aux losses)
+
+    @property
+    def shared_size(self) -> int:
+        return 0 if self.shared is None else self.shared.down_proj.in_features
+
+    def fusable(self) -> bool:
+        """Whether the experts are plain linears (one ``modelfold::moe`` node when captured)."""
+        return all(type(m) is nn.Linear for e in self.experts
+                   for m in (e.gate_proj, e.up_proj, e.down_proj) if m is not None)
+
+    def stacked(self) -> dict[str, torch.Tensor | None]:
+        """The experts' weights stacked as the op takes them: w1, w3, w2, b1."""
+        first = "gate_proj" if self.gated else "up_proj"
+        w1 = torch.stack([getattr(e, first).weight for e in self.experts])
+        w3 = torch.stack([e.up_proj.weight for e in self.experts]) if self.gated else None
+        w2 = torch.stack([e.down_proj.weight for e in self.experts])
+        bias = getattr(self.experts[0], first).bias
+        b1 = torch.stack([getattr(e, first).bias for e in self.experts]) \
+            if bias is not None else None
+        return {"w1": w1, "w3": w3, "w2": w2, "b1": b1}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.hidden)
+        if torch.compiler.is_compiling() and self.fusable():
+            s = self.stacked()
+            out = torch.ops.modelfold.moe(flat, self.router.weight, s["w1"], s["w3"], s["w2"],
+                                          s["b1"], self.top_k, self.activation, self.weighting)
+        else:
+            logits = self.router(flat)
+            if self.training:
+                self.last_router_logits = logits
+            weights, index = route(logits, self.top_k, self.weighting)
+            if torch.compiler.is_compiling():  # experts of other kinds: all of them, weighted
+                full = torch.zeros_like(logits).scatter(1, index, weights)
+                out = sum(self.experts[e](flat) * full[:, e:e + 1]
+                          for e in range(self.num_experts))
+            else:
+                out = dispatch(flat, weights, index, self.num_experts,
+                               lambda e, rows: self.experts[e](rows))
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, top_k={self.top_k}, expert_size={self.expert_size}"
+                f", shared={self.shared_size}, activation={self.activation}, "
+                f"weighting={self.weighting}")
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoEFFN]:
+    """Path -> ``MoEFFN`` of every converted FFN in ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoEFFN)}
+
+
+def _describe(m: MoEFFN) -> dict[str, Any]:
+    first = m.experts[0].gate_proj if m.gated else m.experts[0].up_proj
+    return {"hidden": m.hidden, "expert_size": m.expert_size, "num_experts": m.num_experts,
+            "top_k": m.top_k, "activation": m.activation, "gated": m.gated,
+            "weighting": m.weighting, "expert_bias": getattr(first, "bias", None) is not None,
+            "out_bias": m.bias is not None, "shared_size": m.shared_size}
+
+
+def _build(f: dict[str, Any]) -> MoEFFN:
+    return MoEFFN(f["hidden"], f["expert_size"], f["num_experts"], f["top_k"],
+                  activation=f["activation"], gated=f["gated"], weighting=f["weighting"],
+                  expert_bias=f["expert_bias"], out_bias=f["out_bias"],
+                  shared_size=f["shared_size"])
+
+
+register_module_type(MoEFFN, _describe, _build)
+
+__all__ = ["WEIGHTINGS", "Expert", "MoEFFN", "dispatch", "expert_ffn", "moe", "moe_layers",
+           "route"]
