@@ -115,6 +115,11 @@ _FAMILIES: dict[str, tuple] = {
         attention_proj=_LLAMA_LIKE.attention_proj,
         mlp_proj={"router": "mlp.gate", "experts": "mlp.experts"}),
         ("model.embed_tokens",), "model.norm", "lm_head", "moe"),
+    "qwen2_moe": ("causal-lm", "model.layers", LayerLayout(
+        attention="self_attn", mlp="mlp", norms=("input_layernorm", "post_attention_layernorm"),
+        attention_proj=_LLAMA_LIKE.attention_proj,
+        mlp_proj={"router": "mlp.gate", "experts": "mlp.experts"}),
+        ("model.embed_tokens",), "model.norm", "lm_head", "moe"),
     "gpt2": ("causal-lm", "transformer.h", LayerLayout(
         attention="attn", mlp="mlp", norms=("ln_1", "ln_2"),
         attention_proj={"qkv": "attn.c_attn", "o": "attn.c_proj"},

@@ -76,6 +76,42 @@ def rebuild_hooks() -> list[Callable[[nn.Module], None]]:
     return list(_REBUILD_HOOKS)
 
 
+class StandardFormatError(ValueError):
+    """A transformed model has no standard transformers format (the message says why)."""
+
+
+@dataclass(frozen=True)
+class StandardFormat:
+    """A standard transformers checkpoint format that a dialect's modules can be written in.
+
+    ``convert(model)`` returns ``(config, tensors, format name)``, None when the model has none of
+    the dialect's modules, or raises ``StandardFormatError``; ``restore(model)`` swaps the
+    dialect's modules back into a model loaded from such a checkpoint (found by ``marker``, a
+    file written next to it) and returns how many it swapped.
+    """
+
+    name: str
+    marker: str
+    convert: Callable[[nn.Module], Any]
+    restore: Callable[[nn.Module], int]
+
+
+_STANDARD_FORMATS: dict[str, StandardFormat] = {}
+
+
+def register_standard_format(name: str, marker: str, convert: Callable[[nn.Module], Any],
+                             restore: Callable[[nn.Module], int]) -> None:
+    """Teach ``save_checkpoint`` a standard format for a dialect's modules (see
+    ``StandardFormat``)."""
+    _STANDARD_FORMATS[name] = StandardFormat(name, marker, convert, restore)
+
+
+def standard_formats() -> list[StandardFormat]:
+    """Every registered standard format (every dialect module imported first)."""
+    load_dialects()
+    return list(_STANDARD_FORMATS.values())
+
+
 def registered_module_types() -> dict[str, type[nn.Module]]:
     """Type name -> class of every module type checkpoints can describe and rebuild."""
     load_dialects()
@@ -107,6 +143,7 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-__all__ = ["ModuleType", "load_dialects", "rebuild_hooks", "register_module_type",
-           "register_rebuild_hook", "registered_module_types",
+__all__ = ["ModuleType", "StandardFormat", "StandardFormatError", "load_dialects",
+           "rebuild_hooks", "register_module_type", "register_rebuild_hook",
+           "register_standard_format", "registered_module_types", "standard_formats",
            "type_for_class", "type_named"]

@@ -35,7 +35,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from modelfold.ir.module_types import register_module_type
+from modelfold.ir.module_types import (
+    StandardFormatError,
+    register_module_type,
+    register_standard_format,
+)
 
 WEIGHTINGS = ("unit", "softmax")
 
@@ -207,6 +211,23 @@ class MoEFFN(nn.Module):
                 f"weighting={self.weighting}")
 
 
+def balance_loss(model: nn.Module) -> torch.Tensor | None:
+    """Switch Transformer's load-balancing loss, averaged over the MoE layers of the last
+    training forward: ``E * sum_e f_e * P_e`` (f_e: the share of top-k slots routed to expert e,
+    P_e: its mean router probability); 1 when balanced. None without MoE layers."""
+    losses = []
+    for m in moe_layers(model).values():
+        logits = m.last_router_logits
+        if logits is None:
+            continue
+        probs = torch.softmax(logits.float(), dim=-1)
+        index = torch.topk(probs, m.top_k, dim=-1).indices
+        load = torch.bincount(index.flatten(), minlength=m.num_experts).float() / index.numel()
+        losses.append(m.num_experts * (load * probs.mean(0)).sum())
+        m.last_router_logits = None
+    return torch.stack(losses).mean() if losses else None
+
+
 def moe_layers(model: nn.Module) -> dict[str, MoEFFN]:
     """Path -> ``MoEFFN`` of every converted FFN in ``model``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MoEFFN)}
@@ -229,5 +250,151 @@ def _build(f: dict[str, Any]) -> MoEFFN:
 
 register_module_type(MoEFFN, _describe, _build)
 
-__all__ = ["WEIGHTINGS", "Expert", "MoEFFN", "dispatch", "expert_ffn", "moe", "moe_layers",
-           "route"]
+
+
+# -- standard transformers MoE checkpoints ---------------------------------------------------------
+MARKER = "modelfold_moe.json"  # written next to a standard checkpoint that moefy produced
+
+
+class NotStandardError(StandardFormatError):
+    """The converted model has no standard transformers MoE format (the message says why)."""
+
+
+def _base_config(config: Any) -> dict[str, Any]:
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+            "initializer_range", "rms_norm_eps", "use_cache", "pad_token_id", "bos_token_id",
+            "eos_token_id", "tie_word_embeddings", "rope_parameters", "attention_dropout")
+    d = config.to_dict()
+    return {k: d[k] for k in keys if k in d}
+
+
+def standard_checkpoint(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor], str] | None:
+    """``(config, tensors, format)`` of the standard transformers checkpoint of a model whose FFNs
+    ``moefy`` converted: Mixtral (every layer converted, no shared expert) or Qwen2-MoE (a shared
+    expert, layers left dense, or a Qwen2 source with q/k/v biases). None when the model has no
+    converted FFN.
+
+    Raises:
+        NotStandardError: no standard format computes what this model computes.
+    """
+    import transformers as tf
+
+    from modelfold.ir.architecture import describe
+
+    layers = moe_layers(model)
+    if not layers:
+        return None
+    arch = describe(model)
+    config = model.config
+    family = arch.family
+    if family not in ("llama", "mistral", "qwen2"):
+        raise NotStandardError(f"{family} has no transformers MoE counterpart (Mixtral and "
+                               "Qwen2-MoE take Llama, Mistral and Qwen2 sources)")
+    stack = model.get_submodule(arch.layers)
+    moe = {i: layer.mlp for i, layer in enumerate(stack) if isinstance(layer.mlp, MoEFFN)}
+    first = next(iter(moe.values()))
+    facts = {_describe(m)["num_experts"] for m in moe.values()}, \
+        {(m.top_k, m.expert_size, m.shared_size, m.activation, m.weighting, m.gated)
+         for m in moe.values()}
+    if len(facts[0]) > 1 or len(facts[1]) > 1:
+        raise NotStandardError("the converted layers differ in experts / top_k / sizes; the "
+                               "standard formats have one setting for every layer")
+    if first.weighting != "softmax":
+        raise NotStandardError(
+            "the experts are weighted 'unit' (each chosen expert as in the dense FFN), and "
+            "Mixtral / Qwen2-MoE weight them by renormalised router probabilities; convert with "
+            "moefy{weights=softmax} for a standard checkpoint")
+    if not first.gated or any(m.bias is not None or _describe(m)["expert_bias"]
+                              for m in moe.values()):
+        raise NotStandardError("the standard MoE formats have gated experts without biases")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise NotStandardError(f"this {family} model has attention / MLP biases that Mixtral "
+                               "and Qwen2-MoE do not have")
+    window = getattr(config, "sliding_window", None) if family == "mistral" else None
+    dense = [i for i in range(len(stack)) if i not in moe]
+    qwen = family == "qwen2" or first.shared is not None or dense
+    base = _base_config(config)
+    if not qwen:
+        fmt = "mixtral"
+        out_config = tf.MixtralConfig(**base, intermediate_size=first.expert_size,
+                                      num_local_experts=first.num_experts,
+                                      num_experts_per_tok=first.top_k, sliding_window=window)
+    else:
+        if window is not None:
+            raise NotStandardError("Qwen2-MoE (the format with a shared expert and dense "
+                                   "layers) has no Mistral sliding window here")
+        if first.shared is None:
+            raise NotStandardError("Qwen2-MoE (the format for dense layers / q-k-v biases) "
+                                   "needs a shared expert: convert with moefy{shared=S}")
+        fmt = "qwen2_moe"
+        dense_size = config.intermediate_size
+        out_config = tf.Qwen2MoeConfig(
+            **base, intermediate_size=dense_size, moe_intermediate_size=first.expert_size,
+            shared_expert_intermediate_size=first.shared_size, num_experts=first.num_experts,
+            num_experts_per_tok=first.top_k, norm_topk_prob=True, decoder_sparse_step=1,
+            mlp_only_layers=dense, qkv_bias=family == "qwen2", use_sliding_window=False)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if ".mlp." in name and int(name.split(".")[2]) in moe:
+            continue
+        if name == "lm_head.weight" and out_config.tie_word_embeddings:
+            continue
+        tensors[name] = tensor.detach().contiguous()
+    for i, m in moe.items():
+        p = f"{arch.layers}.{i}.mlp."
+        tensors[p + "gate.weight"] = m.router.weight.detach().clone()
+        tensors[p + "experts.gate_up_proj"] = torch.stack(
+            [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in m.experts]).detach()
+        tensors[p + "experts.down_proj"] = torch.stack(
+            [e.down_proj.weight for e in m.experts]).detach()
+        if m.shared is not None:  # sigmoid(0) = 1/2 times a shared expert scaled by 2: exact
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                w = getattr(m.shared, proj).weight.detach()
+                tensors[f"{p}shared_expert.{proj}.weight"] = w * 2 if proj == "down_proj" \
+                    else w.clone()
+            tensors[p + "shared_expert_gate.weight"] = torch.zeros(1, m.hidden,
+                                                                   dtype=m.router.weight.dtype)
+    return out_config, tensors, fmt
+
+
+def from_standard(model: nn.Module) -> int:
+    """Swap the Mixtral / Qwen2-MoE blocks of a checkpoint that ``moefy`` wrote for ``MoEFFN``s
+    (the same function: softmax weights, experts as linears, so quantize / LoRA reach each
+    expert). Returns how many blocks were swapped."""
+    count = 0
+    for name, block in list(model.named_modules()):
+        experts = getattr(block, "experts", None)
+        router = getattr(block, "gate", None)
+        if experts is None or not hasattr(experts, "gate_up_proj") or router is None:
+            continue
+        e, two_i, hidden = experts.gate_up_proj.shape
+        size = two_i // 2
+        shared = getattr(block, "shared_expert", None)
+        shared_gate = getattr(block, "shared_expert_gate", None)
+        if shared_gate is not None and torch.count_nonzero(shared_gate.weight):
+            raise NotStandardError(f"{name}: a shared expert with a learned sigmoid gate has no "
+                                   "modelfold equivalent")
+        activation = model.config.hidden_act
+        m = MoEFFN(hidden, size, e, router.top_k, activation=activation, gated=True,
+                   weighting="softmax",
+                   shared_size=shared.down_proj.in_features if shared is not None else 0)
+        with torch.no_grad():
+            m.router.weight.copy_(router.weight)
+            for k, expert in enumerate(m.experts):
+                expert.gate_proj.weight.copy_(experts.gate_up_proj[k, :size])
+                expert.up_proj.weight.copy_(experts.gate_up_proj[k, size:])
+                expert.down_proj.weight.copy_(experts.down_proj[k])
+            if shared is not None:
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    w = getattr(shared, proj).weight
+                    getattr(m.shared, proj).weight.copy_(w / 2 if proj == "down_proj" else w)
+        model.set_submodule(name, m.to(experts.gate_up_proj.dtype))
+        count += 1
+    return count
+
+
+register_standard_format("moe", MARKER, standard_checkpoint, from_standard)
+
+__all__ = ["MARKER", "WEIGHTINGS", "Expert", "MoEFFN", "NotStandardError", "balance_loss", "dispatch",
+           "expert_ffn", "from_standard", "moe", "moe_layers", "route", "standard_checkpoint"]

@@ -163,18 +163,21 @@ def compile(result: TransformResult | Program | nn.Module, *, backend: str = "tr
 
 
 def save(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
-         overwrite: bool = False) -> dict[str, Any]:
+         overwrite: bool = False, format: str = "auto") -> dict[str, Any]:
     """Save a (transformed) model as a checkpoint folder that ``load`` rebuilds without re-running
     its passes (no re-calibration); returns the checkpoint's manifest.
 
     The folder holds ``config.json``, ``model.safetensors`` (each tied tensor once),
     ``modelfold_checkpoint.json`` (pipeline, pass log, replaced modules, tied-tensor aliases) and
     the tokenizer; it is written under a temporary name and moved into place when complete.
-    See ``modelfold.checkpoint``.
+    A dense-to-MoE conversion (``moefy{weights=softmax}``) is written as a standard Mixtral /
+    Qwen2-MoE checkpoint that plain ``transformers`` loads (``format="auto"``, the default;
+    ``"modelfold"`` forces modelfold's format, ``"transformers"`` fails when no standard format
+    fits). See ``modelfold.checkpoint``.
     """
     from modelfold.checkpoint import save_checkpoint
 
-    return save_checkpoint(result, out_dir, overwrite=overwrite)
+    return save_checkpoint(result, out_dir, overwrite=overwrite, format=format)
 
 
 def save_adapter(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,

@@ -722,4 +722,18 @@ def load_model(
         raise AssetError(
             f"could not load the model in '{path}': {type(exc).__name__}: {exc}"
         ) from exc
+    _restore_standard(path, model)
     return model.eval(), tokenizer
+
+
+def _restore_standard(path: Path, model: torch.nn.Module) -> None:
+    """A standard checkpoint that modelfold wrote (a marker file next to it) gets its dialect
+    modules back (e.g. Mixtral blocks -> modelfold MoE layers, so passes reach each expert)."""
+    from modelfold.ir.module_types import StandardFormatError, standard_formats
+
+    for fmt in standard_formats():
+        if (path / fmt.marker).is_file():
+            try:
+                fmt.restore(model)
+            except StandardFormatError as exc:
+                raise AssetError(f"'{path}': {exc}") from exc

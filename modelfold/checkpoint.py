@@ -45,9 +45,11 @@ from modelfold.assets import (
 from modelfold.ir.lora import lora_layers
 from modelfold.ir.module_types import (
     ModuleType,
+    StandardFormatError,
     rebuild_hooks,
     register_module_type,
     registered_module_types,
+    standard_formats,
     type_for_class,
     type_named,
 )
@@ -88,8 +90,12 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+SAVE_FORMATS = ("auto", "modelfold", "transformers")
+
+
 def save_checkpoint(program_or_result: TransformResult | Program | nn.Module,
-                    out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+                    out_dir: str | Path, *, overwrite: bool = False,
+                    format: str = "auto") -> dict[str, Any]:
     """Write a transformed model as a reloadable checkpoint folder; returns its manifest.
 
     The folder is written under a temporary name and moved into place only when complete.
@@ -98,6 +104,10 @@ def save_checkpoint(program_or_result: TransformResult | Program | nn.Module,
         program_or_result: a ``TransformResult``, a ``Program`` or a Hugging Face model.
         out_dir: the folder to create.
         overwrite: replace an existing checkpoint (or empty folder) at ``out_dir``.
+        format: ``modelfold`` (this module's format); ``transformers``: a standard transformers
+            checkpoint that plain ``transformers`` loads (a dense-to-MoE conversion as Mixtral /
+            Qwen2-MoE), an error when none computes what the model does; ``auto``: the standard
+            one where it exists, else modelfold's.
 
     Raises:
         CheckpointError: ``out_dir`` exists (and may not be replaced), the model is not a Hugging
@@ -106,6 +116,9 @@ def save_checkpoint(program_or_result: TransformResult | Program | nn.Module,
     """
     from safetensors.torch import save_file
 
+    if format not in SAVE_FORMATS:
+        raise CheckpointError(f"checkpoint format must be one of {', '.join(SAVE_FORMATS)}; "
+                              f"got {format!r}")
     program, pipeline = _program_and_pipeline(program_or_result)
     module = program.module
     config = getattr(module, "config", None)
@@ -114,6 +127,14 @@ def save_checkpoint(program_or_result: TransformResult | Program | nn.Module,
                               "models (with a .config) can be rebuilt from config.json")
     out = Path(out_dir)
     check_destination(out, overwrite)
+    if format != "modelfold":
+        standard, why = _standard(module)
+        if standard is not None:
+            return _save_standard(program, pipeline, out, *standard)
+        if format == "transformers":
+            raise CheckpointError("no standard transformers format for this model: "
+                                  f"{why or 'it has no modules a standard format describes'}; "
+                                  "save it in modelfold's format (format='modelfold')")
     tensors, aliases = _unique_tensors(module)
     manifest: dict[str, Any] = {
         "format": FORMAT, "version": FORMAT_VERSION,
@@ -156,6 +177,65 @@ def save_checkpoint(program_or_result: TransformResult | Program | nn.Module,
                              if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
+
+
+def _standard(module: nn.Module) -> tuple[tuple[Any, ...] | None, str]:
+    """``((config, tensors, name, marker), "")`` of the first standard format that describes
+    ``module``, else ``(None, why not)``."""
+    why = ""
+    for fmt in standard_formats():
+        try:
+            found = fmt.convert(module)
+        except StandardFormatError as exc:
+            why = str(exc)
+            continue
+        if found is not None:
+            return (*found, fmt.marker), ""
+    return None, why
+
+
+def _save_standard(program: Program, pipeline: str, out: Path, config: Any,
+                   tensors: dict[str, torch.Tensor], name: str, marker: str) -> dict[str, Any]:
+    """Write a standard transformers checkpoint, after loading it into its transformers class
+    here and comparing logits with the model (a folder that would not match is never written)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, initialization
+
+    with initialization.no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=_float_dtype(program.module))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"the {name} checkpoint does not fit its own class: missing "
+                              f"{missing[:4]}, unexpected {unexpected[:4]}")
+    model.tie_weights()
+    model.eval()
+    probe = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mine = program.module(input_ids=probe, use_cache=False).logits.float()
+        theirs = model(input_ids=probe, use_cache=False).logits.float()
+    diff = float((mine - theirs).abs().max())
+    if not diff <= 1e-4 * max(1.0, float(mine.abs().max())):
+        raise CheckpointError(f"the {name} checkpoint's logits differ from the model's by {diff:.3g};"
+                              " not written")
+    facts = {"format": name, "class": type(model).__name__, "source": program.source,
+             "source_family": program.arch.family, "pipeline": pipeline,
+             "parity_max_abs_diff": diff,
+             "passes": [_jsonable(asdict(r)) for r in program.log]}
+    with output_lock(out), atomic_output(out) as tmp:
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
+                  metadata={"format": "pt"})
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        if program.tokenizer is not None:
+            program.tokenizer.save_pretrained(tmp)
+        gen_config = getattr(program.module, "generation_config", None)
+        if gen_config is not None:
+            gen_config.save_pretrained(tmp)
+        (tmp / marker).write_text(json.dumps(facts, indent=2, default=str) + "\n")
+        facts["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    return facts
 
 
 def _program_and_pipeline(obj: Any) -> tuple[Program, str]:

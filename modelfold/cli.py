@@ -132,11 +132,14 @@ def _convert(args: argparse.Namespace, out: Path | None) -> int:
     summary: dict[str, Any] = {"pipeline": result.pipeline}
     if args.save_model is not None:
         # Saved before the export, so a failed export still leaves the transformed model.
-        saved = modelfold.save(result, args.save_model, overwrite=args.overwrite)
-        summary.update(checkpoint=args.save_model, checkpoint_bytes=sum(saved["files"].values()))
+        saved = modelfold.save(result, args.save_model, overwrite=args.overwrite,
+                               format=args.save_format)
+        kind = saved["format"] if saved["format"] != "modelfold-checkpoint" else "modelfold"
+        summary.update(checkpoint=args.save_model, checkpoint_bytes=sum(saved["files"].values()),
+                       checkpoint_format=kind)
         if not args.json:
-            print(f"saved checkpoint {args.save_model}/ "
-                  f"({summary['checkpoint_bytes'] / 2**20:.1f} MiB)")
+            print(f"saved checkpoint {args.save_model}/ ({kind} format, "
+                  f"{summary['checkpoint_bytes'] / 2**20:.1f} MiB)")
     if out is None:
         if args.json:
             _print_json(summary)
@@ -691,6 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save the transformed model as a checkpoint folder (safetensors + "
                         "config) that MODEL arguments and modelfold.load() accept, so it reloads "
                         "without re-running the pipeline; written before the ONNX export")
+    p.add_argument("--save-format", choices=["auto", "modelfold", "transformers"],
+                   default="auto",
+                   help="--save-model's format: transformers = a standard checkpoint plain "
+                        "transformers loads (a moefy{weights=softmax} conversion as Mixtral / "
+                        "Qwen2-MoE), modelfold = modelfold's own, auto (default) = the standard "
+                        "one where it exists")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--no-verify", action="store_true", help="skip IR verification between passes")
     p.add_argument("--no-parity", action="store_true", help="skip the torch/ORT parity check")

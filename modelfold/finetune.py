@@ -63,6 +63,8 @@ class TrainConfig(Options):
     kl_weight: float = option(0.0, "weight of T^2 * KL(teacher || student); needs a teacher")
     hidden_weight: float = option(0.0, "weight of the hidden-state MSE to the teacher")
     temperature: float = option(1.0, "distillation temperature T")
+    balance_weight: float = option(0.0, "weight of the load-balancing loss of mixture-of-experts "
+                                        "layers (moefy): E * sum_e load_e * mean_prob_e")
     eval_every: int = option(0, "evaluate perplexity every N steps (0: before and after only)")
     eval_chars: int = option(20_000, "characters of the evaluation split scored by each eval")
     checkpoint_every: int = option(0, "write a checkpoint every N steps (0: only at the end)")
@@ -83,7 +85,7 @@ class TrainConfig(Options):
             value = getattr(self, name)
             if not value > 0 or not math.isfinite(value):
                 raise OptionError(f"train option '{name}' must be > 0; got {value}")
-        for name in ("weight_decay", "ce_weight", "kl_weight", "hidden_weight"):
+        for name in ("weight_decay", "ce_weight", "kl_weight", "hidden_weight", "balance_weight"):
             value = getattr(self, name)
             if not value >= 0 or not math.isfinite(value):
                 raise OptionError(f"train option '{name}' must be >= 0; got {value}")
@@ -460,6 +462,15 @@ def _loss(module: nn.Module, teacher: nn.Module | None, batch: torch.Tensor, cfg
         ce = F.cross_entropy(flat, labels.flatten(), ignore_index=-100)
         total = total + cfg.ce_weight * ce
         terms["ce"] = ce.item()
+    if cfg.balance_weight > 0:
+        from modelfold.ir.moe import balance_loss
+
+        balance = balance_loss(module)
+        if balance is None:
+            raise TrainError("balance_weight > 0 but the model has no mixture-of-experts layers "
+                             "(moefy) in training mode")
+        total = total + cfg.balance_weight * balance
+        terms["balance"] = balance.item()
     if teacher is None or not (cfg.kl_weight > 0 or want_hidden):
         return total, terms
     teacher_device = next(teacher.parameters()).device

@@ -108,15 +108,28 @@ def uptrain(model: Any, *, teacher: nn.Module, **options: Any) -> dict[str, Any]
     share attention (``share-attention``) with the fine-tuning engine.
 
     Trains what the pass marked trainable (tie-layers: shared weights, per-depth vectors,
-    relaxation adapters; share-attention: the attention of the layers in a group). Defaults:
+    relaxation adapters; share-attention: the attention of the layers in a group; moefy: the
+    routers, and the experts too with ``train_experts=True``; ``balance_weight`` adds the
+    load-balancing loss). Defaults:
     ``kl_weight=1`` (T^2 KL to the teacher), ``ce_weight=0``, ``lr=1e-4``; any
     ``modelfold.finetune.TrainConfig`` option (``steps``, ``batch_size``, ``seq_len`` ...)
     overrides them, and ``checkpoint_dir`` / ``tokenizer`` pass through to ``train``.
     """
     from modelfold.finetune import TrainConfig, train
+    from modelfold.ir.moe import moe_layers
     from modelfold.ir.shared_attention import sharing_of
 
-    if sharing_of(_program(model).module) is None:  # share-attention models train their attention
+    module = _program(model).module
+    experts = options.pop("train_experts", False)
+    moe = moe_layers(module)
+    if moe:  # moefy models train their routers (and, with train_experts, the experts)
+        for m in moe.values():
+            m.router.weight.requires_grad_(True)
+            for p in m.experts.parameters():
+                p.requires_grad_(bool(experts))
+    elif experts:
+        raise RecursiveError("train_experts is for mixture-of-experts models (moefy)")
+    elif sharing_of(module) is None:  # share-attention models train their attention
         tying_record(model)
     passthrough = {k: options.pop(k) for k in ("checkpoint_dir", "tokenizer", "resume",
                                                 "step_callback", "progress", "log") if k in options}
