@@ -174,12 +174,12 @@ def _rebase(path: str, old: str, new: str) -> str:
     return new + path[len(old):] if path and path.startswith(old) else path
 
 
-def _converted_to_moe(stack: nn.ModuleList, mlp: str) -> bool:
-    """Whether any layer's FFN is a modelfold mixture of experts (``moefy``)."""
+def _converted_to_moe(stack: nn.ModuleList, mlp: str) -> list[nn.Module]:
+    """The layers whose FFN is a modelfold mixture of experts (``moefy``)."""
     from modelfold.ir.moe import MoEFFN
 
-    return any(_has(layer, mlp) and isinstance(layer.get_submodule(mlp), MoEFFN)
-               for layer in stack)
+    return [layer for layer in stack
+            if _has(layer, mlp) and isinstance(layer.get_submodule(mlp), MoEFFN)]
 
 
 def describe(model: nn.Module) -> Architecture:
@@ -215,10 +215,12 @@ def describe(model: nn.Module) -> Architecture:
             missing.append(f"layers in `{layers}` (it is empty)")
         else:
             first = stack[0]
-            if layout.mlp and _converted_to_moe(stack, layout.mlp):
+            converted = _converted_to_moe(stack, layout.mlp) if layout.mlp else []
+            if converted:
                 # FFNs converted by moefy (modelfold.ir.moe): experts are ordinary linears
                 layout = replace(layout, mlp_proj={"router": f"{layout.mlp}.router"})
                 mlp_type = "moe"
+                first = converted[0]
             parts = [layout.attention, *layout.norms, *layout.attention_proj.values(),
                      *layout.mlp_proj.values()] + ([layout.mlp] if layout.mlp else [])
             missing += [f"`{layers}.0.{p}`" for p in parts if not _has(first, p)]
