@@ -22,9 +22,10 @@ called, so quantized / LoRA experts and calibration hooks work as for any linear
 ``torch.export`` / ``torch.compile`` a module whose experts are plain linears becomes one
 ``modelfold::moe`` node over stacked weights (``[E, I, H]`` gate / up, ``[E, H, I]`` down); its
 ONNX lowering is ONNX Runtime's ``com.microsoft.MoE`` (only the chosen experts are computed and
-read), its Triton lowering computes the routed experts token group by token group. Experts of any
-other kind (quantized, LoRA, N:M) are captured as every expert times its routing weight (zero
-when not chosen): correct, but all expert weights are read; ``moe_lowering`` reports which.
+read). SwiGLU experts quantized to int4 in one format whose blocks divide H and I become
+``modelfold::quant_moe`` (their MatMulNBits storage stacked; ONNX: ``com.microsoft.QMoE``).
+Experts of any other kind (LoRA, N:M, int8 / other quantized formats) are captured as every expert times
+its routing weight (zero when not chosen): correct, but all expert weights are read.
 """
 
 from __future__ import annotations
@@ -103,6 +104,38 @@ def _(x, router, w1, w3, w2, b1, top_k, activation, weighting):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("modelfold::quant_moe", mutates_args=())
+def quant_moe(x: torch.Tensor, router: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor,
+              z1: torch.Tensor | None, q3: torch.Tensor, s3: torch.Tensor,
+              z3: torch.Tensor | None, q2: torch.Tensor, s2: torch.Tensor,
+              z2: torch.Tensor | None, top_k: int, activation: str, weighting: str, bits: int,
+              block_size: int) -> torch.Tensor:
+    """``modelfold::moe`` over gated experts quantized in the MatMulNBits layout, per expert:
+    ``q*`` uint8 ``[E, N, K * bits / 8]`` (each row's blocks side by side), scales ``[E, N, K /
+    block]``, packed zero points ``[E, N, ceil(K / block * bits / 8)]`` or None (the default
+    2^(bits-1)); 1 = gate, 3 = up, 2 = down."""
+    from modelfold.ir.quant import dequantize
+
+    def weight(q, s, z, e):
+        return dequantize(q[e], s[e], None if z is None else z[e], q.shape[2] * 8 // bits, bits,
+                          block_size).to(x.dtype)
+
+    weights, index = route(F.linear(x, router), top_k, weighting)
+    return dispatch(x, weights, index, router.shape[0], lambda e, rows: expert_ffn(
+        rows, weight(q1, s1, z1, e), weight(q3, s3, z3, e), weight(q2, s2, z2, e), None,
+        activation))
+
+
+@quant_moe.register_fake
+def _(x, router, q1, s1, z1, q3, s3, z3, q2, s2, z2, top_k, activation, weighting, bits,
+      block_size):
+    return torch.empty_like(x)
+
+
+# activations whose quantized experts ONNX Runtime's QMoE kernel computes (SwiGLU)
+QUANT_KERNEL_ACTIVATIONS = ("silu", "swish")
+
+
 class Expert(nn.Module):
     """One expert (or the shared expert): ``down(act(gate x) * up x)`` or ``down(act(up x))``.
 
@@ -170,6 +203,35 @@ class MoEFFN(nn.Module):
         return all(type(m) is nn.Linear for e in self.experts
                    for m in (e.gate_proj, e.up_proj, e.down_proj) if m is not None)
 
+    def quant_format(self) -> tuple[int, int] | None:
+        """``(bits, block_size)`` when every expert projection is a ``QuantLinear`` of one
+        format that the quantized MoE op takes (gated SwiGLU experts, whole blocks), else None."""
+        if not self.gated or self.activation not in QUANT_KERNEL_ACTIVATIONS:
+            return None
+        linears = [m for e in self.experts for m in (e.gate_proj, e.up_proj, e.down_proj)]
+        if any(type(m).__name__ != "QuantLinear" or m.bias is not None for m in linears):
+            return None
+        formats = {(m.storage_bits, m.block_size, m.zero_points is None) for m in linears}
+        if len(formats) != 1:
+            return None
+        bits, block, _ = formats.pop()
+        # int8 experts: ONNX Runtime's QMoE has no float kernel for them (int8 activations)
+        if bits != 4 or self.hidden % block or self.expert_size % block:
+            return None
+        return bits, block
+
+    def quant_stacked(self) -> dict[str, torch.Tensor | None]:
+        """The quantized experts' storage stacked as ``quant_moe`` takes it."""
+        out: dict[str, torch.Tensor | None] = {}
+        for key, proj in (("1", "gate_proj"), ("3", "up_proj"), ("2", "down_proj")):
+            mods = [getattr(e, proj) for e in self.experts]
+            out["q" + key] = torch.stack([m.qweight.reshape(m.qweight.shape[0], -1)
+                                          for m in mods])
+            out["s" + key] = torch.stack([m.scales for m in mods])
+            out["z" + key] = None if mods[0].zero_points is None else \
+                torch.stack([m.zero_points for m in mods])
+        return out
+
     def stacked(self) -> dict[str, torch.Tensor | None]:
         """The experts' weights stacked as the op takes them: w1, w3, w2, b1."""
         first = "gate_proj" if self.gated else "up_proj"
@@ -183,10 +245,16 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.hidden)
+        quant = self.quant_format() if torch.compiler.is_compiling() else None
         if torch.compiler.is_compiling() and self.fusable():
             s = self.stacked()
             out = torch.ops.modelfold.moe(flat, self.router.weight, s["w1"], s["w3"], s["w2"],
                                           s["b1"], self.top_k, self.activation, self.weighting)
+        elif quant is not None:
+            q = self.quant_stacked()
+            out = torch.ops.modelfold.quant_moe(
+                flat, self.router.weight, q["q1"], q["s1"], q["z1"], q["q3"], q["s3"], q["z3"],
+                q["q2"], q["s2"], q["z2"], self.top_k, self.activation, self.weighting, *quant)
         else:
             logits = self.router(flat)
             if self.training:
@@ -397,4 +465,5 @@ def from_standard(model: nn.Module) -> int:
 register_standard_format("moe", MARKER, standard_checkpoint, from_standard)
 
 __all__ = ["MARKER", "WEIGHTINGS", "Expert", "MoEFFN", "NotStandardError", "balance_loss", "dispatch",
-           "expert_ffn", "from_standard", "moe", "moe_layers", "route", "standard_checkpoint"]
+           "expert_ffn", "from_standard", "moe", "moe_layers", "quant_moe", "route",
+           "standard_checkpoint"]

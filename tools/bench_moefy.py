@@ -13,7 +13,8 @@ perplexity without training, active FFN parameters per token, routers' held-out 
 recover: the converted model distilled from the dense one (``modelfold.uptrain``: T^2 KL,
 ``--steps`` x ``--batch-size`` x ``--seq-len`` tokens of the calibration split, lr ``--lr``,
 load-balancing loss ``--balance``), routers only or routers + experts; then exported to ONNX
-(fp32, default fusions) with its bytes and ONNX perplexity.
+(fp32, default fusions) with its bytes and ONNX perplexity; the dense model and the routers +
+experts models also as int4 (RTN, group 64: ``QMoE`` for the experts).
 
 speed: decode tokens/s (ONNX Runtime, batch 1, ``--threads`` threads, greedy, 64 new tokens)
 after a 16- and a 1,024-token prompt for the dense artifact and each recovered one, ``--rounds``
@@ -62,6 +63,14 @@ RECOVER = [(spec(2, "coactivation", "trained"), False), (spec(2, "coactivation",
            (spec(4, "coactivation", "trained"), True)]
 
 
+# group 64: QMoE needs blocks that divide H = 576 and the expert size 192 (128 does not)
+INT4 = "quantize{method=rtn,bits=4,group_size=64}"
+
+
+def _int4(model, args):
+    return modelfold.transform(model, INT4, context=QUIET)
+
+
 def convert(base, moefy: str):
     return modelfold.transform(base.converted(), f"moefy{{{moefy}}}", context=QUIET)
 
@@ -102,6 +111,11 @@ def part_recover(args, out: Path, results: dict) -> None:
         art["dense"] = _export(base, out / "onnx" / "dense", text, base.tokenizer, args.chars,
                                OnnxCausalLM)
         save_results(out, results)
+    if "dense-int4" not in art:
+        art["dense-int4"] = _export(_int4(base.converted(), args), out / "onnx" / "dense-int4",
+                                    text, base.tokenizer, args.chars, OnnxCausalLM)
+        art["dense-int4"]["from"] = f"dense + {INT4}"
+        save_results(out, results)
     for moefy, experts in RECOVER:
         name = f"{moefy},train={'routers+experts' if experts else 'routers'}"
         if name in rows and not args.redo:
@@ -122,6 +136,10 @@ def part_recover(args, out: Path, results: dict) -> None:
                            OnnxCausalLM)
         art[key]["eager_perplexity"] = report["perplexity_after"]
         art[key]["from"] = name
+        if experts:  # int4 of the recovered model: QMoE reads the chosen experts' int4 bytes
+            art[key + "-int4"] = _export(_int4(result, args), out / "onnx" / (key + "-int4"),
+                                         text, base.tokenizer, args.chars, OnnxCausalLM)
+            art[key + "-int4"]["from"] = name + f" + {INT4}"
         save_results(out, results)
         print(f"{name}: ppl {report['perplexity_before']:.2f} -> {report['perplexity_after']:.2f}"
               f" ({report['seconds']:.0f} s); ONNX ppl {art[key]['onnx_perplexity']:.3f}",
@@ -131,13 +149,15 @@ def part_recover(args, out: Path, results: dict) -> None:
 def _export(result, target: Path, text: str, tokenizer, chars: int, runtime) -> dict:
     import onnx
 
+    if hasattr(result, "module") and hasattr(result.module, "train"):
+        result.module.eval()
     modelfold.export(result, target, backend="onnxruntime", overwrite=True)
     files = {p.name: p.stat().st_size for p in target.iterdir() if p.name.startswith("model.")}
     graph = onnx.load(target / "model.onnx", load_external_data=False).graph
     runner = runtime(target)
     ppl = evaluate(runner, tokenizer, text, chars=chars, progress=False)["perplexity"]
     return {"bytes": sum(files.values()), "onnx_perplexity": ppl,
-            "moe_nodes": sum(n.op_type == "MoE" for n in graph.node),
+            "moe_nodes": sum(n.op_type in ("MoE", "QMoE") for n in graph.node),
             "parameters": getattr(result, "program", result).parameter_count()}
 
 

@@ -12,6 +12,10 @@ kernel takes; a constant expression ONNX Runtime folds when the session loads):
   of 0 for them and -1e4 for the rest, so each chosen expert gets weight ``1 / k``; the output is
   multiplied by ``k``.
 
+SwiGLU experts quantized to int4 (``modelfold::quant_moe``) become ``com.microsoft.QMoE``
+over their MatMulNBits bytes as stored (``weights_prepacked=0``, the export's ``accuracy_level``);
+unit weights go in as its ``router_weights`` (ones).
+
 Other activations (GeGLU with tanh GELU: Gemma; GPT-2's gelu_new) take a decomposed subgraph:
 every expert computed on every token and weighted by its routing weight (zero when not chosen),
 which is exact but reads all expert weights.
@@ -53,6 +57,32 @@ _MOE_SCHEMA = OpSchema(
                 OpSchema.Attribute("use_sparse_mixer", _ATTR.INT, "", required=False)],
 )
 _MOE = Op(Opset(_MS_DOMAIN, 1), "MoE", _MOE_SCHEMA)
+
+_QMOE_SCHEMA = OpSchema(
+    "QMoE", _MS_DOMAIN, 1, "Quantized mixture of experts (ONNX Runtime contrib op).",
+    inputs=[OpSchema.FormalParameter(name, t, param_option=_OPTIONAL if i > 2 and name not in (
+        "fc2_experts_weights",) else OpSchema.FormalParameterOption.Single)
+            for i, (name, t) in enumerate([
+                ("input", "T"), ("router_probs", "T"), ("fc1_experts_weights", "Q"),
+                ("fc1_scales", "S"), ("fc1_experts_bias", "T"), ("fc2_experts_weights", "Q"),
+                ("fc2_scales", "S"), ("fc2_experts_bias", "T"), ("fc3_experts_weights", "Q"),
+                ("fc3_scales", "S"), ("fc3_experts_bias", "T"), ("fc1_zero_points", "Q"),
+                ("fc2_zero_points", "Q"), ("fc3_zero_points", "Q"), ("router_weights", "T")])],
+    outputs=[OpSchema.FormalParameter("output", "T")],
+    type_constraints=[("T", _FLOAT_TYPES, "float tensors"), ("S", _FLOAT_TYPES, "scales"),
+                      ("Q", ["tensor(uint8)"], "packed weights")],
+    attributes=[OpSchema.Attribute("activation_type", _ATTR.STRING, "", required=False),
+                OpSchema.Attribute("k", _ATTR.INT, "", required=False),
+                OpSchema.Attribute("normalize_routing_weights", _ATTR.INT, "", required=False),
+                OpSchema.Attribute("swiglu_fusion", _ATTR.INT, "", required=False),
+                OpSchema.Attribute("activation_alpha", _ATTR.FLOAT, "", required=False),
+                OpSchema.Attribute("activation_beta", _ATTR.FLOAT, "", required=False),
+                OpSchema.Attribute("expert_weight_bits", _ATTR.INT, "", required=False),
+                OpSchema.Attribute("block_size", _ATTR.INT, "", required=False),
+                OpSchema.Attribute("weights_prepacked", _ATTR.INT, "", required=False),
+                OpSchema.Attribute("accuracy_level", _ATTR.INT, "", required=False)],
+)
+_QMOE = Op(Opset(_MS_DOMAIN, 1), "QMoE", _QMOE_SCHEMA)
 
 # transformers activation name -> what the CPU MoE kernel calls it (dense experts)
 _KERNEL_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu"}
@@ -106,11 +136,7 @@ def moe_onnx(x, router, w1, w3, w2, b1, top_k: int = 1, activation: str = "silu"
     if kind is None:
         return _decomposed(x, logits, w1, w3, w2, b1, top_k, activation, weighting)
     if gated:  # rows g0, u0, g1, u1, ...: [E, 2I, H]
-        pair = op.Concat(op.Unsqueeze(w1, op.Constant(value_ints=[2])),
-                         op.Unsqueeze(w3, op.Constant(value_ints=[2])), axis=2)
-        fc1 = op.Reshape(pair, op.Concat(op.Shape(w1, start=0, end=1),
-                                         op.Constant(value_ints=[-1]),
-                                         op.Shape(w1, start=2, end=3), axis=0))
+        fc1 = _interleave(w1, w3)
         attrs = {"swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
     else:
         fc1, attrs = w1, {}
@@ -127,6 +153,35 @@ def moe_onnx(x, router, w1, w3, w2, b1, top_k: int = 1, activation: str = "silu"
     y = _MOE(x, masked, fc1, b1, w2, None, None, None, k=top_k, activation_type=kind,
              normalize_routing_weights=1, **attrs)
     return op.Mul(y, op.CastLike(op.Constant(value_float=float(top_k)), y))
+
+
+def _interleave(a, b):
+    """Rows of ``a`` and ``b`` ``[E, I, ...]`` alternated: ``[E, 2I, ...]`` (gate, up, gate ...)."""
+    pair = op.Concat(op.Unsqueeze(a, op.Constant(value_ints=[2])),
+                     op.Unsqueeze(b, op.Constant(value_ints=[2])), axis=2)
+    return op.Reshape(pair, op.Concat(op.Shape(a, start=0, end=1), op.Constant(value_ints=[-1]),
+                                      op.Shape(a, start=2, end=3), axis=0))
+
+
+def quant_moe_onnx(x, router, q1, s1, z1, q3, s3, z3, q2, s2, z2, top_k: int = 1,
+                   activation: str = "silu", weighting: str = "unit", bits: int = 4,
+                   block_size: int = 32):
+    """``modelfold::quant_moe`` -> ``com.microsoft.QMoE`` over the experts' MatMulNBits bytes
+    (``weights_prepacked=0``: the raw layout); unit weights through its ``router_weights`` (ones:
+    the probabilities only select)."""
+    from modelfold.backends.onnxruntime.quant_lowering import accuracy_level
+
+    logits = op.MatMul(x, op.Transpose(router, perm=[1, 0]))
+    fc1, sc1 = _interleave(q1, q3), _interleave(s1, s3)
+    zp1 = None if z1 is None else _interleave(z1, z3)
+    ones = None
+    if weighting == "unit":
+        ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), logits), op.Shape(logits))
+    return _QMOE(x, logits, fc1, sc1, None, q2, s2, None, None, None, None, zp1, z2, None, ones,
+                 k=top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                 activation_beta=0.0, normalize_routing_weights=int(weighting == "softmax"),
+                 expert_weight_bits=bits, block_size=block_size, weights_prepacked=0,
+                 accuracy_level=accuracy_level())
 
 
 def _decomposed(x, logits, w1, w3, w2, b1, top_k, activation, weighting):
@@ -146,6 +201,6 @@ def _decomposed(x, logits, w1, w3, w2, b1, top_k, activation, weighting):
     return op.ReduceSum(out, op.Constant(value_ints=[0]), keepdims=0)
 
 
-ensure_registered({"moe": moe_onnx})
+ensure_registered({"moe": moe_onnx, "quant_moe": quant_moe_onnx})
 
-__all__ = ["kernel_activation", "moe_onnx"]
+__all__ = ["kernel_activation", "moe_onnx", "quant_moe_onnx"]

@@ -171,13 +171,17 @@ def test_unit_weights_have_no_standard_format(tmp_path):
     assert facts["format"] == "modelfold-checkpoint"
 
 
-def test_quantized_experts_export_and_match(tmp_path):
-    """Quantized experts are captured as every expert times its routing weight (exact, all
-    weights read) and their MatMulNBits artifact matches eager."""
+@pytest.mark.parametrize("bits,fused", [(4, True), (8, False)])
+def test_quantized_experts_export_and_match(bits, fused, tmp_path):
+    """int4 SwiGLU experts are one modelfold::quant_moe node lowered to ONNX Runtime's QMoE over
+    their MatMulNBits bytes (only the chosen experts read); int8 ones (QMoE has no float kernel
+    for them) are captured as every expert times its routing weight. Both match eager."""
     program = moefied("llama", top_k=2)
-    result = modelfold.transform(program, "quantize{method=rtn,bits=4,group_size=16}",
+    result = modelfold.transform(program, f"quantize{{method=rtn,bits={bits},group_size=16}}",
                                  context=QUIET)
     export_onnx(result.program, tmp_path, parity=False)
+    graph = onnx.load(tmp_path / "model.onnx", load_external_data=False).graph
+    assert (sum(n.op_type == "QMoE" for n in graph.node) == 2) is fused
     parity = check_parity(result.module, tmp_path, decode_steps=3)
     assert parity["prefill_max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0
 
