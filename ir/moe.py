@@ -113,7 +113,7 @@ def quant_moe(x: torch.Tensor, router: torch.Tensor, q1: torch.Tensor, s1: torch
     """``modelfold::moe`` over gated experts quantized in the MatMulNBits layout, per expert:
     ``q*`` uint8 ``[E, N, K * bits / 8]`` (each row's blocks side by side), scales ``[E, N, K /
     block]``, packed zero points ``[E, N, ceil(K / block * bits / 8)]`` or None (the default
-    2^(bits-1)); 1 = gate, 3 = up, 2 = down."""
+    2^(bits-1)); 1 = gate, 3 = up, 2 = down. H and I are multiples of ``block_size``."""
     from modelfold.ir.quant import dequantize
 
     def weight(q, s, z, e):

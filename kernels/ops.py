@@ -12,6 +12,8 @@ them). Each linear op takes an optional LoRA pair, fused into the same kernel:
 - ``lora_linear(x, weight, bias?, lora_a, lora_b, scaling)`` (fused LoRA over a float weight)
 - ``lora_delta(x, lora_a, lora_b, scaling)``, ``w8a8_linear(x, qweight_t, weight_scales, bias?)``,
   ``quant_embedding(ids, qweight, scales, zero_points?, embedding_dim, bits, block_size)``
+- ``moe(...)`` / ``quant_moe(...)``: ``modelfold::moe`` / ``quant_moe`` (``modelfold.ir.moe``),
+  routed experts on the grouped kernels of ``modelfold.kernels.moe`` (tokens grouped by expert)
 - ``attention(...)``: ``modelfold::attention`` (``modelfold.ir.attention``) on
   ``scaled_dot_product_attention``
 
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from modelfold.kernels import int8, linear
+from modelfold.kernels import moe as moe_kernels
 
 NAMESPACE = "modelfold_triton"
 
@@ -192,9 +195,45 @@ def _(query, keys, values, attention_mask, cos_cache, sin_cache, num_heads, kv_n
     return query.new_empty((*query.shape[:2], num_heads * keys.shape[-1]))
 
 
+@torch.library.custom_op(f"{NAMESPACE}::moe", mutates_args=())
+def moe(x: Tensor, router: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, b1: Tensor | None,
+        top_k: int, activation: str, weighting: str) -> Tensor:
+    """``modelfold::moe``: the router and top-k as the dialect op, the routed experts on the
+    grouped kernels (``modelfold.kernels.moe``)."""
+    from modelfold.ir.moe import route
+
+    weights, index = route(torch.nn.functional.linear(x, router), top_k, weighting)
+    return moe_kernels.routed_experts(x, weights, index, w1, w3, w2, b1, activation)
+
+
+@moe.register_fake
+def _(x, router, w1, w3, w2, b1, top_k, activation, weighting):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::quant_moe", mutates_args=())
+def quant_moe(x: Tensor, router: Tensor, q1: Tensor, s1: Tensor, z1: Tensor | None, q3: Tensor,
+              s3: Tensor, z3: Tensor | None, q2: Tensor, s2: Tensor, z2: Tensor | None,
+              top_k: int, activation: str, weighting: str, bits: int, block_size: int) -> Tensor:
+    """``modelfold::quant_moe`` on the grouped kernels, decoding the experts' MatMulNBits bytes."""
+    from modelfold.ir.moe import route
+
+    weights, index = route(torch.nn.functional.linear(x, router), top_k, weighting)
+    return moe_kernels.routed_experts(x, weights, index, q1, q3, q2, None, activation, s1=s1,
+                                      z1=z1, s3=s3, z3=z3, s2=s2, z2=z2, bits=bits,
+                                      block_size=block_size)
+
+
+@quant_moe.register_fake
+def _(x, router, q1, s1, z1, q3, s3, z3, q2, s2, z2, top_k, activation, weighting, bits,
+      block_size):
+    return torch.empty_like(x)
+
+
 # -- the kernels as the CUDA implementation of the dialect ops ----------------------------------
 def _register_dialect_cuda() -> None:
     import modelfold.ir.lora  # noqa: F401  (defines modelfold::lora_delta)
+    import modelfold.ir.moe  # noqa: F401
     import modelfold.ir.quant  # noqa: F401
     import modelfold.ir.sparse  # noqa: F401
 
@@ -212,6 +251,8 @@ def _register_dialect_cuda() -> None:
     reg("modelfold::lora_delta", "cuda")(linear.lora_delta)
     reg("modelfold::w8a8_linear", "cuda")(int8.w8a8_linear)
     reg("modelfold::quant_embedding", "cuda")(int8.quant_embedding)
+    reg("modelfold::moe", "cuda")(moe)
+    reg("modelfold::quant_moe", "cuda")(quant_moe)
 
 
 _register_dialect_cuda()

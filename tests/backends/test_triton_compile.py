@@ -183,3 +183,21 @@ def test_shared_attention_compiles():
     assert "modelfold_triton.attend.default" in triton_ops(compiled.graph)
     logits_close(compiled.logits(ids), ref)
     greedy_matches_eager(compiled, result.module, [5, 17, 3, 99])
+
+
+def test_mixture_of_experts_compiles():
+    """A moefy model (layer 0's experts int4: modelfold::quant_moe; layer 1's float:
+    modelfold::moe) runs its routed experts on the grouped kernels and gives the eager model's
+    logits and greedy tokens."""
+    result = modelfold.transform(
+        tiny_model("llama", num_hidden_layers=2),
+        "moefy{experts=4,top_k=2,corpus=random,seq_len=32,n_samples=4},"
+        "quantize{bits=4,group_size=16,targets=[*layers.0.mlp.experts*]}", context=QUIET)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = result.module(input_ids=ids, use_cache=False).logits
+    compiled = modelfold.compile(result, backend="triton", interpret=True)
+    ops = triton_ops(compiled.graph)
+    assert {"modelfold_triton.moe.default", "modelfold_triton.quant_moe.default"} <= set(ops)
+    logits_close(compiled.logits(ids), ref)
+    greedy_matches_eager(compiled, result.module, [5, 17, 3, 99])
