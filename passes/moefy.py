@@ -5,7 +5,8 @@ MoEfication, LLaMA-MoE, Read-ME).
 Neurons -> experts (``split``), every expert the same number of neurons:
 
 - ``random``: a seeded permutation (LLaMA-MoE's random split);
-- ``cluster``: balanced k-means on the L2-normalised weight rows of each neuron (gate and up rows
+- ``cluster``: balanced k-means (deferred-acceptance assignment with equal capacities) on the
+  L2-normalised weight rows of each neuron (gate and up rows
   side by side for a gated FFN, fc_in rows for a dense one): MoEfication / LLaMA-MoE's parameter
   clustering;
 - ``coactivation``: balanced k-means on each neuron's activation pattern over calibration tokens
@@ -224,8 +225,9 @@ class Moefy(Pass):
             x = inputs[i]
             h = dense.hidden(x)
             shared = _shared_neurons(h, ids.shape[0], cfg.shared)
-            rest = torch.tensor([n for n in range(dense.size) if n not in set(shared.tolist())],
-                                dtype=torch.long)
+            keep = torch.ones(dense.size, dtype=torch.bool)
+            keep[shared] = False
+            rest = torch.nonzero(keep).flatten()
             groups = self._split(dense, h, rest, gen)
             centroids = _centroids(dense.w1, groups)
             fit, router = x[~held], centroids
@@ -284,32 +286,42 @@ class Moefy(Pass):
 def balanced_kmeans(features: torch.Tensor, k: int, iters: int, gen: torch.Generator
                     ) -> torch.Tensor:
     """Labels ``[R]`` of ``k`` equal clusters of unit rows ``features`` ``[R, D]`` (cosine):
-    each round assigns (point, cluster) pairs in order of similarity, a cluster taking at most
-    ``R / k`` points, then moves the centroids to the normalised means."""
+    each round assigns the points with capacity ``R / k`` per cluster (``_assign``), then moves
+    the centroids to the normalised means, until the labels stop changing."""
     r = features.shape[0]
     cap = r // k
     centroids = features[torch.randperm(r, generator=gen)[:k]].clone()
-    labels = torch.zeros(r, dtype=torch.long)
+    labels = torch.full((r,), -1, dtype=torch.long)
     for _ in range(iters):
-        sim = features @ centroids.t()  # [R, k]
-        order = torch.argsort(sim.flatten(), descending=True).tolist()
-        new = [-1] * r
-        room = [cap] * k
-        left = r
-        for flat in order:
-            p, c = divmod(flat, k)
-            if new[p] < 0 and room[c]:
-                new[p], room[c] = c, room[c] - 1
-                left -= 1
-                if not left:
-                    break
-        new_labels = torch.tensor(new)
-        for c in range(k):
-            centroids[c] = F.normalize(features[new_labels == c].mean(0), dim=0)
-        if torch.equal(new_labels, labels):
+        new = _assign(features @ centroids.t(), cap)
+        if torch.equal(new, labels):
             break
-        labels = new_labels
+        labels = new
+        onehot = F.one_hot(labels, k).to(features.dtype)  # [R, k]
+        centroids = F.normalize(onehot.t() @ features, dim=1)
     return labels
+
+
+def _assign(sim: torch.Tensor, cap: int) -> torch.Tensor:
+    """Points ``[R]`` -> clusters with at most ``cap`` each, by deferred acceptance: points
+    propose to clusters in order of similarity, each cluster keeps its ``cap`` most similar
+    proposers and rejects the rest, who propose to their next choice (a stable assignment)."""
+    r, k = sim.shape
+    pref = torch.argsort(sim, dim=1, descending=True)
+    step = torch.zeros(r, dtype=torch.long)
+    labels = torch.full((r,), -1, dtype=torch.long)
+    while True:
+        free = torch.nonzero(labels < 0).flatten()
+        if not len(free):
+            return labels
+        labels[free] = pref[free, step[free]]
+        step[free] += 1
+        for c in range(k):
+            members = torch.nonzero(labels == c).flatten()
+            if len(members) > cap:
+                keep = torch.zeros(len(members), dtype=torch.bool)
+                keep[sim[members, c].topk(cap).indices] = True
+                labels[members[~keep]] = -1
 
 
 def _shared_neurons(h: torch.Tensor, sequences: int, count: int) -> torch.Tensor:
