@@ -43,6 +43,7 @@ from modelfold.backends.onnxruntime.runtime import (
 )
 from modelfold.backends.onnxruntime.translations import translation_table
 from modelfold.errors import ModelfoldError, UsageError
+from modelfold.ir.capture import owning_module
 from modelfold.ir.graph import past_dtype
 from modelfold.ir.program import Program
 from modelfold.ir.shared_attention import sharing_of
@@ -119,6 +120,9 @@ def export_onnx(model: Program | nn.Module, out_dir: Path, options: ExportOption
     facts["graph_passes"] = applied
     if program.signature.kind == "causal-lm":
         facts["attention"] = _attention_facts(ep, applied)
+    moe = _moe_facts(program, ep)
+    if moe:
+        facts["moe"] = moe
     unoptimized = out_dir / UNOPTIMIZED_FILE
     with phases("translate"):
         _translate(ep, program, unoptimized, options, steps)
@@ -268,6 +272,35 @@ def _attention_facts(ep: ExportedProgram, applied: dict[str, Any]) -> dict[str, 
     return {"op": "the captured attention", "padding": "left",
             "kv_cache": "present = past + new tokens (Concat)", "not_fused": reason,
             "skipped": (details or {}).get("skipped", [])}
+
+
+def _moe_facts(program: Program, ep: ExportedProgram) -> dict[str, Any]:
+    """How each mixture-of-experts FFN (``moefy``) runs in the artifact."""
+    from modelfold.backends.onnxruntime.moe_lowering import kernel_activation
+    from modelfold.ir.graph import calls
+    from modelfold.ir.moe import moe_layers
+
+    layers = moe_layers(program.module)
+    if not layers:
+        return {}
+    nodes = {}
+    for node in calls(ep.graph):
+        name = getattr(node.target, "name", lambda: "")()
+        if name in ("modelfold::moe", "modelfold::quant_moe"):
+            owner = owning_module(node) or ""
+            nodes[owner] = name
+    how = {}
+    for path, m in layers.items():
+        op = next((v for k, v in nodes.items() if k == path or k.startswith(path + ".")), None)
+        if op == "modelfold::quant_moe":
+            how[path] = "com.microsoft.QMoE (chosen experts only)"
+        elif op == "modelfold::moe" and kernel_activation(m.activation, m.gated):
+            how[path] = "com.microsoft.MoE (chosen experts only)"
+        else:
+            how[path] = "every expert, weighted (all expert weights read)"
+    first = next(iter(layers.values()))
+    return {"experts": first.num_experts, "top_k": first.top_k, "weighting": first.weighting,
+            "layers": how}
 
 
 def _signature_facts(program: Program) -> dict[str, Any]:

@@ -107,9 +107,12 @@ def test_onnx_artifact_matches_eager(family, weights, kernel, tmp_path):
     """SwiGLU experts lower to ONNX Runtime's MoE kernel (only the chosen experts run), other
     activations to the decomposed subgraph; prefill and decode with the cache match eager."""
     program = moefied(family, top_k=2, weights=weights)
-    export_onnx(program, tmp_path, parity=False)
+    facts = export_onnx(program, tmp_path, parity=False)
     graph = onnx.load(tmp_path / "model.onnx", load_external_data=False).graph
     assert (sum(n.op_type == "MoE" for n in graph.node) == 2) is kernel
+    how = set(facts["moe"]["layers"].values())
+    assert how == {"com.microsoft.MoE (chosen experts only)" if kernel
+                   else "every expert, weighted (all expert weights read)"}
     parity = check_parity(program.module, tmp_path, decode_steps=4)
     assert parity["prefill_max_abs_diff"] < 1e-4 and parity["decode_max_abs_diff"] < 1e-4
     assert parity["top1_agreement"] == 1.0
@@ -179,9 +182,10 @@ def test_quantized_experts_export_and_match(bits, fused, tmp_path):
     program = moefied("llama", top_k=2)
     result = modelfold.transform(program, f"quantize{{method=rtn,bits={bits},group_size=16}}",
                                  context=QUIET)
-    export_onnx(result.program, tmp_path, parity=False)
+    facts = export_onnx(result.program, tmp_path, parity=False)
     graph = onnx.load(tmp_path / "model.onnx", load_external_data=False).graph
     assert (sum(n.op_type == "QMoE" for n in graph.node) == 2) is fused
+    assert all(("QMoE" in how) is fused for how in facts["moe"]["layers"].values())
     parity = check_parity(result.module, tmp_path, decode_steps=3)
     assert parity["prefill_max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0
 
