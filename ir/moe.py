@@ -132,6 +132,38 @@ def _(x, router, q1, s1, z1, q3, s3, z3, q2, s2, z2, top_k, activation, weightin
     return torch.empty_like(x)
 
 
+def route_all_experts(gm: torch.fx.GraphModule) -> int:
+    """Makes every MoE layer of ``gm`` (a runnable copy of a graph) route each token to all its
+    experts: ``top_k = E`` in the ``moe`` / ``quant_moe`` nodes and in the ``topk`` of a softmax
+    that the every-expert path traced. Top-k routing is discontinuous (a rounding-level change
+    of a router logit can swap an expert at a near tie), so a check that two graphs compute the
+    same function within a float tolerance compares them with all experts routed, where the
+    routing is continuous. Returns the number of nodes changed."""
+    ops = {torch.ops.modelfold.moe.default: 6, torch.ops.modelfold.quant_moe.default: 11}
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in ops:
+            at, source = ops[node.target], node.args[1]  # the router [E, H]
+        elif node.target == torch.ops.aten.topk.default and isinstance(node.args[0], torch.fx.Node) \
+                and "softmax" in str(node.args[0].target):
+            at, source = 1, node.args[0]  # the routing probabilities [T, E]
+        else:
+            continue
+        value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+        if value is None:
+            raise ValueError(f"{node.name}: the router's shape is not recorded in the graph")
+        experts = int(value.shape[0] if node.target in ops else value.shape[-1])
+        args = list(node.args)
+        args[at] = experts
+        node.args = tuple(args)
+        changed += 1
+    if changed:
+        gm.recompile()
+    return changed
+
+
 # activations whose quantized experts ONNX Runtime's QMoE kernel computes (SwiGLU)
 QUANT_KERNEL_ACTIVATIONS = ("silu", "swish")
 
@@ -466,4 +498,5 @@ register_standard_format("moe", MARKER, standard_checkpoint, from_standard)
 
 __all__ = ["MARKER", "WEIGHTINGS", "Expert", "MoEFFN", "NotStandardError", "balance_loss", "dispatch",
            "expert_ffn", "from_standard", "moe", "moe_layers", "quant_moe", "route",
+           "route_all_experts",
            "standard_checkpoint"]

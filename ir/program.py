@@ -251,18 +251,26 @@ class Program:
         return self.module(input_ids=input_ids, use_cache=False).logits
 
     @torch.no_grad()
-    def graph_logits(self, input_ids: torch.Tensor, ep: ExportedProgram | None = None
-                     ) -> torch.Tensor:
+    def graph_logits(self, input_ids: torch.Tensor, ep: ExportedProgram | None = None, *,
+                     all_experts: bool = False) -> torch.Tensor:
         """Logits of the captured graph (or of ``ep``, a graph derived from it) for
-        ``input_ids`` ``[B, S]`` (no padding, empty cache)."""
+        ``input_ids`` ``[B, S]`` (no padding, empty cache). ``all_experts``: every MoE layer
+        routes each token to all its experts (``ir.moe.route_all_experts``), for comparing two
+        graphs where top-k routing would make a rounding difference discontinuous."""
         from modelfold.ir.graph import past_dtype, runnable
+        from modelfold.ir.moe import route_all_experts
         from modelfold.ir.signature import graph_inputs
 
         sig = self.signature
         ep = self.exported if ep is None else ep
         args = self.encoder_inputs(input_ids) if sig.kind == "encoder" \
             else graph_inputs(sig, input_ids, cache_dtype=past_dtype(ep, sig))
-        out = (self.graph_module() if ep is self._exported else runnable(ep))(*args)
+        if all_experts:
+            gm = runnable(ep)
+            route_all_experts(gm)
+        else:
+            gm = self.graph_module() if ep is self._exported else runnable(ep)
+        out = gm(*args)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def encoder_inputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:

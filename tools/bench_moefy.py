@@ -10,7 +10,8 @@ coactivation, router centroid / trained; a shared-expert variant (``shared=256``
 always on, 8 experts of 160) and a ``weights=softmax`` one (what a Mixtral checkpoint computes);
 perplexity without training, active FFN parameters per token, routers' held-out top-k recall.
 
-recover: the converted model distilled from the dense one (``modelfold.uptrain``: T^2 KL,
+recover: the converted models (k = 2 and 4, coactivation, trained router; k = 2 with a shared
+expert) distilled from the dense one (``modelfold.uptrain``: T^2 KL,
 ``--steps`` x ``--batch-size`` x ``--seq-len`` tokens of the calibration split, lr ``--lr``,
 load-balancing loss ``--balance``), routers only or routers + experts; then exported to ONNX
 (fp32, default fusions) with its bytes and ONNX perplexity; the dense model and the routers +
@@ -60,7 +61,8 @@ def untrained_specs() -> list[str]:
 
 
 RECOVER = [(spec(2, "coactivation", "trained"), False), (spec(2, "coactivation", "trained"), True),
-           (spec(4, "coactivation", "trained"), True)]
+           (spec(4, "coactivation", "trained"), True),
+           (spec(2, "coactivation", "trained", "shared=256"), True)]
 
 
 # group 64: QMoE needs blocks that divide H = 576 and the expert size 192 (128 does not)
@@ -132,11 +134,14 @@ def part_recover(args, out: Path, results: dict) -> None:
                       "trainable_parameters": report["trainable_parameters"],
                       "train_seconds": round(report["seconds"], 1)}
         key = f"k{moefy.split('top_k=')[1].split(',')[0]}-{'experts' if experts else 'routers'}"
+        key += "-shared" if "shared=" in moefy else ""
         art[key] = _export(result, out / "onnx" / key, text, base.tokenizer, args.chars,
                            OnnxCausalLM)
         art[key]["eager_perplexity"] = report["perplexity_after"]
         art[key]["from"] = name
-        if experts:  # int4 of the recovered model: QMoE reads the chosen experts' int4 bytes
+        # int4 of the recovered model: QMoE reads the chosen experts' int4 bytes (the shared
+        # variant's experts of 160 neurons are not a multiple of group 64: not exported as int4)
+        if experts and "shared=" not in moefy:
             art[key + "-int4"] = _export(_int4(result, args), out / "onnx" / (key + "-int4"),
                                          text, base.tokenizer, args.chars, OnnxCausalLM)
             art[key + "-int4"]["from"] = name + f" + {INT4}"

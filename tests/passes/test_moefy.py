@@ -190,6 +190,32 @@ def test_quantized_experts_export_and_match(bits, fused, tmp_path):
     assert parity["prefill_max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0
 
 
+@pytest.mark.parametrize("pipeline,node,at", [
+    ("", "modelfold.moe.default", 6),
+    ("quantize{method=rtn,bits=4,group_size=16}", "modelfold.quant_moe.default", 11),
+    ("quantize{method=rtn,bits=8,group_size=16}", "aten.topk.default", 1)])  # every-expert path
+def test_exact_checks_compare_graphs_with_every_expert_routed(pipeline, node, at):
+    """Top-k routing is discontinuous, so the export's check of an exact graph pass runs both
+    graphs with every expert routed (top_k = E in the moe / quant_moe nodes and in the traced
+    topk of the every-expert path): the graph then computes the model at top_k = E."""
+    program = moefied("llama", top_k=1)
+    if pipeline:
+        program = modelfold.transform(program, pipeline, context=QUIET).program
+    ep = program.exported
+    assert any(str(n.target) == node for n in ep.graph.nodes)
+    x = ids()
+    routed = program.graph_logits(x)
+    every = program.graph_logits(x, ep, all_experts=True)
+    for m in moe_layers(program.module).values():
+        m.top_k = m.num_experts
+    with torch.no_grad():
+        reference = program.module(x).logits
+    torch.testing.assert_close(every, reference, atol=1e-4, rtol=1e-4)
+    assert (every - routed).abs().max() > 1e-3  # it did change the routing
+    tops = [n.args[at] for n in ep.graph.nodes if str(n.target) == node]
+    assert tops == [1, 1]  # the program's graph is untouched
+
+
 def test_recovery_trains_routers_and_balances(tmp_path):
     teacher = tiny_model("llama", layers=2)
     program = moefied("llama", top_k=1)
