@@ -21,6 +21,7 @@ from modelfold.errors import OptionError
 from modelfold.ir.moe import MoEFFN, balance_loss, moe_layers
 from modelfold.ir.program import Program
 from modelfold.passes.base import PreconditionError
+from modelfold.passes.manager import PassContext
 from modelfold.passes.moefy import balanced_kmeans
 from modelfold.passes.registry import get_pass
 from modelfold.passes.report import write_report
@@ -214,6 +215,17 @@ def test_exact_checks_compare_graphs_with_every_expert_routed(pipeline, node, at
     assert (every - routed).abs().max() > 1e-3  # it did change the routing
     tops = [n.args[at] for n in ep.graph.nodes if str(n.target) == node]
     assert tops == [1, 1]  # the program's graph is untouched
+
+
+def test_pipeline_exact_graph_passes_on_a_routed_model_are_judged_with_every_expert():
+    """A pipeline naming the fusions after moefy{top_k=1}: each exact graph pass is judged with
+    every expert routed, and its effect on the routed logits is still recorded."""
+    result = modelfold.transform(tiny_model("llama", layers=2), "moefy{experts=4,top_k=1,"
+                                 "corpus=random,seq_len=32,n_samples=8},fuse-attention,fuse-norms",
+                                 context=PassContext(log=None))
+    records = result.program.log[1:]
+    assert [r.name for r in records] == ["fuse-attention", "fuse-norms"]
+    assert all(r.kind == "exact" and "sqnr_db" in r.fidelity for r in records)
 
 
 def test_recovery_trains_routers_and_balances(tmp_path):
