@@ -80,8 +80,8 @@ def transform(model: Any, passes: str | list[Any] | Path, *, tokenizer: Any = No
     """Run a pipeline of passes over ``model``.
 
     Args:
-        model: an ``nn.Module`` (Hugging Face model), a ``Program``, or an asset name / model
-            directory to load.
+        model: an ``nn.Module`` (Hugging Face model), a ``Program``, the ``TransformResult`` of
+            an earlier ``transform`` (continued in place), or an asset name / model directory.
         passes: a pipeline string (``"layer-importance,drop-layers{count=4}"``), a YAML recipe
             path, or a list of passes / strings / ``{name: {options}}`` mappings.
         tokenizer: used for calibration text when ``model`` is a module.
@@ -96,6 +96,8 @@ def transform(model: Any, passes: str | list[Any] | Path, *, tokenizer: Any = No
 
     if isinstance(model, Program):
         program = model
+    elif isinstance(model, TransformResult):  # a pipeline continued: its Program and log
+        program = model.program
     elif isinstance(model, str) or model is None:
         program = load(model)
     else:

@@ -139,6 +139,7 @@ def part_recover(args, out: Path, results: dict) -> None:
                            OnnxCausalLM)
         art[key]["eager_perplexity"] = report["perplexity_after"]
         art[key]["from"] = name
+        save_results(out, results)
         # int4 of the recovered model: QMoE reads the chosen experts' int4 bytes (the shared
         # variant's experts of 160 neurons are not a multiple of group 64: not exported as int4)
         if experts and "shared=" not in moefy:

@@ -228,6 +228,18 @@ def test_pipeline_exact_graph_passes_on_a_routed_model_are_judged_with_every_exp
     assert all(r.kind == "exact" and "sqnr_db" in r.fidelity for r in records)
 
 
+def test_a_transform_result_continues_with_another_pipeline():
+    """transform(result, ...) continues the converted model (moefy, then per-expert int4)."""
+    first = modelfold.transform(tiny_model("llama", layers=2), "moefy{experts=4,top_k=2,"
+                                "corpus=random,seq_len=32,n_samples=8}", context=QUIET)
+    second = modelfold.transform(first, "quantize{method=rtn,bits=4,group_size=16}",
+                                 context=QUIET)
+    assert second.program is first.program
+    assert [r.name for r in second.program.log] == ["moefy", "quantize"]
+    assert any(str(n.target) == "modelfold.quant_moe.default"
+               for n in second.program.exported.graph.nodes)
+
+
 def test_recovery_trains_routers_and_balances(tmp_path):
     teacher = tiny_model("llama", layers=2)
     program = moefied("llama", top_k=1)
