@@ -132,13 +132,21 @@ def _(x, router, q1, s1, z1, q3, s3, z3, q2, s2, z2, top_k, activation, weightin
     return torch.empty_like(x)
 
 
+def _in_moe_ffn(node: torch.fx.Node) -> bool:
+    """Whether ``node`` was traced inside an ``MoEFFN`` (its every-expert path; the routing of
+    other MoE implementations, e.g. transformers' Mixtral, has k baked into later shapes)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return bool(stack) and "MoEFFN" in str(list(stack.values())[-1][1])
+
+
 def route_all_experts(gm: torch.fx.GraphModule) -> int:
     """Makes every MoE layer of ``gm`` (a runnable copy of a graph) route each token to all its
-    experts: ``top_k = E`` in the ``moe`` / ``quant_moe`` nodes and in the ``topk`` of a softmax
-    that the every-expert path traced. Top-k routing is discontinuous (a rounding-level change
-    of a router logit can swap an expert at a near tie), so a check that two graphs compute the
-    same function within a float tolerance compares them with all experts routed, where the
-    routing is continuous. Returns the number of nodes changed."""
+    experts: ``top_k = E`` in the ``moe`` / ``quant_moe`` nodes and in the ``topk`` that an
+    ``MoEFFN``'s every-expert path traced (other MoE graphs are left as they are). Top-k
+    routing is discontinuous (a rounding-level change of a router logit can swap an expert at a
+    near tie), so a check that two graphs compute the same function within a float tolerance
+    compares them with all experts routed, where the routing is continuous. Returns the number
+    of nodes changed."""
     ops = {torch.ops.modelfold.moe.default: 6, torch.ops.modelfold.quant_moe.default: 11}
     changed = 0
     for node in gm.graph.nodes:
@@ -146,8 +154,7 @@ def route_all_experts(gm: torch.fx.GraphModule) -> int:
             continue
         if node.target in ops:
             at, source = ops[node.target], node.args[1]  # the router [E, H]
-        elif node.target == torch.ops.aten.topk.default and isinstance(node.args[0], torch.fx.Node) \
-                and "softmax" in str(node.args[0].target):
+        elif node.target == torch.ops.aten.topk.default and _in_moe_ffn(node):
             at, source = 1, node.args[0]  # the routing probabilities [T, E]
         else:
             continue
