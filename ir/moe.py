@@ -139,36 +139,40 @@ def _in_moe_ffn(node: torch.fx.Node) -> bool:
     return bool(stack) and "MoEFFN" in str(list(stack.values())[-1][1])
 
 
-def route_all_experts(gm: torch.fx.GraphModule) -> int:
-    """Makes every MoE layer of ``gm`` (a runnable copy of a graph) route each token to all its
-    experts: ``top_k = E`` in the ``moe`` / ``quant_moe`` nodes and in the ``topk`` that an
-    ``MoEFFN``'s every-expert path traced (other MoE graphs are left as they are). Top-k
-    routing is discontinuous (a rounding-level change of a router logit can swap an expert at a
-    near tie), so a check that two graphs compute the same function within a float tolerance
-    compares them with all experts routed, where the routing is continuous. Returns the number
-    of nodes changed."""
+def routing_nodes(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, int, int]]:
+    """The top-k routing choices of ``graph``'s MoE layers, as ``(node, index of its top_k
+    argument, number of experts)``: the ``moe`` / ``quant_moe`` nodes and the ``topk`` that an
+    ``MoEFFN``'s every-expert path traced (other MoE graphs are left out)."""
     ops = {torch.ops.modelfold.moe.default: 6, torch.ops.modelfold.quant_moe.default: 11}
-    changed = 0
-    for node in gm.graph.nodes:
+    found = []
+    for node in graph.nodes:
         if node.op != "call_function":
             continue
         if node.target in ops:
-            at, source = ops[node.target], node.args[1]  # the router [E, H]
+            at, source, dim = ops[node.target], node.args[1], 0  # the router [E, H]
         elif node.target == torch.ops.aten.topk.default and _in_moe_ffn(node):
-            at, source = 1, node.args[0]  # the routing probabilities [T, E]
+            at, source, dim = 1, node.args[0], -1  # the routing probabilities [T, E]
         else:
             continue
         value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
         if value is None:
             raise ValueError(f"{node.name}: the router's shape is not recorded in the graph")
-        experts = int(value.shape[0] if node.target in ops else value.shape[-1])
-        args = list(node.args)
-        args[at] = experts
-        node.args = tuple(args)
-        changed += 1
-    if changed:
+        found.append((node, at, int(value.shape[dim])))
+    return found
+
+
+def route_all_experts(gm: torch.fx.GraphModule) -> int:
+    """Makes every MoE layer of ``gm`` (a runnable copy of a graph) route each token to all its
+    experts (``top_k = E`` in its ``routing_nodes``). Top-k routing is discontinuous (a
+    rounding-level change of a router logit can swap an expert at a near tie), so a check that
+    two graphs compute the same function within a float tolerance compares them with all
+    experts routed, where the routing is continuous. Returns the number of nodes changed."""
+    found = routing_nodes(gm.graph)
+    for node, at, experts in found:
+        node.args = (*node.args[:at], experts, *node.args[at + 1:])
+    if found:
         gm.recompile()
-    return changed
+    return len(found)
 
 
 # activations whose quantized experts ONNX Runtime's QMoE kernel computes (SwiGLU)
@@ -505,5 +509,5 @@ register_standard_format("moe", MARKER, standard_checkpoint, from_standard)
 
 __all__ = ["MARKER", "WEIGHTINGS", "Expert", "MoEFFN", "NotStandardError", "balance_loss", "dispatch",
            "expert_ffn", "from_standard", "moe", "moe_layers", "quant_moe", "route",
-           "route_all_experts",
+           "route_all_experts", "routing_nodes",
            "standard_checkpoint"]

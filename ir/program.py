@@ -258,18 +258,17 @@ class Program:
         routes each token to all its experts (``ir.moe.route_all_experts``), for comparing two
         graphs where top-k routing would make a rounding difference discontinuous."""
         from modelfold.ir.graph import past_dtype, runnable
-        from modelfold.ir.moe import route_all_experts
+        from modelfold.ir.moe import route_all_experts, routing_nodes
         from modelfold.ir.signature import graph_inputs
 
         sig = self.signature
         ep = self.exported if ep is None else ep
         args = self.encoder_inputs(input_ids) if sig.kind == "encoder" \
             else graph_inputs(sig, input_ids, cache_dtype=past_dtype(ep, sig))
-        if all_experts:
-            gm = runnable(ep)
+        pin = all_experts and bool(routing_nodes(ep.graph))  # a copy only where it routes
+        gm = self.graph_module() if ep is self._exported and not pin else runnable(ep)
+        if pin:
             route_all_experts(gm)
-        else:
-            gm = self.graph_module() if ep is self._exported else runnable(ep)
         out = gm(*args)
         return out[0] if isinstance(out, (tuple, list)) else out
 
