@@ -74,6 +74,8 @@ class Program:
         self.disabled: set[str] = set()
         self.verified_graph: ExportedProgram | None = None
         self.captures = 0
+        # how the decoder layers are held: None (in memory) or a streaming run's residency
+        self.residency: Any = None
         self._signature: Signature | None = None
         self._exported: ExportedProgram | None = None
         self._graph_module: tuple[int, torch.fx.GraphModule] | None = None

@@ -545,12 +545,15 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(path: str | Path, *, verify: bool = True) -> Program:
+def load_checkpoint(path: str | Path, *, verify: bool = True, mmap: bool = False) -> Program:
     """Rebuild a saved transformed model; its logits equal the saved model's bit for bit.
 
     Args:
         path: a folder written by ``save_checkpoint``.
         verify: check the weights file's sha256 against the manifest (about 1 s per GB).
+        mmap: map the weight files instead of reading them (no size or sha256 check): the
+            tensors are read-only views of the files, paged in when used and reclaimable, so a
+            checkpoint larger than memory can be exported (``modelfold.streaming``).
 
     Returns:
         A ``Program`` with the tokenizer (if saved), ``source`` = ``path`` and the saved pass log.
@@ -566,7 +569,18 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Program:
     path = Path(path)
     manifest = read_manifest(path)
     refuse_remote_code(path)
-    tensors = _read_weights(path / WEIGHTS, manifest.get("weights", {}), verify)
+    weights = manifest.get("weights", {})
+    files = sorted(weights["shards"]) if "shards" in weights else [WEIGHTS]
+    if mmap:
+        tensors = {}
+        for file in files:
+            tensors.update(map_safetensors(path / file))
+    elif "shards" in weights:  # a streamed checkpoint (modelfold.streaming): one shard per layer
+        tensors = {}
+        for file, facts in sorted(weights["shards"].items()):
+            tensors.update(_read_weights(path / file, facts, verify))
+    else:
+        tensors = _read_weights(path / WEIGHTS, weights, verify)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
@@ -601,7 +615,7 @@ def _read_weights(weights: Path, facts: dict[str, Any], verify: bool) -> dict[st
     from safetensors.torch import load
 
     if not weights.is_file():
-        raise CheckpointError(f"checkpoint '{weights.parent}' has no {WEIGHTS}")
+        raise CheckpointError(f"checkpoint '{weights.parent}' has no {weights.name}")
     data = weights.read_bytes()
     if facts.get("bytes") is not None and len(data) != facts["bytes"]:
         raise CheckpointError(f"'{weights}' is truncated or corrupt: {len(data):,} bytes, the "
@@ -613,6 +627,43 @@ def _read_weights(weights: Path, facts: dict[str, Any], verify: bool) -> dict[st
     except Exception as exc:  # safetensors' errors for a truncated or damaged file
         raise CheckpointError(f"'{weights}' is corrupt or truncated: {type(exc).__name__}: "
                               f"{exc}") from exc
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def map_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of a private, read-only-in-practice memory map
+    of it (``torch.from_file``): nothing is read until a tensor is used."""
+    import struct
+
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint '{file.parent}' has no {file.name}")
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        try:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"'{file}' is corrupt or truncated: {exc}") from None
+    data = torch.from_file(str(file), shared=False, size=size, dtype=torch.uint8)
+    start = 8 + length
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if start + end > size:
+            raise CheckpointError(f"'{file}' is truncated (tensor '{name}' runs past its end)")
+        dtype = _ST_DTYPES[info["dtype"]]
+        raw = data[start + begin:start + end]
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if (start + begin) % itemsize:  # unaligned: a copy is the only way to view it
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).reshape(info["shape"])
+    return tensors
 
 
 def _load_tokenizer(path: Path) -> Any:

@@ -3,6 +3,7 @@
     modelfold assets pull                      install the embedded model, encoder and corpus
     modelfold passes                           list passes, options, defaults and docs
     modelfold convert [MODEL] -p PIPELINE -o OUT/ [--save-model CKPT/] [--adapter DIR]
+    modelfold convert BIG/ -p "quantize{method=gptq}" --stream --save-model CKPT/ [--nproc N]
     modelfold finetune [MODEL] -p "lora{rank=8,alpha=16}" [--steps N] [--teacher] -o OUT/
     modelfold inspect MODEL_OR_ARTIFACT [--graph FILE]
     modelfold eval MODEL_OR_ARTIFACT [--adapter DIR] [--corpus NAME | --text FILE] [--chars N]
@@ -89,7 +90,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from modelfold.artifact import MANIFEST
     from modelfold.assets import check_output, output_lock
     from modelfold.checkpoint import check_destination
+    from modelfold.distributed import init_from_env, is_main
 
+    if args.nproc < 1:
+        raise _UserError(f"--nproc must be >= 1; got {args.nproc}")
+    if args.stream and args.no_stream:
+        raise _UserError("--stream and --no-stream contradict each other; give one")
+    if args.nproc > 1 and not _launched():
+        # every rank must make the same choice: decide here, tell the workers
+        decided = [] if args.stream or args.no_stream or not args.pipeline else \
+            ["--stream" if _should_stream(args) else "--no-stream"]
+        return _launch_ranks(args.nproc, decided)
+    if _launched() and args.pipeline and not (args.stream or args.no_stream):
+        raise _UserError("under torchrun give --stream or --no-stream, so that every rank "
+                         "makes the same choice")
+    init_from_env()
+    if not is_main():  # workers calibrate; rank 0 checks and writes the outputs
+        return _convert(args, Path(args.output) if args.output is not None else None)
     if args.output is None and args.save_model is None:
         raise _UserError("nothing to write: give -o OUT/ for an ONNX Runtime artifact and/or "
                          "--save-model DIR/ for a checkpoint that modelfold can reload")
@@ -121,6 +138,8 @@ def _convert(args: argparse.Namespace, out: Path | None) -> int:
     export_options.check_graph_passes()
     if args.pipeline:
         build_pipeline(args.pipeline)
+    if args.pipeline and _should_stream(args):
+        return _convert_streamed(args, out, export_options)
     program = modelfold.load(args.model)
     if args.adapter:
         _apply_adapter(program, args.adapter, quiet=args.json)
@@ -130,6 +149,10 @@ def _convert(args: argparse.Namespace, out: Path | None) -> int:
     else:  # convert the model as it is (e.g. a checkpoint saved by --save-model)
         result = modelfold.TransformResult(program, "")
     summary: dict[str, Any] = {"pipeline": result.pipeline}
+    from modelfold.distributed import is_main
+
+    if not is_main():
+        return 0
     if args.save_model is not None:
         # Saved before the export, so a failed export still leaves the transformed model.
         saved = modelfold.save(result, args.save_model, overwrite=args.overwrite,
@@ -161,6 +184,131 @@ def _convert(args: argparse.Namespace, out: Path | None) -> int:
                                                    f"{k} {v}" for k, v in
                                                    manifest["parity"].items()))
         print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _launched() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _launch_ranks(nproc: int, extra: list[str]) -> int:
+    """Run this same command in ``nproc`` processes of one gloo group (what ``torchrun`` does);
+    rank 0 prints and writes. A rank that fails stops the others."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [a for a in sys.argv[1:]]
+    cleaned, skip = [], False
+    for a in argv:  # drop --nproc N / --nproc=N
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        cleaned.append(a)
+    cleaned += extra
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                                 str(max(1, (os.cpu_count() or 1) // nproc)))}
+        procs.append(subprocess.Popen([sys.executable, "-m", "modelfold", *cleaned], env=env,
+                                      stdout=None if rank == 0 else subprocess.DEVNULL))
+    status = [None] * nproc
+    try:
+        while any(s is None for s in status):
+            for i, proc in enumerate(procs):
+                if status[i] is None:
+                    status[i] = proc.poll()
+            if any(s not in (None, 0) for s in status):
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.terminate()
+                for proc in procs:
+                    proc.wait()
+                break
+            time.sleep(0.2)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    codes = [p.returncode for p in procs]
+    return codes[0] if codes[0] else max(codes, key=abs)
+
+
+def _should_stream(args: argparse.Namespace) -> bool:
+    """--stream, or automatically: a checkpoint whose float32 weights exceed --max-memory."""
+    from modelfold.assets import resolve_model
+    from modelfold.streaming import needs_streaming, parse_bytes
+
+    if args.no_stream:
+        return False
+    if args.stream:
+        return True
+    if args.adapter:
+        return False
+    budget = parse_bytes(args.max_memory) if args.max_memory else None
+    stream, why = needs_streaming(resolve_model(args.model), budget)
+    if stream and not args.json:
+        _stderr_line(f"streaming one layer at a time: {why} (--no-stream to load it whole)")
+    return stream
+
+
+def _convert_streamed(args: argparse.Namespace, out: Path | None, export_options: Any) -> int:
+    import modelfold
+    from modelfold.distributed import is_main
+    from modelfold.streaming import stream_transform
+
+    if args.save_model is None:
+        raise _UserError("streaming writes the transformed model as a checkpoint: give "
+                         "--save-model DIR/ (and -o OUT/ to export it to ONNX as well)")
+    if args.adapter:
+        raise _UserError("--adapter cannot be combined with streaming; apply the adapter in a "
+                         "run without --stream")
+    manifest = stream_transform(args.model, args.pipeline, args.save_model,
+                                activation_budget=args.activation_budget,
+                                overwrite=args.overwrite, resume=not args.no_resume,
+                                measure=not args.no_verify,
+                                log=None if not args.json else (lambda line: None))
+    if not is_main():
+        return 0
+    record = manifest["passes"][-1]
+    streaming = record.get("details", {}).get("streaming", {})
+    summary: dict[str, Any] = {"pipeline": manifest["pipeline"], "checkpoint": args.save_model,
+                               "checkpoint_bytes": sum(manifest["files"].values()),
+                               "checkpoint_format": "modelfold", "streamed": True,
+                               "peak_rss_bytes": max(r.get("details", {}).get("streaming", {})
+                                                     .get("peak_rss_bytes", 0)
+                                                     for r in manifest["passes"]),
+                               "layers": streaming.get("layers"),
+                               "fidelity": record.get("fidelity", {})}
+    if not args.json:
+        print(f"saved checkpoint {args.save_model}/ (modelfold format, sharded, "
+              f"{summary['checkpoint_bytes'] / 2**20:.1f} MiB); peak RSS "
+              f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB")
+    if out is not None:
+        from modelfold.streaming import export_streamed
+
+        facts = export_streamed(args.save_model, out, overwrite=args.overwrite,
+                                options=export_options, progress=_stderr_line)
+        summary.update({"output": str(out), "onnx_bytes": facts["onnx_bytes"],
+                        "onnx_peak_rss_bytes": facts["peak_rss_bytes"]})
+        if not args.json:
+            print(f"wrote {out}/ ({facts['onnx_bytes'] / 2**20:.1f} MiB ONNX)")
+    del modelfold
+    if args.json:
+        _print_json(summary)
     return 0
 
 
@@ -728,6 +876,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="append", metavar="NAME",
                    help="leave out a fusion the ONNX lowering applies by default: attention, "
                         "projections, norms (or fuse-attention ...), or all; repeatable")
+    p.add_argument("--stream", action="store_true",
+                   help="transform one decoder layer at a time (models larger than memory): "
+                        "read, transform, write and free each layer; needs --save-model (the "
+                        "sharded output checkpoint); chosen automatically when the model's "
+                        "float32 weights do not fit --max-memory")
+    p.add_argument("--no-stream", action="store_true", help="never stream (load the whole model)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory budget that decides streaming, e.g. 16GB (default: 80%% of the "
+                        "memory available now)")
+    p.add_argument("--activation-budget", metavar="SIZE", default="2GB",
+                   help="streaming: calibration activations above this size (per rank) are kept "
+                        "on disk (default 2GB)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="streaming: discard the partial output of an interrupted run (OUT.partial) "
+                        "instead of continuing after its last finished layer")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="spread calibration over N processes (torch.distributed, gloo on CPU): "
+                        "samples split across ranks, statistics all-reduced, the per-linear "
+                        "solves divided; the result equals one process's. torchrun works too")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
 

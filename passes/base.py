@@ -70,6 +70,10 @@ class Pass:
     # of one product) may move the logits by float rounding that grows with their size: the
     # allowed change is ``exact_atol + exact_rtol * max|logits|``.
     exact_rtol: ClassVar[float] = 0.0
+    # Whether the pass can run on a streamed model (``modelfold.streaming``): it changes one
+    # decoder layer at a time through ``LayerwiseRunner.layers`` / ``each_layer`` and touches
+    # nothing else of a layer once it moved on. ``stream_refusal`` vetoes particular options.
+    streams: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | None = None, **options: Any):
         if config is not None and options:
@@ -85,6 +89,10 @@ class Pass:
         """How the manager judges this pass on ``program`` (after ``requires`` passed): some
         passes are exact for some programs and options and lossy for others."""
         return self.kind
+
+    def stream_refusal(self) -> str | None:
+        """Why this configuration cannot stream (None: it can, where ``streams`` is set)."""
+        return None
 
     def requires(self, program: Program) -> None:
         """Raise ``PreconditionError`` if the pass cannot run on ``program``."""

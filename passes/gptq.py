@@ -33,9 +33,16 @@ class HessianAccumulator:
         self.n += x.shape[0]
 
     def value(self) -> torch.Tensor:
-        if self.n == 0:
+        """``2 X^T X / n``, summed over every rank's inputs when calibration is distributed."""
+        from modelfold.distributed import all_reduce_sum, rank_and_world
+
+        h, n = self.h, self.n
+        if rank_and_world()[1] > 1:
+            h = all_reduce_sum(self.h.clone())
+            n = int(all_reduce_sum(torch.tensor([float(self.n)], dtype=torch.float64)).item())
+        if n == 0:
             raise ValueError("no calibration inputs reached this layer")
-        return (2.0 / self.n * self.h).float()
+        return (2.0 / n * h).float()
 
 
 @dataclass

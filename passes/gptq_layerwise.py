@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from modelfold.distributed import share
 from modelfold.ir.modules import linear_weight
 from modelfold.ir.quant import PackedWeight
 from modelfold.ir.sparse import NMLinear
@@ -86,9 +87,9 @@ def gptq_layer(qpass: Quantize, program: Program, runner: LayerwiseRunner, index
 
         with runner.collect({n: modules[n] for n in heads}, add):
             runner.run_layer(index)
-        for head, group in heads.items():
+        for solve, (head, group) in enumerate(heads.items()):
             report += _quantize_group(qpass, program, {n: modules[n] for n in group},
-                                      acc[head].value(), cfg)
+                                      acc[head].value(), cfg, solve=solve)
     return report
 
 
@@ -97,8 +98,12 @@ def _in_features(module: nn.Module) -> int:
 
 
 def _quantize_group(qpass: Quantize, program: Program, modules: dict[str, nn.Module],
-                    hessian: torch.Tensor, cfg: Any) -> list[dict[str, Any]]:
-    """GPTQ on the row-concatenation of linears that share one input (one Hessian)."""
+                    hessian: torch.Tensor, cfg: Any, *, solve: int = 0) -> list[dict[str, Any]]:
+    """GPTQ on the row-concatenation of linears that share one input (one Hessian).
+
+    With distributed calibration, solve number ``solve`` of the layer runs on one rank and its
+    result is broadcast (``modelfold.distributed.share``).
+    """
 
     weights = [linear_weight(m).detach().float() for m in modules.values()]
     stacked = torch.cat(weights, 0)
@@ -107,8 +112,8 @@ def _quantize_group(qpass: Quantize, program: Program, modules: dict[str, nn.Mod
     if any(isinstance(m, NMLinear) for m in modules.values()):
         keep = torch.cat([m.mask() if isinstance(m, NMLinear) else torch.ones_like(w, dtype=torch.bool)
                           for m, w in zip(modules.values(), weights)], 0)
-    result = gptq_quantize(stacked, hessian, fmt, damp=cfg.damp, act_order=cfg.act_order,
-                           mse=cfg.mse, keep=keep)
+    result = share(solve, lambda: gptq_quantize(stacked, hessian, fmt, damp=cfg.damp,
+                                                act_order=cfg.act_order, mse=cfg.mse, keep=keep))
     out, row = [], 0
     for (path, module), w in zip(modules.items(), weights):
         rows = slice(row, row + w.shape[0])

@@ -50,7 +50,7 @@ from modelfold.passes.base import Pass, PassError, PreconditionError, option
 from modelfold.passes.calibration import CalibrationConfig
 from modelfold.passes.fidelity import weight_error
 from modelfold.passes.gptq_layerwise import quantize_gptq
-from modelfold.passes.layerwise import LayerwiseRunner
+from modelfold.passes.layerwise import LayerwiseRunner, each_layer
 from modelfold.passes.registry import register_pass
 from modelfold.passes.report import plot_layer_errors
 
@@ -127,6 +127,7 @@ class Quantize(Pass):
     config_class = QuantizeConfig
     kind = "lossy"
     summary = "weight-only int2/3/4/8 quantization (rtn, gptq, awq) to MatMulNBits-layout layers"
+    streams = True  # every method walks the layers; embeddings and head are loaded
 
     def requires(self, program: Program) -> None:
         if self.config.method in ("awq", "awq-gptq"):
@@ -154,7 +155,8 @@ class Quantize(Pass):
         start = time.perf_counter()
         if cfg.method == "rtn" or not count:
             layers = [self.install(program, path, module, None)
-                      for path, module in selection.items()]
+                      for index in each_layer(program, "quantize (rtn)")
+                      for path, module in selected.get(index, {}).items()]
             calibration = None
         else:
             ids = cfg.calibration_ids(program)

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from modelfold.distributed import share
 from modelfold.errors import OptionError
 from modelfold.ir.modules import is_linear, linear_weight, replace_module
 from modelfold.ir.program import Program
@@ -43,7 +44,7 @@ from modelfold.passes.calibration import CalibrationConfig
 from modelfold.passes.fidelity import weight_error
 from modelfold.passes.gptq import HessianAccumulator
 from modelfold.passes.gptq_layerwise import shared_input_groups
-from modelfold.passes.layerwise import LayerwiseRunner
+from modelfold.passes.layerwise import LayerwiseRunner, each_layer
 from modelfold.passes.registry import register_pass
 from modelfold.passes.report import plot_layer_errors
 from modelfold.passes.sparsegpt import prune
@@ -83,6 +84,7 @@ class NMSparsify(Pass):
     config_class = NMSparsifyConfig
     kind = "lossy"
     summary = "N:M semi-structured pruning (magnitude, wanda, sparsegpt) into compressed NMLinear"
+    streams = True  # every method walks the layers one at a time
 
     def requires(self, program: Program) -> None:
         cfg = self.config
@@ -113,7 +115,8 @@ class NMSparsify(Pass):
         calibration = None
         if cfg.method == "magnitude" or not count:
             layers = [self.install(program, path, module, None)
-                      for path, module in selection.items()]
+                      for index in each_layer(program, f"nm-sparsify ({cfg.method})")
+                      for path, module in selected.get(index, {}).items()]
         else:
             ids = cfg.calibration_ids(program)
             calibration = cfg.calibration_facts(ids)
@@ -170,19 +173,22 @@ class NMSparsify(Pass):
 
         with runner.collect({name: targets[name] for name in heads}, add):
             runner.run_layer(index)
-        out = []
+        out, solve = [], 0
         for head, group in heads.items():
             hessian = acc[head].value()
             for path in group:
-                out.append(self.install(program, path, targets[path], hessian))
+                out.append(self.install(program, path, targets[path], hessian, solve=solve))
+                solve += 1
         return out
 
     def install(self, program: Program, path: str, module: nn.Module,
-                hessian: torch.Tensor | None) -> dict[str, Any]:
-        """Prune ``module`` and replace it at ``path`` by an ``NMLinear``."""
+                hessian: torch.Tensor | None, *, solve: int = 0) -> dict[str, Any]:
+        """Prune ``module`` and replace it at ``path`` by an ``NMLinear`` (with distributed
+        calibration, solve ``solve`` of the layer runs on one rank and is broadcast)."""
         cfg = self.config
         weight = linear_weight(module).detach().float()
-        result = prune(weight, cfg.method, cfg.n, cfg.m, hessian, damp=cfg.damp)
+        result = share(solve, lambda: prune(weight, cfg.method, cfg.n, cfg.m, hessian,
+                                            damp=cfg.damp))
         new = NMLinear.from_dense(result.weight, result.keep, cfg.n, cfg.m, module.bias)
         replace_module(program.module, path, new)
         dense = new.weight
