@@ -107,6 +107,18 @@ def transform(model: Any, passes: str | list[Any] | Path, *, tokenizer: Any = No
     return TransformResult(program, pipeline_string(pipeline))
 
 
+def stream(model: str | Path, passes: str | list[Any] | Path, out_dir: str | Path, *,
+           overwrite: bool = False, resume: bool = True, activation_budget: int | str = "2GB",
+           measure: bool = True) -> dict[str, Any]:
+    """Transform a checkpoint folder one decoder layer at a time into the checkpoint ``out_dir``
+    (models larger than memory); an interrupted run resumes after its last finished layer.
+    Returns the checkpoint's manifest. See ``modelfold.streaming.stream_transform``."""
+    from modelfold.streaming import stream_transform
+
+    return stream_transform(model, passes, out_dir, overwrite=overwrite, resume=resume,
+                            activation_budget=activation_budget, measure=measure)
+
+
 def export(result: TransformResult | Program | nn.Module, out_dir: str | Path, *,
            backend: str = "onnxruntime", overwrite: bool = False, options: Any = None,
            progress: bool | Any = False, **option_values: Any) -> dict[str, Any]:

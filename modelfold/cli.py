@@ -140,7 +140,7 @@ def _convert(args: argparse.Namespace, out: Path | None) -> int:
         build_pipeline(args.pipeline)
     if args.pipeline and _should_stream(args):
         return _convert_streamed(args, out, export_options)
-    program = modelfold.load(args.model)
+    program = _load_for_convert(args)
     if args.adapter:
         _apply_adapter(program, args.adapter, quiet=args.json)
     if args.pipeline:
@@ -221,6 +221,7 @@ def _launch_ranks(nproc: int, extra: list[str]) -> int:
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               **({"TQDM_DISABLE": "1"} if rank else {}),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
                                                  str(max(1, (os.cpu_count() or 1) // nproc)))}
         procs.append(subprocess.Popen([sys.executable, "-m", "modelfold", *cleaned], env=env,
@@ -310,6 +311,19 @@ def _convert_streamed(args: argparse.Namespace, out: Path | None, export_options
     if args.json:
         _print_json(summary)
     return 0
+
+
+def _load_for_convert(args: argparse.Namespace) -> Any:
+    """The model to convert; a checkpoint exported as it is gets memory-mapped weights (only
+    what the export reads is paged in: a streamed checkpoint larger than memory exports)."""
+    import modelfold
+    from modelfold.assets import resolve_model
+    from modelfold.checkpoint import is_checkpoint, load_checkpoint
+
+    path = resolve_model(args.model)
+    if not args.pipeline and not args.adapter and is_checkpoint(path):
+        return load_checkpoint(path, mmap=True)
+    return modelfold.load(args.model)
 
 
 def fusions_named(names: Sequence[str]) -> tuple[str, ...]:

@@ -535,6 +535,9 @@ def check_streams(passes: list[Any]) -> None:
         why = p.stream_refusal()
         if why:
             raise StreamError(f"{p!r} cannot stream: {why}")
+    from modelfold.passes.manager import check_distributable
+
+    check_distributable(passes)
 
 
 def stream_transform(model: str | Path, passes: Any, out: str | Path, *,
@@ -555,7 +558,7 @@ def stream_transform(model: str | Path, passes: Any, out: str | Path, *,
 
     Returns:
         The checkpoint's manifest (``passes`` holds each pass's record with its ``streaming``
-        facts: layers, seconds per layer, peak RSS, resumed-from).
+        facts: layers, seconds per layer, peak RSS, resumed-from); ``{}`` on ranks other than 0.
     """
     from modelfold.assets import resolve_model
     from modelfold.checkpoint import MANIFEST, check_destination
@@ -593,7 +596,8 @@ def stream_transform(model: str | Path, passes: Any, out: str | Path, *,
                              log=log, pipeline_key=repr(pipeline[:k + 1]))
             barrier()
             current = result
-            manifest = json.loads((result / MANIFEST).read_text())
+            if is_main():  # the others may not read it: rank 0 moves it into place below
+                manifest = json.loads((result / MANIFEST).read_text())
         if is_main():
             if out.exists():
                 check_output(out, overwrite=True, what="checkpoint", markers=(MANIFEST,))

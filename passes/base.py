@@ -94,6 +94,17 @@ class Pass:
         """Why this configuration cannot stream (None: it can, where ``streams`` is set)."""
         return None
 
+    def distribute_refusal(self) -> str | None:
+        """Why this configuration cannot run over several ``torch.distributed`` ranks (None: it
+        can). A pass that calibrates must split its samples and reduce its statistics
+        (``modelfold.distributed``); one that does not say it does is refused."""
+        from modelfold.passes.calibration import CalibrationConfig
+
+        if isinstance(self.config, CalibrationConfig):
+            return ("it calibrates, and its statistics are not reduced across ranks; run it in "
+                    "one process (without --nproc / torchrun)")
+        return None
+
     def requires(self, program: Program) -> None:
         """Raise ``PreconditionError`` if the pass cannot run on ``program``."""
 

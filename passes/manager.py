@@ -55,6 +55,7 @@ class PassManager:
 
     def run(self, program: Program) -> Program:
         ctx = self.context
+        check_distributable(self.passes)
         probe, probe_desc = (ctx.probe, "given probe batch") if ctx.probe is not None \
             else probe_inputs(program)
         is_logits = program.arch.kind == "causal-lm"
@@ -125,6 +126,19 @@ class PassManager:
                 f"(> tolerance {tolerance:g})")
         total = compare(original, after, logits=is_logits)
         return {**step, **{f"cumulative_{k}": v for k, v in total.items()}}
+
+
+def check_distributable(passes: list[Pass]) -> None:
+    """Under ``torch.distributed`` (several ranks), refuse a pass that cannot split its work."""
+    from modelfold.distributed import rank_and_world
+
+    world = rank_and_world()[1]
+    if world == 1:
+        return
+    for p in passes:
+        why = p.distribute_refusal()
+        if why:
+            raise PassError(f"{p.name} cannot run over {world} ranks: {why}")
 
 
 def _routed_moe(program: Program) -> bool:

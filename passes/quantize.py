@@ -142,6 +142,13 @@ class Quantize(Pass):
             self.config.require_text(program, f"quantize method={self.config.method} calibrates "
                                               "on text")
 
+    def distribute_refusal(self) -> str | None:
+        if self.config.method in ("awq", "awq-gptq"):
+            return (f"method={self.config.method} searches its scales on the first calibration "
+                    "batches, which one rank holds; use method=gptq or rtn over several ranks, "
+                    "or run AWQ in one process")
+        return None  # RTN needs no data; GPTQ all-reduces its Hessians
+
     def format_for(self, in_features: int, bits: int | None = None) -> QuantFormat:
         cfg = self.config
         return QuantFormat(bits or cfg.bits, block_size_for(cfg.group_size, in_features),

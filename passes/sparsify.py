@@ -86,6 +86,9 @@ class NMSparsify(Pass):
     summary = "N:M semi-structured pruning (magnitude, wanda, sparsegpt) into compressed NMLinear"
     streams = True  # every method walks the layers one at a time
 
+    def distribute_refusal(self) -> str | None:
+        return None  # Wanda and SparseGPT all-reduce their Hessians; magnitude needs no data
+
     def requires(self, program: Program) -> None:
         cfg = self.config
         stack = program.module.get_submodule(program.arch.layers)

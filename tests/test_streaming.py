@@ -137,6 +137,11 @@ def test_two_gloo_ranks_equal_one_process(random_llama, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     differ = (_codes(tmp_path / "split") != _codes(tmp_path / "quantize-1")).float().mean()
     assert differ <= 1e-3
+    # a pass whose statistics are not reduced across ranks is refused, with the reason
+    awq = _convert([str(random_llama), "-p", f"quantize{{method=awq,{CALIB}}}", "--stream",
+                    "--nproc", "2", "--save-model", str(tmp_path / "awq")])
+    assert awq.returncode == 2 and "cannot run over 2 ranks" in awq.stderr, awq.stderr[-2000:]
+    assert not (tmp_path / "awq").exists()
 
 
 _RSS_CHILD = """
@@ -182,6 +187,17 @@ def test_streamed_peak_memory_is_a_few_layers(tmp_path):
           f"model {layers * layer_bytes / 2**20:.0f} MiB")
     assert grew < 10 * layer_bytes + 2 * activations, (grew, layer_bytes)
     assert grew < 0.7 * layers * layer_bytes
+
+
+def test_streaming_is_chosen_when_the_model_exceeds_the_budget(random_llama, tmp_path, capsys):
+    assert main(["convert", str(random_llama), "-p", GPTQ, "--max-memory", "1MB",
+                 "--save-model", str(tmp_path / "auto")]) == 0
+    err = capsys.readouterr().err
+    assert "streaming one layer at a time" in err and "> the memory budget" in err
+    assert json.loads((tmp_path / "auto" / "modelfold_checkpoint.json").read_text())["streamed"]
+    assert main(["convert", str(random_llama), "-p", GPTQ, "--max-memory", "lots",
+                 "--save-model", str(tmp_path / "bad")]) == 2
+    assert "cannot read the size 'lots'" in capsys.readouterr().err
 
 
 def test_streaming_refuses_what_it_cannot_do(random_llama, tmp_path, capsys):
