@@ -134,7 +134,8 @@ def _convert(args: argparse.Namespace, out: Path | None) -> int:
     disabled = tuple(args.disable or ()) + fusions_named(args.no_fuse or ())
     export_options = ExportOptions(parity=not args.no_parity, accuracy_level=args.accuracy_level,
                                    lora=args.lora_export, sparse=args.sparse_export,
-                                   disable=disabled, provider=args.provider, dtype=args.dtype)
+                                   disable=disabled, provider=args.provider, dtype=args.dtype,
+                                   bounded_memory=_streamed_checkpoint(args))
     export_options.check_graph_passes()
     if args.pipeline:
         build_pipeline(args.pipeline)
@@ -324,6 +325,15 @@ def _load_for_convert(args: argparse.Namespace) -> Any:
     if not args.pipeline and not args.adapter and is_checkpoint(path):
         return load_checkpoint(path, mmap=True)
     return modelfold.load(args.model)
+
+
+def _streamed_checkpoint(args: argparse.Namespace) -> bool:
+    """Whether MODEL is a checkpoint written by streaming (exported with bounded memory)."""
+    from modelfold.assets import resolve_model
+    from modelfold.checkpoint import is_checkpoint, read_manifest
+
+    path = resolve_model(args.model)
+    return not args.pipeline and is_checkpoint(path) and bool(read_manifest(path).get("streamed"))
 
 
 def fusions_named(names: Sequence[str]) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ and on the written output (``streamed_logits``), and compared as the pass manage
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -396,6 +397,8 @@ class StreamResidency:
         barrier()
         if previous and previous != folder:
             shutil.rmtree(self.work / previous / f"rank{self.rank}", ignore_errors=True)
+            with contextlib.suppress(OSError):  # the last rank out removes the folder
+                (self.work / previous).rmdir()
         self._release(index)
         self._progress(index)
         if os.environ.get("MODELFOLD_STREAM_KILL_AFTER") == str(index):  # crash-recovery tests
@@ -833,12 +836,17 @@ def export_streamed(checkpoint: str | Path, out: str | Path, *, overwrite: bool 
     into memory: the tensors are memory-mapped views of the shards (``load_checkpoint(...,
     mmap=True)``), so the graph is captured from tensors that are paged in only when the
     lowering or the writer of the external data reads them, and those pages are file-backed
-    (the kernel reclaims them under pressure). Returns the artifact manifest plus
-    ``peak_rss_bytes``."""
+    (the kernel reclaims them under pressure), and the exporter's weights file is kept as it
+    streamed it (``ExportOptions.bounded_memory``: no offline optimization or deduplication,
+    which would load it back). Returns the artifact manifest plus ``peak_rss_bytes``."""
+    from dataclasses import replace
+
     import modelfold
+    from modelfold.backends.onnxruntime.options import ExportOptions
     from modelfold.checkpoint import load_checkpoint
 
     program = load_checkpoint(checkpoint, mmap=True)
+    options = replace(options or ExportOptions(), bounded_memory=True)
     manifest = modelfold.export(program, out, overwrite=overwrite, options=options,
                                 progress=progress or False)
     return {**manifest, "peak_rss_bytes": peak_rss_bytes()}

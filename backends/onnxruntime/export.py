@@ -131,7 +131,9 @@ def export_onnx(model: Program | nn.Module, out_dir: Path, options: ExportOption
             step.edit_onnx(graph_file)
         onnx.save_model(graph_file, str(unoptimized))  # the external data file is unchanged
     with phases("optimize"):
-        if options.optimize:
+        if options.bounded_memory:
+            _move_model(unoptimized, out_dir / MODEL_FILE)
+        elif options.optimize:
             disabled = sorted({name for step in steps for name in step.disabled_optimizers()})
             _optimize_with_ort(unoptimized, out_dir / MODEL_FILE,
                                OPTIMIZATION_LEVELS[options.optimization_level],
@@ -143,11 +145,12 @@ def export_onnx(model: Program | nn.Module, out_dir: Path, options: ExportOption
             _resave(unoptimized, out_dir / MODEL_FILE, options.external_data_threshold_bytes)
             _remove_model(unoptimized)
     with phases("save"):
-        facts["shared_initializers"] = _dedupe_initializers(
+        facts["shared_initializers"] = {} if options.bounded_memory else _dedupe_initializers(
             out_dir / MODEL_FILE, options.external_data_threshold_bytes)
         for step in steps:
             step.finish(out_dir)
-    facts["optimization_level"] = options.optimization_level if options.optimize else "disabled"
+    facts["optimization_level"] = options.optimization_level \
+        if options.optimize and not options.bounded_memory else "disabled"
     facts["opset"] = options.opset
     facts["provider"], facts["dtype"] = options.provider, options.dtype
     facts["accuracy_level"] = options.accuracy_level
@@ -460,6 +463,24 @@ def _optimize_with_ort(
     )
     if not dst.is_file():
         raise RuntimeError(f"ONNX Runtime did not write the optimized model {dst}")
+
+
+def _move_model(src: Path, dst: Path) -> None:
+    """Move `src` and its external data file to `dst` / `dst.data` without loading the data:
+    only the data file's name inside the graph changes."""
+    model = onnx.load(str(src), load_external_data=False)
+    old_data = {entry.value for init in model.graph.initializer
+                for entry in init.external_data if entry.key == "location"}
+    if len(old_data) > 1:
+        raise RuntimeError(f"the exporter wrote several external data files: {sorted(old_data)}")
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = dst.name + ".data"
+    for name in old_data:
+        (src.parent / name).replace(dst.parent / (dst.name + ".data"))
+    onnx.save_model(model, str(dst))
+    src.unlink()
 
 
 def _resave(src: Path, dst: Path, threshold_bytes: int) -> None:

@@ -54,6 +54,10 @@ class ExportOptions(Options):
     optimization_level: Literal["disabled", "basic", "extended", "all"] = option(
         DEFAULT_OPTIMIZATION_LEVEL, "offline optimization level (extended: the highest portable)")
     keep_unoptimized: bool = option(False, "keep model.unoptimized.onnx next to the artifact")
+    bounded_memory: bool = option(False, "keep the weights file as the exporter streamed it and "
+                                         "never load it back (models larger than memory): no "
+                                         "offline optimization (the session optimizes at load), "
+                                         "no deduplication of equal initializers")
     external_data_threshold_bytes: int = option(1024, "initializers at least this large go to "
                                                       "model.onnx.data")
     verbose: bool = option(False, "print the exporter's own progress")
