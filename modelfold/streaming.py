@@ -156,6 +156,8 @@ def build_skeleton(path: Path) -> tuple[nn.Module, dict[str, Any] | None]:
     else:
         with torch.device("meta"), initialization.no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if getattr(config, "tie_word_embeddings", False):  # the head is the embedding table
+            model.tie_weights()
     _compute_buffers(model, config)
     return model.eval(), manifest
 
@@ -196,16 +198,20 @@ def _layers_path(model: nn.Module) -> str:
     return describe(model).layers
 
 
-def _assign(root: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Put ``value`` at tensor path ``name`` (a new Parameter or buffer; the module is kept)."""
+def _assign(root: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Put ``value`` at tensor path ``name`` (the module is kept); returns the object stored (a
+    new Parameter for a parameter, unless ``value`` is one: a tie shares that object)."""
     owner_path, _, attr = name.rpartition(".")
     owner = root.get_submodule(owner_path) if owner_path else root
     if attr in owner._parameters:
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        owner._parameters[attr] = value
     elif attr in owner._buffers:
         owner._buffers[attr] = value
     else:
         raise StreamError(f"'{name}' is neither a parameter nor a buffer of the model")
+    return value
 
 
 def _load_into(module: nn.Module, prefix: str, source: TensorSource) -> None:
@@ -226,8 +232,7 @@ def _load_into(module: nn.Module, prefix: str, source: TensorSource) -> None:
                 raise StreamError(f"tensor '{full}' is {value.dtype} in the checkpoint; the model "
                                   f"expects {current.dtype}")
             value = value.to(current.dtype)
-        seen[id(current)] = value
-        _assign(module, name, value)
+        seen[id(current)] = _assign(module, name, value)
 
 
 # -- the residency of a streamed program ----------------------------------------------------------
@@ -706,8 +711,7 @@ def _load_outside_layers(program: Any, source: TensorSource) -> None:
         if list(value.shape) != list(current.shape):
             raise StreamError(f"tensor '{name}' has shape {list(value.shape)}; the model "
                               f"expects {list(current.shape)}")
-        seen[id(current)] = value
-        _assign(model, name, value)
+        seen[id(current)] = _assign(model, name, value)
 
 
 def _jsonable_record(record: Any) -> dict[str, Any]:

@@ -188,6 +188,7 @@ def _table(results: dict) -> None:
 def smollm2(out: Path, calib: int, chars: int) -> None:
     """GPTQ of SmolLM2 in memory and streamed; both exported and evaluated."""
     results = load_results(out)
+    out.mkdir(parents=True, exist_ok=True)
     pipeline = (f"quantize{{bits=4,group_size=64,method=gptq,n_samples={calib},seq_len=512}}")
     for mode in ("memory", "stream"):
         key = f"smollm2_{mode}"
