@@ -331,9 +331,15 @@ def _streamed_checkpoint(args: argparse.Namespace) -> bool:
     """Whether MODEL is a checkpoint written by streaming (exported with bounded memory)."""
     from modelfold.assets import resolve_model
     from modelfold.checkpoint import is_checkpoint, read_manifest
+    from modelfold.errors import ModelfoldError
 
-    path = resolve_model(args.model)
-    return not args.pipeline and is_checkpoint(path) and bool(read_manifest(path).get("streamed"))
+    if args.pipeline:
+        return False
+    try:  # a missing or bad model is reported later, in its turn
+        path = resolve_model(args.model)
+        return is_checkpoint(path) and bool(read_manifest(path).get("streamed"))
+    except ModelfoldError:
+        return False
 
 
 def fusions_named(names: Sequence[str]) -> tuple[str, ...]:
