@@ -278,11 +278,18 @@ def _convert_streamed(args: argparse.Namespace, out: Path | None, export_options
     if args.adapter:
         raise _UserError("--adapter cannot be combined with streaming; apply the adapter in a "
                          "run without --stream")
-    manifest = stream_transform(args.model, args.pipeline, args.save_model,
-                                activation_budget=args.activation_budget,
-                                overwrite=args.overwrite, resume=not args.no_resume,
-                                measure=not args.no_verify,
-                                log=None if not args.json else (lambda line: None))
+    try:
+        manifest = stream_transform(args.model, args.pipeline, args.save_model,
+                                    activation_budget=args.activation_budget,
+                                    overwrite=args.overwrite, resume=not args.no_resume,
+                                    measure=not args.no_verify,
+                                    log=None if not args.json else (lambda line: None))
+    except KeyboardInterrupt:
+        if is_main():
+            print(f"modelfold: interrupted; the layers finished so far are kept in "
+                  f"{args.save_model.rstrip('/')}.partial/ - run the same command to continue "
+                  "(--no-resume to start over)", file=sys.stderr)
+        return 130
     if not is_main():
         return 0
     record = manifest["passes"][-1]
