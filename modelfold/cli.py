@@ -50,12 +50,14 @@ def cmd_passes(args: argparse.Namespace) -> int:
     passes = registered_passes()
     if args.json:
         _print_json({name: {"kind": cls.kind, "level": cls.level, "summary": cls.summary,
+                            "streams": bool(getattr(cls, "streams", False)),
                             "doc": (cls.__doc__ or "").strip(),
                             "options": cls.config_class.describe_options()}
                      for name, cls in passes.items()})
         return 0
     for name, cls in passes.items():
-        print(f"{name}  ({cls.kind}, {cls.level} pass)")
+        streams = ", streams (--stream)" if getattr(cls, "streams", False) else ""
+        print(f"{name}  ({cls.kind}, {cls.level} pass{streams})")
         print(f"    {cls.summary or (cls.__doc__ or '').strip()}")
         for opt in cls.config_class.describe_options():
             print(f"    {opt['name']:<12} {opt['type']:<28} default {opt['default']:<12} "

@@ -216,6 +216,13 @@ def test_streaming_is_chosen_when_the_model_exceeds_the_budget(random_llama, tmp
     assert "cannot read the size 'lots'" in capsys.readouterr().err
 
 
+def test_passes_say_which_stream(capsys):
+    assert main(["passes", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(n for n, facts in listed.items() if facts["streams"]) == ["nm-sparsify",
+                                                                            "quantize"]
+
+
 def test_streaming_refuses_what_it_cannot_do(random_llama, tmp_path, capsys):
     with pytest.raises(StreamError, match="needs the whole model in memory"):
         stream_transform(random_llama, "tie-layers{unique=2}", tmp_path / "x", log=_quiet)
