@@ -136,24 +136,7 @@ def save_checkpoint(program_or_result: TransformResult | Program | nn.Module,
                                   f"{why or 'it has no modules a standard format describes'}; "
                                   "save it in modelfold's format (format='modelfold')")
     tensors, aliases = _unique_tensors(module)
-    manifest: dict[str, Any] = {
-        "format": FORMAT, "version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": program.source,
-        "pipeline": pipeline,
-        "architecture": {"class": type(module).__name__,
-                         "model_type": getattr(config, "model_type", None),
-                         "family": program.arch.family, "kind": program.arch.kind,
-                         "layers": program.arch.num_layers,
-                         "tied_embeddings": program.arch.tied_embeddings},
-        "dtype": str(_float_dtype(module)).removeprefix("torch."),
-        "runtime": _runtime_options(config),
-        "passes": [_jsonable(asdict(r)) for r in program.log],
-        "tensors": {"count": len(tensors),
-                    "bytes": sum(t.numel() * t.element_size() for t in tensors.values())},
-        "modules": _module_manifest(module),
-        "aliases": aliases,
-    }
+    manifest = manifest_for(program, pipeline, _tensor_specs(tensors), aliases)
     # Dry run: rebuild on the meta device exactly as load_checkpoint will, and compare.
     rebuilt = _rebuild(config, manifest, device="meta")
     _check_structure(module, rebuilt)
@@ -177,6 +160,34 @@ def save_checkpoint(program_or_result: TransformResult | Program | nn.Module,
                              if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
+
+
+def manifest_for(program: Program, pipeline: str,
+                 specs: dict[str, tuple[list[int], torch.dtype]],
+                 aliases: dict[str, list[str]]) -> dict[str, Any]:
+    """The manifest of ``program`` saved with tensors of ``specs`` (name -> shape, dtype); the
+    caller adds where the weights are (``weights``) and the folder's ``files``."""
+    module = program.module
+    config = module.config
+    return {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": program.source,
+        "pipeline": pipeline,
+        "architecture": {"class": type(module).__name__,
+                         "model_type": getattr(config, "model_type", None),
+                         "family": program.arch.family, "kind": program.arch.kind,
+                         "layers": program.arch.num_layers,
+                         "tied_embeddings": program.arch.tied_embeddings},
+        "dtype": str(_float_dtype(module)).removeprefix("torch."),
+        "runtime": _runtime_options(config),
+        "passes": [_jsonable(asdict(r)) for r in program.log],
+        "tensors": {"count": len(specs),
+                    "bytes": sum(math.prod(shape) * dtype.itemsize
+                                 for shape, dtype in specs.values())},
+        "modules": _module_manifest(module),
+        "aliases": aliases,
+    }
 
 
 def _standard(module: nn.Module) -> tuple[tuple[Any, ...] | None, str]:
@@ -634,35 +645,44 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def map_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file as views of a private, read-only-in-practice memory map
-    of it (``torch.from_file``): nothing is read until a tensor is used."""
+def safetensors_entries(file: Path) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """``name -> (dtype, shape, byte offset in the file, byte count)`` from a safetensors file's
+    header, checked against the file's size; nothing else is read."""
     import struct
 
     if not file.is_file():
         raise CheckpointError(f"checkpoint '{file.parent}' has no {file.name}")
     size = file.stat().st_size
-    with open(file, "rb") as handle:
-        try:
+    try:
+        with open(file, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"'{file}' is corrupt or truncated: {exc}") from None
-    data = torch.from_file(str(file), shared=False, size=size, dtype=torch.uint8)
-    start = 8 + length
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            if 8 + length + end > size:
+                raise ValueError(f"tensor '{name}' runs past the end of the file")
+            entries[name] = (_ST_DTYPES[info["dtype"]], list(info["shape"]), 8 + length + begin,
+                             end - begin)
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError, KeyError,
+            TypeError, ValueError) as exc:
+        raise CheckpointError(f"'{file}' is corrupt or truncated: {exc}") from None
+    return entries
+
+
+def map_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of a private, read-only-in-practice memory map
+    of it (``torch.from_file``): nothing is read until a tensor is used."""
+    entries = safetensors_entries(file)
+    data = torch.from_file(str(file), shared=False, size=file.stat().st_size, dtype=torch.uint8)
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        if start + end > size:
-            raise CheckpointError(f"'{file}' is truncated (tensor '{name}' runs past its end)")
-        dtype = _ST_DTYPES[info["dtype"]]
-        raw = data[start + begin:start + end]
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if (start + begin) % itemsize:  # unaligned: a copy is the only way to view it
+    for name, (dtype, shape, offset, nbytes) in entries.items():
+        raw = data[offset:offset + nbytes]
+        if offset % dtype.itemsize:  # unaligned: a copy is the only way to view it
             raw = raw.clone()
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
+        tensors[name] = raw.view(dtype).reshape(shape)
     return tensors
 
 

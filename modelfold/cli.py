@@ -270,7 +270,6 @@ def _should_stream(args: argparse.Namespace) -> bool:
 
 
 def _convert_streamed(args: argparse.Namespace, out: Path | None, export_options: Any) -> int:
-    import modelfold
     from modelfold.distributed import is_main
     from modelfold.streaming import stream_transform
 
@@ -317,7 +316,6 @@ def _convert_streamed(args: argparse.Namespace, out: Path | None, export_options
                         "onnx_peak_rss_bytes": facts["peak_rss_bytes"]})
         if not args.json:
             print(f"wrote {out}/ ({facts['onnx_bytes'] / 2**20:.1f} MiB ONNX)")
-    del modelfold
     if args.json:
         _print_json(summary)
     return 0

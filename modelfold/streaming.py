@@ -30,10 +30,8 @@ import json
 import os
 import resource
 import shutil
-import struct
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,14 +39,12 @@ import torch
 from torch import nn
 
 from modelfold.assets import AssetError, check_output, output_lock, refuse_remote_code
+from modelfold.checkpoint import _jsonable, safetensors_entries
 from modelfold.distributed import barrier, is_main, rank_and_world
 
 STATE = "stream_state.json"
 INDEX = "model.safetensors.index.json"
-_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_SAFE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                "F64": torch.float64, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
-                "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class StreamError(AssetError):
@@ -76,34 +72,24 @@ class TensorSource:
                 f"'{self.path}' has no model.safetensors or {INDEX}; streaming reads safetensors "
                 "checkpoints only (pickled .bin files are never loaded)")
         self.files: dict[str, Path] = {}
-        self.entries: dict[str, tuple[str, list[int], int, int]] = {}
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
         names = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         for name in names:
             file = self.path / name
             if not file.is_file():
                 raise StreamError(f"'{index}' names shard '{name}', which is missing")
-            size = file.stat().st_size
             try:
-                with open(file, "rb") as handle:
-                    (length,) = struct.unpack("<Q", handle.read(8))
-                    header = json.loads(handle.read(length))
-            except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as exc:
-                raise StreamError(f"'{file}' is corrupt or truncated: {exc}") from None
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                if 8 + length + end > size or info["dtype"] not in _SAFE_DTYPES:
-                    raise StreamError(f"'{file}' is corrupt or truncated (tensor '{key}')")
-                self.files[key] = file
-                self.entries[key] = (info["dtype"], list(info["shape"]), 8 + length + begin,
-                                     end - begin)
+                entries = safetensors_entries(file)
+            except AssetError as exc:
+                raise StreamError(str(exc)) from None
+            self.entries.update(entries)
+            self.files.update(dict.fromkeys(entries, file))
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def spec(self, name: str) -> tuple[list[int], str]:
-        """``(shape, safetensors dtype)`` of tensor ``name`` without reading it."""
+    def spec(self, name: str) -> tuple[list[int], torch.dtype]:
+        """``(shape, dtype)`` of tensor ``name`` without reading it."""
         dtype, shape, _, _ = self.entries[name]
         return shape, dtype
 
@@ -117,8 +103,8 @@ class TensorSource:
             if handle.readinto(buffer) != nbytes:
                 raise StreamError(f"'{self.files[name]}' is truncated (tensor '{name}')")
         if not nbytes:
-            return torch.empty(shape, dtype=_SAFE_DTYPES[dtype])
-        return torch.frombuffer(buffer, dtype=_SAFE_DTYPES[dtype]).reshape(shape)
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def float32_bytes(self) -> int:
         """Bytes of the floating-point tensors once cast to float32 (what loading costs)."""
@@ -180,22 +166,17 @@ def _compute_buffers(model: nn.Module, config: Any) -> None:
     with initialization.no_init_weights():
         twin = AutoModelForCausalLM.from_config(twin_config, dtype=torch.float32)
     buffers = dict(twin.named_buffers())
-    layers = model.get_submodule(_layers_path(model)) if _layers_path(model) else None
-    prefix = (_layers_path(model) + ".") if layers is not None else None
+    from modelfold.ir.architecture import describe
+
+    prefix = describe(model).layers + "."
     for name in wanted:
         source = name
-        if prefix and name.startswith(prefix):  # a layer's own buffer: layer 0's twin
+        if name.startswith(prefix):  # a layer's own buffer: layer 0's twin
             rest = name[len(prefix):].split(".", 1)[1]
             source = f"{prefix}0.{rest}"
         if source not in buffers:
             raise StreamError(f"cannot compute the non-persistent buffer '{name}' for streaming")
         _assign(model, name, buffers[source].clone())
-
-
-def _layers_path(model: nn.Module) -> str:
-    from modelfold.ir.architecture import describe
-
-    return describe(model).layers
 
 
 def _assign(root: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -589,7 +570,7 @@ def stream_transform(model: str | Path, passes: Any, out: str | Path, *,
         shutil.rmtree(work)
     barrier()
     budget = parse_bytes(activation_budget)
-    lock = output_lock(out) if is_main() else _nothing()
+    lock = output_lock(out) if is_main() else contextlib.nullcontext()
     with lock:
         current = source_path
         manifest: dict[str, Any] = {}
@@ -614,14 +595,6 @@ def stream_transform(model: str | Path, passes: Any, out: str | Path, *,
             shutil.rmtree(work, ignore_errors=True)
         barrier()
     return manifest
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _stream_pass(p: Any, source_path: Path, stage: Path, result: Path, *, budget: int,
@@ -677,7 +650,7 @@ def _stream_pass(p: Any, source_path: Path, stage: Path, result: Path, *, budget
             record.fidelity = compare(before, after)
             record.fidelity["probe"] = desc
             manifest = json.loads((result / "modelfold_checkpoint.json").read_text())
-            manifest["passes"][-1]["fidelity"] = _jsonable_record(record)["fidelity"]
+            manifest["passes"][-1]["fidelity"] = _jsonable(record.fidelity)
             _write_json_atomic(result / "modelfold_checkpoint.json", manifest)
             log(f"    probe logits vs input: SQNR {record.fidelity['sqnr_db']:.1f} dB, top-1 "
                 f"agreement {record.fidelity['top1_agreement']:.3f}")
@@ -714,31 +687,22 @@ def _load_outside_layers(program: Any, source: TensorSource) -> None:
         seen[id(current)] = _assign(model, name, value)
 
 
-def _jsonable_record(record: Any) -> dict[str, Any]:
-    from modelfold.checkpoint import _jsonable
-
-    return _jsonable(asdict(record))
-
-
 def _finish_checkpoint(program: Any, residency: StreamResidency, record: Any,
                        result: Path) -> None:
     """Write the non-layer tensors, the index, config, tokenizer and manifest; check that the
     folder rebuilds (structure and every tensor's shape and dtype) before it is moved in place."""
     import copy
-    import datetime
 
     from modelfold.checkpoint import (
-        FORMAT,
-        FORMAT_VERSION,
         MANIFEST,
+        _canonical_state,
         _check_structure,
         _check_tensors,
-        _float_dtype,
-        _module_manifest,
+        _pipeline_from_log,
         _rebuild,
-        _runtime_options,
         _sha256,
         _type_of_entry,
+        manifest_for,
     )
 
     model = program.module
@@ -785,51 +749,22 @@ def _finish_checkpoint(program: Any, residency: StreamResidency, record: Any,
     source = Path(program.source)
     if (source / "generation_config.json").is_file():
         shutil.copy2(source / "generation_config.json", tmp / "generation_config.json")
-    specs = {}
     source_out = TensorSource(tmp)
-    for name in weight_map:
-        shape, dtype = source_out.spec(name)
-        specs[name] = (shape, _SAFE_DTYPES[dtype])
-    manifest: dict[str, Any] = {
-        "format": FORMAT, "version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": program.source,
-        "pipeline": ",".join(repr(_pass_of(r)) for r in [*program.log, record]),
-        "architecture": {"class": type(model).__name__,
-                         "model_type": getattr(config, "model_type", None),
-                         "family": program.arch.family, "kind": program.arch.kind,
-                         "layers": program.arch.num_layers,
-                         "tied_embeddings": program.arch.tied_embeddings},
-        "dtype": str(_float_dtype(model)).removeprefix("torch."),
-        "runtime": _runtime_options(config),
-        "passes": [_jsonable_record(r) for r in [*program.log, record]],
-        "tensors": {"count": len(weight_map),
-                    "bytes": sum(int(torch.Size(s).numel()) * torch.empty(0, dtype=d).element_size()
-                                 for s, d in specs.values())},
-        "modules": _module_manifest(model),
-        "aliases": aliases,
-        "weights": {"index": INDEX, "shards": {f: {"bytes": (tmp / f).stat().st_size,
-                                                   "sha256": _sha256(tmp / f)} for f in files}},
-        "streamed": True,
-    }
+    specs = {name: source_out.spec(name) for name in weight_map}
+    program.log.append(record)
+    manifest = manifest_for(program, _pipeline_from_log(program, ",".join(r.name for r in
+                                                                           program.log)),
+                            specs, aliases)
+    manifest["weights"] = {"index": INDEX, "shards": {f: {"bytes": (tmp / f).stat().st_size,
+                                                          "sha256": _sha256(tmp / f)}
+                                                      for f in files}}
+    manifest["streamed"] = True
     rebuilt = _rebuild(config, manifest, device="meta")
     _check_structure(model, rebuilt)
-    from modelfold.checkpoint import _canonical_state
-
     _check_tensors(_canonical_state(rebuilt, aliases), specs, when="save")
     manifest["files"] = {q.name: q.stat().st_size for q in sorted(tmp.iterdir()) if q.is_file()}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     os.replace(tmp, result)
-
-
-
-def _pass_of(record: Any) -> Any:
-    from modelfold.passes.registry import get_pass
-
-    try:
-        return get_pass(record.name)(**record.options)
-    except Exception:
-        return record.name
 
 
 # -- ONNX artifacts of streamed checkpoints ---------------------------------------------------------
