@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from modelfold.backends.onnxruntime import native
 from modelfold.errors import UsageError
 from modelfold.generation import Sampling, generate
 from modelfold.ir import signature as sig
@@ -71,6 +72,7 @@ def create_session(
     threads: int | None = None,
     optimization_level: str = "all",
     provider: str = "cpu",
+    kernels: str = "auto",
 ) -> ort.InferenceSession:
     """Opens an ONNX Runtime session.
 
@@ -81,6 +83,10 @@ def create_session(
             "all"). The artifact is already optimized offline up to a portable level; "all" adds
             the hardware-specific ones for this machine.
         provider: "cpu" or "cuda" (``execution_providers``).
+        kernels: "auto" (modelfold's CPU kernels where they apply and can run here, see
+            ``native``), "modelfold" (required: an error where they cannot run) or
+            "onnxruntime" (ONNX Runtime's own). The facts are the session's ``kernels``
+            attribute.
     """
     path = Path(path)
     if not path.is_file():
@@ -91,14 +97,29 @@ def create_session(
         )
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be >= 1 or None, got {threads}")
+    native.validate_choice(kernels)
     providers = execution_providers(provider)
+    if provider != "cpu":
+        if kernels == "modelfold":
+            raise UsageError("kernels='modelfold' are CPU kernels; use kernels='onnxruntime' "
+                             f"with provider={provider!r}")
+        kernels = "onnxruntime"
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers)
+    model, lib, facts = native.prepare(path, kernels)
+    if lib is not None:
+        options.register_custom_ops_library(str(lib))
+        # the rewritten graph is passed as bytes: its external data is found beside the file
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(path.parent.resolve()))
+    session = ort.InferenceSession(model if model is not None else str(path), options,
+                                   providers=providers)
+    session.kernels = facts
+    return session
 
 
 def _artifact_model(artifact_dir: Path) -> Path:
@@ -170,6 +191,8 @@ class OnnxCausalLM:
             folder or a path to a `.onnx_adapter` file (artifacts exported with lora="inputs").
         provider: Execution provider: "cpu" (default) or "cuda" (needs `onnxruntime-gpu` and an
             NVIDIA GPU; float16 artifacts).
+        kernels: "auto" (default: modelfold's CPU kernels for the int4 layers where they apply
+            and can run, ``native``), "modelfold" (required) or "onnxruntime".
     """
 
     runtime = "onnxruntime"
@@ -182,11 +205,14 @@ class OnnxCausalLM:
         optimization_level: str = "all",
         adapter: str | Path | None = None,
         provider: str = "cpu",
+        kernels: str = "auto",
     ):
         self.path = _artifact_model(artifact_dir)
         self.provider = provider
         self.session = create_session(self.path, threads=threads,
-                                      optimization_level=optimization_level, provider=provider)
+                                      optimization_level=optimization_level, provider=provider,
+                                      kernels=kernels)
+        self.kernels = self.session.kernels  # which kernels run the int4 layers, and why
         self.run_options, self.adapter_path, self._adapter = _adapter_run_options(
             self.session, self.path, adapter
         )

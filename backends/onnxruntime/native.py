@@ -1,0 +1,260 @@
+"""modelfold's own CPU kernels for ONNX Runtime: a custom-op library built from C on first use.
+
+An artifact stays a standard ONNX file that any ONNX Runtime runs. When ``OnnxCausalLM`` (or
+``create_session``) opens it with ``kernels="auto"`` (the default) or ``"modelfold"``, the graph is
+rewritten in memory before the session is created:
+
+- every ``com.microsoft::MatMulNBits`` with 4-bit weights in blocks of 128, accuracy level 4 (int8
+  activations) and constant weights becomes ``ai.modelfold::MatMulInt4`` (``native/q4.c``): the
+  weights are repacked once so that one AVX-512 VNNI instruction accumulates 16 output rows; the
+  arithmetic is ONNX Runtime's (activations quantized per block of 128 with its rounding rule;
+  outputs agree to float rounding, about 1e-7 relative);
+- a SwiGLU MLP's ``Split -> QuickGelu(gate) -> Mul(., up) -> MatMulNBits(down)`` becomes one
+  ``MatMulInt4`` with ``activation=1``, which computes ``silu(gate) * up`` as it quantizes its input
+  (three nodes fewer per layer).
+
+The library is compiled with the system C compiler (``$CC``, else ``gcc`` / ``cc``) into
+``<modelfold cache>/kernels/<source hash>/`` the first time it is needed. It needs an x86-64 CPU
+with AVX-512 F/BW/VL and VNNI; elsewhere (or without a compiler) ``"auto"`` keeps ONNX Runtime's
+kernels and says why (``OnnxCausalLM.kernels``), and ``"modelfold"`` raises ``UsageError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx.numpy_helper
+from onnx import helper
+
+from modelfold.errors import UsageError
+
+KERNEL_CHOICES = ("auto", "modelfold", "onnxruntime")
+DOMAIN = "ai.modelfold"
+SOURCE_DIR = Path(__file__).parent / "native"
+SOURCES = ("q4.h", "q4.c", "ort_ops.c")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma")
+CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fPIC",
+          "-shared", "-fvisibility=hidden", "-std=c11", "-D_POSIX_C_SOURCE=200112L")
+LIBRARY = "libmodelfold_ort.so"
+BLOCK = 128  # the block size the kernel is written for
+
+_lock = threading.Lock()
+_built: dict[str, Path] = {}
+
+
+class KernelsUnavailable(Exception):
+    """Why modelfold's kernels cannot run here (no compiler, a CPU without AVX-512 VNNI, ...)."""
+
+
+def validate_choice(kernels: str) -> str:
+    if kernels not in KERNEL_CHOICES:
+        raise UsageError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}; got {kernels!r}")
+    return kernels
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _compiler() -> str | None:
+    for name in filter(None, (os.environ.get("CC"), "gcc", "cc")):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def library() -> Path:
+    """The compiled custom-op library (built once per source version and cached on disk).
+
+    Raises:
+        KernelsUnavailable: not Linux x86-64, a CPU without the instructions the kernel needs,
+            no C compiler, or the compiler failed (its message).
+    """
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise KernelsUnavailable(f"they are built for Linux x86-64 (this is {platform.system()} "
+                                 f"{platform.machine()})")
+    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        raise KernelsUnavailable(f"the CPU lacks {', '.join(missing)} (AVX-512 VNNI is needed)")
+    compiler = _compiler()
+    if compiler is None:
+        raise KernelsUnavailable("no C compiler found (set $CC or install gcc)")
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    digest.update(" ".join(CFLAGS).encode())
+    key = digest.hexdigest()[:16]
+    with _lock:
+        if key in _built:
+            return _built[key]
+        from modelfold.assets import cache_dir
+
+        target = cache_dir() / "kernels" / key / LIBRARY
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # compile to a private name, then rename: concurrent processes never see half a file
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / LIBRARY
+                sources = [str(SOURCE_DIR / n) for n in SOURCES if n.endswith(".c")]
+                cmd = [compiler, *CFLAGS, "-I", str(SOURCE_DIR), *sources, "-lm", "-o", str(built)]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    first = (done.stderr.strip().splitlines() or ["(no message)"])[0]
+                    raise KernelsUnavailable(f"compiling them failed ({Path(compiler).name}): "
+                                             f"{first[:300]}")
+                os.replace(built, target)
+        _built[key] = target
+        return target
+
+
+def unavailable() -> str | None:
+    """Why modelfold's kernels cannot run on this machine (None: they can; builds them)."""
+    try:
+        library()
+    except KernelsUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _eligible(node: onnx.NodeProto, constants: set[str]) -> str | None:
+    """None when this MatMulNBits runs on MatMulInt4, else why not."""
+    attrs = _attributes(node)
+    inputs = list(node.input) + [""] * (6 - len(node.input))
+    if attrs.get("bits", 4) != 4:
+        return f"{attrs.get('bits')}-bit weights"
+    if attrs.get("block_size") != BLOCK:
+        return f"blocks of {attrs.get('block_size')} (the kernel takes {BLOCK})"
+    if attrs.get("accuracy_level", 0) != 4:
+        return f"accuracy_level {attrs.get('accuracy_level', 0)} (the kernel computes level 4)"
+    if inputs[4]:
+        return "g_idx (act-order) input"
+    if any(i and i not in constants for i in inputs[1:4]):
+        return "weights that are not initializers"
+    return None
+
+
+def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
+    """Rewrite ``model`` (loaded without its external data) in place for modelfold's kernels.
+
+    Returns the facts: ``replaced`` / ``of`` (MatMulNBits nodes), ``swiglu`` (MLPs fused into the
+    down projection), ``kept`` (the reasons the other MatMulNBits nodes stay ONNX Runtime's)."""
+    graph = model.graph
+    constants = {i.name for i in graph.initializer}
+    small = {i.name: i for i in graph.initializer if not i.external_data}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    producer: dict[str, onnx.NodeProto] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for name in node.output:
+            producer[name] = node
+    outputs = {o.name for o in graph.output}
+    total, replaced, kept, removed = 0, 0, {}, set()
+    swiglu = 0
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            continue
+        total += 1
+        reason = _eligible(node, constants)
+        if reason:
+            kept[reason] = kept.get(reason, 0) + 1
+            continue
+        attrs = _attributes(node)
+        inputs = list(node.input) + [""] * (6 - len(node.input))
+        source, activation = inputs[0], 0
+        fused = _swiglu_source(inputs[0], attrs["K"], producer, consumers, outputs, small)
+        if fused is not None:
+            source, dropped = fused
+            activation = 1
+            removed.update(id(n) for n in dropped)
+            swiglu += 1
+        new = helper.make_node("MatMulInt4", [source, inputs[1], inputs[2], inputs[3], inputs[5]],
+                               list(node.output), name=node.name, domain=DOMAIN, K=attrs["K"],
+                               N=attrs["N"], activation=activation)
+        node.CopyFrom(new)
+        replaced += 1
+    if removed:
+        keep = [n for n in graph.node if id(n) not in removed]
+        del graph.node[:]
+        graph.node.extend(keep)
+    if replaced and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return {"replaced": replaced, "of": total, "swiglu": swiglu, "kept": kept}
+
+
+def _swiglu_source(name: str, width: int, producer: dict, consumers: dict, outputs: set[str],
+                   small: dict[str, onnx.TensorProto]) -> tuple[str, list] | None:
+    """``Mul(QuickGelu(a, alpha=1), b)`` with ``a, b = Split(x)`` into two halves of ``width`` on
+    the last axis, nothing else reading the intermediates: returns ``x`` and the three nodes."""
+    mul = producer.get(name)
+    if mul is None or mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
+        return None
+    gelu = producer.get(mul.input[0])
+    if gelu is None or gelu.op_type != "QuickGelu" or gelu.domain != "com.microsoft" or \
+            abs(_attributes(gelu).get("alpha", 1.702) - 1.0) > 0:
+        return None
+    split = producer.get(gelu.input[0])
+    if split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx") or \
+            list(split.output) != [gelu.input[0], mul.input[1]]:
+        return None
+    if _attributes(split).get("axis", 0) not in (-1, 2):
+        return None
+    sizes = split.input[1] if len(split.input) > 1 else ""
+    if sizes:  # the sizes must be a constant [width, width]
+        if sizes not in small or onnx.numpy_helper.to_array(small[sizes]).tolist() != [width, width]:
+            return None
+    elif _attributes(split).get("num_outputs", 2) != 2:
+        return None
+    intermediates = [*split.output, gelu.output[0], mul.output[0]]
+    readers = {n: consumers.get(n, []) for n in intermediates}
+    if any(n in outputs for n in intermediates) or len(readers[split.output[0]]) != 1 or \
+            len(readers[split.output[1]]) != 1 or len(readers[gelu.output[0]]) != 1 or \
+            len(readers[mul.output[0]]) != 1:
+        return None
+    return split.input[0], [split, gelu, mul]
+
+
+def prepare(path: Path, kernels: str) -> tuple[bytes | None, Path | None, dict[str, Any]]:
+    """What a session for ``path`` needs: the rewritten model's bytes and the library (both None
+    when ONNX Runtime's kernels are used), and the facts (``OnnxCausalLM.kernels``)."""
+    validate_choice(kernels)
+    if kernels == "onnxruntime":
+        return None, None, {"kernels": "onnxruntime", "reason": "kernels='onnxruntime'"}
+    model = onnx.load(str(path), load_external_data=False)
+    facts = rewrite(model)
+    if not facts["replaced"]:
+        why = "no MatMulNBits node the kernel takes" + (
+            f" ({'; '.join(f'{n} x {r}' for r, n in facts['kept'].items())})" if facts["kept"] else "")
+        if kernels == "modelfold":
+            raise UsageError(f"kernels='modelfold': {path} has {why}; modelfold's kernel runs "
+                             "4-bit MatMulNBits in blocks of 128 at accuracy_level 4")
+        return None, None, {"kernels": "onnxruntime", "reason": why, **facts}
+    try:
+        lib = library()
+    except KernelsUnavailable as exc:
+        if kernels == "modelfold":
+            raise UsageError(f"kernels='modelfold': modelfold's kernels cannot run here: {exc}; "
+                             "use kernels='onnxruntime'") from None
+        return None, None, {"kernels": "onnxruntime", "reason": str(exc)}
+    return model.SerializeToString(), lib, {"kernels": "modelfold", "library": str(lib), **facts}

@@ -1,0 +1,314 @@
+/* ONNX Runtime custom-op library: ai.modelfold::MatMulInt4, MatMulNBits (bits 4, block 128,
+   accuracy level 4) computed by q4.c's kernel.
+
+   Inputs: A [..., K] float; B [N, ceil(K/128), 64] uint8 and scales [N * ceil(K/128)] float (both
+   initializers: they are repacked once, when the kernel is created); optional zero_points
+   [N * ceil(ceil(K/128)/2)] uint8 (4-bit, an initializer; 8 when absent); optional bias [N] float.
+   Attributes K, N. Output Y [..., N] float.
+
+   The C API is reached through our own declarations of its ABI: OrtApi is a table of function
+   pointers that only grows, so a function's slot never moves (slots checked against ONNX
+   Runtime 1.30 and 1.32); the op asks for API version 17 (ONNX Runtime >= 1.17). */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "q4.h"
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtValue OrtValue;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+typedef void* const* OrtApiTable;  /* the OrtApi struct seen as its slots */
+
+typedef struct {
+  OrtApiTable (*GetApi)(uint32_t version);
+  const char* (*GetVersionString)(void);
+} OrtApiBase;
+
+enum { ELEM_UNDEFINED = 0, ELEM_FLOAT = 1, ELEM_UINT8 = 2 };
+enum { IO_REQUIRED = 0, IO_OPTIONAL = 1 };
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
+#define API_VERSION 17
+
+/* slots of the OrtApi functions used here */
+enum {
+  SLOT_CreateStatus = 0,
+  SLOT_CreateCustomOpDomain = 26,
+  SLOT_CustomOpDomain_Add = 27,
+  SLOT_AddCustomOpDomain = 28,
+  SLOT_GetTensorMutableData = 51,
+  SLOT_ReleaseStatus = 93,
+  SLOT_GetDimensionsCount = 61,
+  SLOT_GetDimensions = 62,
+  SLOT_GetTensorTypeAndShape = 65,
+  SLOT_KernelInfoGetAttribute_int64 = 86,
+  SLOT_KernelContext_GetInput = 90,
+  SLOT_KernelContext_GetOutput = 91,
+  SLOT_ReleaseTensorTypeAndShapeInfo = 99,
+  SLOT_KernelInfo_GetInputCount = 230,
+  SLOT_KernelInfoGetConstantInput_tensor = 249,
+  SLOT_KernelContext_ParallelFor = 274,
+};
+
+static OrtApiTable api;
+#define CALL(type, slot) ((type)api[SLOT_##slot])
+
+typedef OrtStatus* (*CreateStatus_t)(int code, const char* msg);
+typedef OrtStatus* (*CreateCustomOpDomain_t)(const char* domain, OrtCustomOpDomain** out);
+typedef OrtStatus* (*CustomOpDomain_Add_t)(OrtCustomOpDomain* domain, const void* op);
+typedef OrtStatus* (*AddCustomOpDomain_t)(OrtSessionOptions* options, OrtCustomOpDomain* domain);
+typedef OrtStatus* (*GetTensorMutableData_t)(OrtValue* value, void** out);
+typedef OrtStatus* (*GetDimensionsCount_t)(const OrtTensorTypeAndShapeInfo* info, size_t* out);
+typedef OrtStatus* (*GetDimensions_t)(const OrtTensorTypeAndShapeInfo* info, int64_t* dims, size_t n);
+typedef OrtStatus* (*GetTensorTypeAndShape_t)(const OrtValue* value, OrtTensorTypeAndShapeInfo** out);
+typedef OrtStatus* (*KernelInfoGetAttribute_int64_t)(const OrtKernelInfo* info, const char* name, int64_t* out);
+typedef OrtStatus* (*KernelContext_GetInput_t)(const OrtKernelContext* ctx, size_t index, const OrtValue** out);
+typedef OrtStatus* (*KernelContext_GetOutput_t)(OrtKernelContext* ctx, size_t index, const int64_t* dims,
+                                                size_t n, OrtValue** out);
+typedef void (*ReleaseStatus_t)(OrtStatus* status);
+typedef void (*ReleaseTensorTypeAndShapeInfo_t)(OrtTensorTypeAndShapeInfo* info);
+typedef OrtStatus* (*KernelInfo_GetInputCount_t)(const OrtKernelInfo* info, size_t* out);
+typedef OrtStatus* (*KernelInfoGetConstantInput_tensor_t)(const OrtKernelInfo* info, size_t index,
+                                                          int* is_constant, const OrtValue** out);
+typedef OrtStatus* (*KernelContext_ParallelFor_t)(const OrtKernelContext* ctx, void (*fn)(void*, size_t),
+                                                  size_t total, size_t num_batch, void* data);
+
+/* the OrtCustomOp struct: a version, then callbacks in a fixed order */
+typedef struct {
+  uint32_t version;
+  void* (*CreateKernel)(const void* op, OrtApiTable api, const OrtKernelInfo* info);
+  const char* (*GetName)(const void* op);
+  const char* (*GetExecutionProviderType)(const void* op);
+  int (*GetInputType)(const void* op, size_t index);
+  size_t (*GetInputTypeCount)(const void* op);
+  int (*GetOutputType)(const void* op, size_t index);
+  size_t (*GetOutputTypeCount)(const void* op);
+  void (*KernelCompute)(void* kernel, OrtKernelContext* ctx);
+  void (*KernelDestroy)(void* kernel);
+  int (*GetInputCharacteristic)(const void* op, size_t index);
+  int (*GetOutputCharacteristic)(const void* op, size_t index);
+  int (*GetInputMemoryType)(const void* op, size_t index);
+  int (*GetVariadicInputMinArity)(const void* op);
+  int (*GetVariadicInputHomogeneity)(const void* op);
+  int (*GetVariadicOutputMinArity)(const void* op);
+  int (*GetVariadicOutputHomogeneity)(const void* op);
+  OrtStatus* (*CreateKernelV2)(const void* op, OrtApiTable api, const OrtKernelInfo* info, void** kernel);
+  OrtStatus* (*KernelComputeV2)(void* kernel, OrtKernelContext* ctx);
+  void* InferOutputShapeFn;
+  int (*GetStartVersion)(const void* op);
+  int (*GetEndVersion)(const void* op);
+  void* GetMayInplace;
+  void* ReleaseMayInplace;
+  void* GetAliasMap;
+  void* ReleaseAliasMap;
+} CustomOp;
+
+static OrtStatus* fail(int code, const char* message) {
+  return CALL(CreateStatus_t, CreateStatus)(code, message);
+}
+
+#define CHECK(expr) do { OrtStatus* status_ = (expr); if (status_) return status_; } while (0)
+
+/* shape of a tensor value: up to 8 dims */
+static OrtStatus* shape_of(const OrtValue* value, int64_t* dims, size_t* rank) {
+  OrtTensorTypeAndShapeInfo* info = NULL;
+  CHECK(CALL(GetTensorTypeAndShape_t, GetTensorTypeAndShape)(value, &info));
+  OrtStatus* status = CALL(GetDimensionsCount_t, GetDimensionsCount)(info, rank);
+  if (!status && *rank > 8) status = fail(ORT_INVALID_ARGUMENT, "MatMulInt4: more than 8 dimensions");
+  if (!status) status = CALL(GetDimensions_t, GetDimensions)(info, dims, *rank);
+  CALL(ReleaseTensorTypeAndShapeInfo_t, ReleaseTensorTypeAndShapeInfo)(info);
+  return status;
+}
+
+static int64_t elements(const int64_t* dims, size_t rank) {
+  int64_t n = 1;
+  for (size_t i = 0; i < rank; i++) n *= dims[i];
+  return n;
+}
+
+/* -- the op ------------------------------------------------------------------------------- */
+static const char* op_name(const void* op) { (void)op; return "MatMulInt4"; }
+static const char* op_provider(const void* op) { (void)op; return "CPUExecutionProvider"; }
+static int op_input_type(const void* op, size_t i) {
+  (void)op;
+  return (i == 1 || i == 3) ? ELEM_UINT8 : ELEM_FLOAT;
+}
+static size_t op_input_count(const void* op) { (void)op; return 5; }
+static int op_output_type(const void* op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
+static size_t op_output_count(const void* op) { (void)op; return 1; }
+static int op_input_characteristic(const void* op, size_t i) { (void)op; return i >= 3 ? IO_OPTIONAL : IO_REQUIRED; }
+static int op_output_characteristic(const void* op, size_t i) { (void)op; (void)i; return IO_REQUIRED; }
+static int op_memory_type(const void* op, size_t i) { (void)op; (void)i; return 0; }
+static int op_one(const void* op) { (void)op; return 1; }
+static int op_start_version(const void* op) { (void)op; return 1; }
+
+typedef struct { q4_weights w; int64_t activation; } Kernel;  /* activation: 0 none, 1 SwiGLU */
+
+static OrtStatus* constant_input(const OrtKernelInfo* info, size_t index, const char* what,
+                                 const OrtValue** value) {
+  int is_constant = 0;
+  CHECK(CALL(KernelInfoGetConstantInput_tensor_t, KernelInfoGetConstantInput_tensor)(info, index, &is_constant,
+                                                                                     value));
+  if (!is_constant || !*value) {
+    static char message[160];
+    snprintf(message, sizeof message, "MatMulInt4: %s must be an initializer (a constant)", what);
+    return fail(ORT_INVALID_ARGUMENT, message);
+  }
+  return NULL;
+}
+
+static OrtStatus* create_kernel(const void* op, OrtApiTable api_, const OrtKernelInfo* info, void** out) {
+  (void)op; (void)api_;
+  int64_t K = 0, N = 0;
+  CHECK(CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "K", &K));
+  CHECK(CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "N", &N));
+  if (K <= 0 || N <= 0) return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: K and N must be positive");
+  int64_t activation = 0;  /* optional attribute */
+  OrtStatus* missing = CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "activation", &activation);
+  if (missing) { CALL(ReleaseStatus_t, ReleaseStatus)(missing); activation = 0; }
+  if (activation != 0 && activation != 1)
+    return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: activation must be 0 (none) or 1 (SwiGLU)");
+  size_t inputs = 0;
+  CHECK(CALL(KernelInfo_GetInputCount_t, KernelInfo_GetInputCount)(info, &inputs));
+  const OrtValue *B = NULL, *S = NULL, *Z = NULL;
+  CHECK(constant_input(info, 1, "B", &B));
+  CHECK(constant_input(info, 2, "scales", &S));
+  if (inputs > 3) {  /* an absent optional input is not constant: leave Z NULL */
+    int is_constant = 0;
+    CHECK(CALL(KernelInfoGetConstantInput_tensor_t, KernelInfoGetConstantInput_tensor)(info, 3, &is_constant, &Z));
+    if (!is_constant) Z = NULL;
+  }
+  int64_t nblk = (K + 127) / 128, dims[8];
+  size_t rank = 0;
+  CHECK(shape_of(B, dims, &rank));
+  if (elements(dims, rank) != N * nblk * 64)
+    return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: B must hold N x ceil(K/128) x 64 bytes");
+  CHECK(shape_of(S, dims, &rank));
+  if (elements(dims, rank) != N * nblk)
+    return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: scales must hold N x ceil(K/128) floats");
+  if (Z) {
+    CHECK(shape_of(Z, dims, &rank));
+    if (elements(dims, rank) != N * ((nblk + 1) / 2))
+      return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: zero_points must hold N x ceil(ceil(K/128)/2) bytes");
+  }
+  void *b = NULL, *s = NULL, *z = NULL;
+  CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)B, &b));
+  CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)S, &s));
+  if (Z) CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)Z, &z));
+  Kernel* kernel = calloc(1, sizeof(Kernel));
+  if (!kernel || q4_pack(&kernel->w, b, s, z, K, N) != 0) {
+    free(kernel);
+    return fail(ORT_FAIL, "MatMulInt4: out of memory repacking the weights");
+  }
+  kernel->activation = activation;
+  *out = kernel;
+  return NULL;
+}
+
+static void destroy_kernel(void* p) {
+  Kernel* kernel = p;
+  if (kernel) q4_free(&kernel->w);
+  free(kernel);
+}
+
+typedef struct {
+  const q4_weights* w;
+  q4_act act;
+  const float* A;
+  float* Y;
+  int64_t rows_per_task;
+  int64_t groups_per_task;
+  int64_t activation;
+  int failed;  /* a task could not allocate its scratch */
+} Work;
+
+static void quantize_task(void* data, size_t i) {
+  Work* work = data;
+  int64_t K = work->w->K, m0 = (int64_t)i * work->rows_per_task, m1 = m0 + work->rows_per_task;
+  if (m1 > work->act.M) m1 = work->act.M;
+  if (!work->activation) {
+    q4_quantize(&work->act, work->A, K, m0, m1);
+    return;
+  }
+  float small[4096];
+  float* scratch = K <= 4096 ? small : malloc((size_t)K * sizeof(float));
+  if (!scratch) { work->failed = 1; return; }
+  q4_quantize_swiglu(&work->act, work->A, K, m0, m1, scratch);
+  if (scratch != small) free(scratch);
+}
+
+static void matmul_task(void* data, size_t i) {
+  Work* work = data;  /* task i: groups [i * per, (i + 1) * per) */
+  int64_t g0 = (int64_t)i * work->groups_per_task, g1 = g0 + work->groups_per_task;
+  q4_matmul_groups(work->w, &work->act, work->Y, g0, g1 < work->w->groups ? g1 : work->w->groups);
+}
+
+static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
+  Kernel* kernel = p;
+  const q4_weights* w = &kernel->w;
+  const OrtValue *A = NULL, *bias = NULL;
+  CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 0, &A));
+  CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 4, &bias));
+  int64_t dims[8];
+  size_t rank = 0;
+  CHECK(shape_of(A, dims, &rank));
+  int64_t width = kernel->activation ? 2 * w->K : w->K;  /* SwiGLU: [gate, up] */
+  if (rank < 1 || dims[rank - 1] != width)
+    return fail(ORT_INVALID_ARGUMENT, kernel->activation ? "MatMulInt4: A's last dimension != 2 K (SwiGLU)"
+                                                         : "MatMulInt4: A's last dimension != K");
+  int64_t M = elements(dims, rank) / width;
+  dims[rank - 1] = w->N;
+  OrtValue* Y = NULL;
+  CHECK(CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 0, dims, rank, &Y));
+  void *a = NULL, *y = NULL;
+  CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)A, &a));
+  CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)(Y, &y));
+  if (M == 0) return NULL;
+  Work work = {w, {0}, a, y, 16, 2, kernel->activation, 0};
+  size_t bytes = q4_act_bytes(M, w->nblk);
+  char stack[16384];
+  void* memory = bytes <= sizeof stack ? (void*)stack : malloc(bytes);
+  if (!memory) return fail(ORT_FAIL, "MatMulInt4: out of memory for the activations");
+  q4_act_init(&work.act, memory, M, w->nblk);
+  OrtStatus* status = NULL;
+  if (M <= work.rows_per_task) {
+    quantize_task(&work, 0);
+  } else {
+    status = CALL(KernelContext_ParallelFor_t, KernelContext_ParallelFor)(
+        ctx, quantize_task, (size_t)((M + work.rows_per_task - 1) / work.rows_per_task), 0, &work);
+  }
+  if (!status && work.failed) status = fail(ORT_FAIL, "MatMulInt4: out of memory for the SwiGLU scratch");
+  if (!status)
+    status = CALL(KernelContext_ParallelFor_t, KernelContext_ParallelFor)(ctx, matmul_task, (size_t)((w->groups + 1) / 2), 0,
+                                                                         &work);
+  if (!status && bias) {
+    void* b = NULL;
+    status = CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)bias, &b);
+    for (int64_t m = 0; !status && m < M; m++)
+      for (int64_t n = 0; n < w->N; n++) ((float*)y)[m * w->N + n] += ((const float*)b)[n];
+  }
+  if (memory != stack) free(memory);
+  return status;
+}
+
+static const CustomOp matmul_int4 = {
+    API_VERSION, NULL, op_name, op_provider, op_input_type, op_input_count, op_output_type,
+    op_output_count, NULL, destroy_kernel, op_input_characteristic, op_output_characteristic,
+    op_memory_type, op_one, op_one, op_one, op_one, create_kernel, compute, NULL,
+    op_start_version, op_start_version, NULL, NULL, NULL, NULL};
+
+/* -- registration ------------------------------------------------------------------------- */
+__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                    const OrtApiBase* base) {
+  api = base->GetApi(API_VERSION);
+  if (!api) return NULL;  /* an ONNX Runtime older than 1.17 cannot report an error either */
+  OrtCustomOpDomain* domain = NULL;
+  CHECK(CALL(CreateCustomOpDomain_t, CreateCustomOpDomain)("ai.modelfold", &domain));
+  CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &matmul_int4));
+  return CALL(AddCustomOpDomain_t, AddCustomOpDomain)(options, domain);
+}

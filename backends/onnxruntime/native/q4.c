@@ -1,0 +1,169 @@
+#include "q4.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+
+static void* aligned(size_t bytes) {
+  void* p = NULL;
+  return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
+}
+
+int q4_pack(q4_weights* w, const uint8_t* B, const float* S, const uint8_t* Z, int64_t K, int64_t N) {
+  int64_t nblk = (K + 127) / 128, groups = (N + 15) / 16, zstride = (nblk + 1) / 2;
+  w->K = K; w->N = N; w->nblk = nblk; w->groups = groups;
+  w->words = aligned((size_t)groups * nblk * 256 * sizeof(uint32_t));
+  w->scales = aligned((size_t)groups * nblk * 16 * sizeof(float));
+  w->zeros = aligned((size_t)groups * nblk * 16 * sizeof(float));
+  if (!w->words || !w->scales || !w->zeros) { q4_free(w); return -1; }
+  for (int64_t g = 0; g < groups; g++)
+    for (int64_t b = 0; b < nblk; b++) {
+      uint32_t* dst = w->words + (g * nblk + b) * 256;
+      float* ds = w->scales + (g * nblk + b) * 16;
+      float* dz = w->zeros + (g * nblk + b) * 16;
+      for (int r = 0; r < 16; r++) {
+        int64_t n = g * 16 + r;
+        if (n < N) {
+          const uint8_t* src = B + (n * nblk + b) * 64;
+          for (int j = 0; j < 16; j++) memcpy(dst + j * 16 + r, src + 4 * j, 4);
+          ds[r] = S[n * nblk + b];
+          dz[r] = Z ? (float)((Z[n * zstride + b / 2] >> ((b & 1) * 4)) & 0x0F) : 8.0f;
+        } else {  /* padding rows: zero weights, zero scale */
+          for (int j = 0; j < 16; j++) dst[j * 16 + r] = 0;
+          ds[r] = 0.0f; dz[r] = 0.0f;
+        }
+      }
+    }
+  return 0;
+}
+
+void q4_free(q4_weights* w) {
+  free(w->words); free(w->scales); free(w->zeros);
+  w->words = NULL; w->scales = NULL; w->zeros = NULL;
+}
+
+size_t q4_act_bytes(int64_t M, int64_t nblk) {
+  return (size_t)M * nblk * (64 + 64 + sizeof(float) + sizeof(int32_t)) + 64;
+}
+
+void q4_act_init(q4_act* a, void* memory, int64_t M, int64_t nblk) {
+  char* p = memory;
+  a->M = M; a->nblk = nblk;
+  a->even = (int8_t*)p; p += (size_t)M * nblk * 64;
+  a->odd = (int8_t*)p; p += (size_t)M * nblk * 64;
+  a->scale = (float*)p; p += (size_t)M * nblk * sizeof(float);
+  a->sum = (int32_t*)p;
+}
+
+/* MLAS's rule (accuracy level 4): scale = max|x| / 127 per block, q = round-half-even(x / scale);
+   the int8 values are stored split into even and odd elements (the low and high nibbles' partners) */
+static void quantize_row(q4_act* a, const float* x, int64_t K, int64_t m) {
+  const __m512i even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd_idx = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  int64_t nblk = a->nblk;
+  for (int64_t b = 0; b < nblk; b++) {
+    int64_t k0 = b * 128, len = K - k0 < 128 ? K - k0 : 128;
+    __m512 v[8];
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < 8; i++) {
+      int64_t rest = len - 16 * i;
+      __mmask16 mask = rest >= 16 ? (__mmask16)0xFFFF : rest <= 0 ? 0 : (__mmask16)((1u << rest) - 1);
+      v[i] = _mm512_maskz_loadu_ps(mask, x + k0 + 16 * i);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+    }
+    float mx = _mm512_reduce_max_ps(amax);
+    __m512 inv = _mm512_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
+    int8_t* e = a->even + (m * nblk + b) * 64;
+    int8_t* o = a->odd + (m * nblk + b) * 64;
+    __m512i sum = _mm512_setzero_si512();
+    for (int i = 0; i < 8; i += 2) {  /* 32 elements -> 16 even, 16 odd */
+      __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));  /* round half to even */
+      __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v[i + 1], inv));
+      sum = _mm512_add_epi32(sum, _mm512_add_epi32(q0, q1));
+      _mm_storeu_si128((__m128i*)(e + 8 * i), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q0, even_idx, q1)));
+      _mm_storeu_si128((__m128i*)(o + 8 * i), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q0, odd_idx, q1)));
+    }
+    a->scale[m * nblk + b] = mx / 127.0f;
+    a->sum[m * nblk + b] = _mm512_reduce_add_epi32(sum);
+  }
+}
+
+/* e^x for x <= 0 .. moderate: 2^n * p(r), r = x - n ln 2, |r| <= ln2 / 2, degree-6 polynomial
+   (relative error about 1e-7) */
+static inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+void q4_quantize(q4_act* a, const float* A, int64_t K, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; m++) quantize_row(a, A + m * K, K, m);
+}
+
+void q4_quantize_swiglu(q4_act* a, const float* A, int64_t K, int64_t m0, int64_t m1, float* x) {
+  for (int64_t m = m0; m < m1; m++) {
+    const float* gate = A + m * 2 * K;
+    const float* up = gate + K;
+    for (int64_t k = 0; k < K; k += 16) {  /* silu(g) * u = g / (1 + e^-g) * u */
+      __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+      __m512 g = _mm512_maskz_loadu_ps(mask, gate + k), u = _mm512_maskz_loadu_ps(mask, up + k);
+      __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+      _mm512_mask_storeu_ps(x + k, mask, _mm512_mul_ps(_mm512_div_ps(g, d), u));
+    }
+    quantize_row(a, x, K, m);
+  }
+}
+
+/* 16 output rows (group g) of activation row m: per block, the integer dot products (low nibbles
+   against the even elements; high nibbles, masked in place and so 16x, against the odd ones), then
+   scale_w * scale_a * (dot - zero * sum_a). Four accumulators keep four VPDPBUSD chains in flight. */
+static inline __m512 q4_rows16(const q4_weights* w, const q4_act* a, int64_t g, int64_t m) {
+  const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
+  int64_t nblk = w->nblk;
+  __m512 F = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nblk; b++) {
+    const int32_t* xe = (const int32_t*)(a->even + (m * nblk + b) * 64);
+    const int32_t* xo = (const int32_t*)(a->odd + (m * nblk + b) * 64);
+    const uint32_t* p = w->words + (g * nblk + b) * 256;
+    __m512i L0 = _mm512_setzero_si512(), L1 = L0, H0 = L0, H1 = L0;
+#pragma GCC unroll 8
+    for (int j = 0; j < 16; j += 2) {
+      __m512i v0 = _mm512_load_si512(p + j * 16), v1 = _mm512_load_si512(p + j * 16 + 16);
+      L0 = _mm512_dpbusd_epi32(L0, _mm512_and_si512(v0, low), _mm512_set1_epi32(xe[j]));
+      H0 = _mm512_dpbusd_epi32(H0, _mm512_and_si512(v0, high), _mm512_set1_epi32(xo[j]));
+      L1 = _mm512_dpbusd_epi32(L1, _mm512_and_si512(v1, low), _mm512_set1_epi32(xe[j + 1]));
+      H1 = _mm512_dpbusd_epi32(H1, _mm512_and_si512(v1, high), _mm512_set1_epi32(xo[j + 1]));
+    }
+    __m512i dot = _mm512_add_epi32(_mm512_add_epi32(L0, L1), _mm512_srai_epi32(_mm512_add_epi32(H0, H1), 4));
+    const float* ps = w->scales + (g * nblk + b) * 16;
+    const float* pz = w->zeros + (g * nblk + b) * 16;
+    __m512 t = _mm512_fnmadd_ps(_mm512_load_ps(pz), _mm512_set1_ps((float)a->sum[m * nblk + b]),
+                                _mm512_cvtepi32_ps(dot));
+    F = _mm512_fmadd_ps(t, _mm512_mul_ps(_mm512_load_ps(ps), _mm512_set1_ps(a->scale[m * nblk + b])), F);
+  }
+  return F;
+}
+
+static inline void q4_store(float* y, int64_t n, int64_t N, __m512 v) {
+  __mmask16 tail = n + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+  _mm512_mask_storeu_ps(y + n, tail, v);
+}
+
+void q4_matmul_groups(const q4_weights* w, const q4_act* a, float* Y, int64_t g0, int64_t g1) {
+  int64_t N = w->N;
+  for (int64_t g = g0; g < g1; g++)
+    for (int64_t m = 0; m < a->M; m++)  /* the group's weights stay in L1 across the rows */
+      q4_store(Y + m * N, g * 16, N, q4_rows16(w, a, g, m));
+}

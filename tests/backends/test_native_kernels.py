@@ -1,0 +1,231 @@
+"""modelfold's own ONNX Runtime kernel (``backends/onnxruntime/native``): ``ai.modelfold::MatMulInt4``
+against ONNX Runtime's ``MatMulNBits`` (the real ONNX Runtime, both), the in-memory rewrite of an
+artifact's graph (SwiGLU fused into the down projection), the fallbacks, and a real SmolLM2 int4
+artifact run both ways."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import modelfold
+from modelfold.backends.onnxruntime import native
+from modelfold.backends.onnxruntime.runtime import OnnxCausalLM, create_session
+from modelfold.errors import UsageError
+from modelfold.evaluate import evaluate
+from tests.conftest import copy_of
+from tests.helpers import QUIET
+
+# on a machine whose CPU or tools cannot build the kernels the module says why (this project's
+# machines and CI can: x86-64 with AVX-512 VNNI and gcc)
+pytestmark = pytest.mark.skipif(native.unavailable() is not None,
+                                reason=f"modelfold's kernels cannot run here: {native.unavailable()}")
+OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+
+
+def _weights(K: int, N: int, zero_points: bool, bias: bool, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    blocks = -(-K // 128)
+    packed = rng.integers(0, 256, (N, blocks, 64), dtype=np.uint8)
+    if K % 128:  # the exporter pads the last block with zeros
+        tail = (K % 128) // 2
+        packed[:, -1, tail:] = 0
+    out = {"B": packed, "S": (rng.random(N * blocks, dtype=np.float32) * 0.02 + 1e-3)}
+    if zero_points:
+        out["Z"] = rng.integers(0, 256, N * ((blocks + 1) // 2), dtype=np.uint8)
+    if bias:
+        out["bias"] = rng.standard_normal(N).astype(np.float32)
+    return out
+
+
+def _matmulnbits(x: str, y: str, K: int, N: int, weights: dict, level: int = 4,
+                 block: int = 128) -> tuple:
+    names = [x, "B", "S", "Z" if "Z" in weights else ""]
+    if "bias" in weights:
+        names += ["", "bias"]
+    node = helper.make_node("MatMulNBits", names, [y], domain="com.microsoft", K=K, N=N, bits=4,
+                            block_size=block, accuracy_level=level)
+    return node, [numpy_helper.from_array(v, k) for k, v in weights.items()]
+
+
+def _model(nodes, inits, inputs, outputs, extra=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [*inits, *extra])
+    return helper.make_model(graph, opset_imports=OPSETS)
+
+
+def _sessions(model, tmp_path):
+    """The same file opened with ONNX Runtime's kernels and with modelfold's."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return (create_session(path, threads=2, kernels="onnxruntime"),
+            create_session(path, threads=2, kernels="modelfold"))
+
+
+@pytest.mark.parametrize("K,N,zero_points,bias,rows", [
+    (576, 960, False, False, 1),    # SmolLM2's q/k/v, symmetric, decode
+    (576, 960, True, False, 1),     # with zero points
+    (1536, 576, True, True, 3),     # bias, several rows
+    (100, 33, True, False, 17),     # K not a multiple of 128, N not of 16
+    (576, 49152, False, False, 1),  # an LM head
+    (576, 3072, True, False, 128),  # a prompt
+])
+def test_matmul_int4_equals_matmulnbits(tmp_path, K, N, zero_points, bias, rows):
+    weights = _weights(K, N, zero_points, bias)
+    node, inits = _matmulnbits("A", "Y", K, N, weights)
+    model = _model([node], inits, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, rows, K])],
+                   [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    theirs, ours = _sessions(model, tmp_path)
+    assert ours.kernels["kernels"] == "modelfold" and ours.kernels["replaced"] == 1
+    a = np.random.default_rng(1).standard_normal((1, rows, K)).astype(np.float32)
+    a[0, :, 3] *= 40  # an outlier channel, as LLM activations have
+    expected, got = theirs.run(None, {"A": a})[0], ours.run(None, {"A": a})[0]
+    assert got.shape == expected.shape == (1, rows, N)
+    # the same arithmetic (int8 activations per block of 128, ONNX Runtime's rounding): float
+    # rounding apart (ONNX Runtime's own one-row and many-row paths differ by as much)
+    assert np.abs(got - expected).max() <= 5e-5 * np.abs(expected).max()
+
+
+def _swiglu_model(K: int, hidden: int, tail_reader: bool = False):
+    """x -> MatMulNBits(gate|up) -> Split -> QuickGelu(gate) * up -> MatMulNBits(down), as the
+    fused ONNX lowering writes a SwiGLU MLP."""
+    up = _weights(hidden, 2 * K, True, False, seed=2)
+    down = _weights(K, hidden, True, False, seed=3)
+    n1, i1 = _matmulnbits("x", "gu", hidden, 2 * K, up)
+    for i in i1:
+        i.name += "_up"
+    n1.input[1:4] = ["B_up", "S_up", "Z_up"]
+    n2, i2 = _matmulnbits("act", "y", K, hidden, down)
+    sizes = numpy_helper.from_array(np.array([K, K], dtype=np.int64), "sizes")
+    nodes = [n1, helper.make_node("Split", ["gu", "sizes"], ["g", "u"], axis=2),
+             helper.make_node("QuickGelu", ["g"], ["sg"], domain="com.microsoft", alpha=1.0),
+             helper.make_node("Mul", ["sg", "u"], ["act"]), n2]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if tail_reader:  # something else reads the activation: the MLP cannot be fused
+        outputs.append(helper.make_tensor_value_info("act", TensorProto.FLOAT, None))
+    return _model(nodes, [*i1, *i2], [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [1, None, hidden])],
+                  outputs, [sizes])
+
+
+def test_swiglu_is_fused_into_the_down_projection(tmp_path):
+    model = _swiglu_model(K=200, hidden=96)
+    facts = native.rewrite(_copy(model))
+    assert facts == {"replaced": 2, "of": 2, "swiglu": 1, "kept": {}}
+    theirs, ours = _sessions(model, tmp_path)
+    assert ours.kernels["swiglu"] == 1
+    x = np.random.default_rng(4).standard_normal((1, 5, 96)).astype(np.float32)
+    expected, got = theirs.run(["y"], {"x": x})[0], ours.run(["y"], {"x": x})[0]
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+    kept = _swiglu_model(K=200, hidden=96, tail_reader=True)
+    assert native.rewrite(_copy(kept))["swiglu"] == 0  # a graph output reads the activation
+
+
+def _copy(model):
+    import onnx
+
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+def test_nodes_the_kernel_does_not_take_keep_onnx_runtime(tmp_path):
+    weights = _weights(256, 64, False, False)
+    nodes, inits = [], []
+    for y, level, block in [("y0", 0, 128), ("y1", 4, 32)]:
+        w = dict(weights)
+        if block == 32:
+            w = {"B": weights["B"].reshape(64, 8, 16), "S": np.ones(64 * 8, np.float32)}
+        node, i = _matmulnbits("A", y, 256, 64, w, level=level, block=block)
+        node.input[1:3] = [f"B{y}", f"S{y}"]
+        for t in i:
+            t.name += y
+        nodes.append(node)
+        inits += i
+    model = _model(nodes, inits, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, 256])],
+                   [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("y0", "y1")])
+    facts = native.rewrite(_copy(model))
+    assert facts["replaced"] == 0 and facts["kept"] == {
+        "accuracy_level 0 (the kernel computes level 4)": 1,
+        "blocks of 32 (the kernel takes 128)": 1}
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    session = create_session(path, kernels="auto")
+    assert session.kernels["kernels"] == "onnxruntime"
+    assert "accuracy_level 0" in session.kernels["reason"]
+    with pytest.raises(UsageError, match="4-bit MatMulNBits in blocks of 128 at accuracy_level 4"):
+        create_session(path, kernels="modelfold")
+    with pytest.raises(UsageError, match="kernels must be one of auto, modelfold, onnxruntime"):
+        create_session(path, kernels="fast")
+
+
+@pytest.mark.parametrize("cause", ["compiler", "cpu"])
+def test_auto_falls_back_where_the_kernels_cannot_run(tmp_path, monkeypatch, cause):
+    """No C compiler, or a CPU without AVX-512 VNNI: "auto" keeps ONNX Runtime's kernels and says
+    why; "modelfold" is a clear error."""
+    weights = _weights(256, 64, False, False)
+    node, inits = _matmulnbits("A", "Y", 256, 64, weights)
+    model = _model([node], inits, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, 256])],
+                   [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    monkeypatch.setattr(native, "_built", {})
+    if cause == "compiler":
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+        why = "no C compiler found"
+    else:
+        monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
+        why = "the CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni"
+    session = create_session(path, kernels="auto")
+    assert session.kernels["kernels"] == "onnxruntime" and why in session.kernels["reason"]
+    a = np.ones((1, 256), np.float32)
+    assert session.run(None, {"A": a})[0].shape == (1, 64)
+    with pytest.raises(UsageError, match=why):
+        create_session(path, kernels="modelfold")
+
+
+def test_a_failing_compiler_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_built", {})
+    monkeypatch.setattr(native, "CFLAGS", (*native.CFLAGS, "-DQ4_BROKEN=1", "-include",
+                                           "/nonexistent/header.h"))
+    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(native.KernelsUnavailable, match="compiling them failed"):
+        native.library()
+    assert not list((tmp_path / "cache").rglob(native.LIBRARY))  # nothing half-written
+
+
+# -- a real model ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_int4(smollm2_short_base, tmp_path_factory):
+    """SmolLM2 cut to 4 layers, int4 g128 everywhere (tied table too), accuracy level 4."""
+    result = modelfold.transform(copy_of(smollm2_short_base),
+                                 "quantize{bits=4,group_size=128,embeddings=true,lm_head=true}",
+                                 context=QUIET)
+    out = tmp_path_factory.mktemp("int4") / "artifact"
+    modelfold.export(result, out, accuracy_level=4, parity=False)
+    return out, result.program.tokenizer
+
+
+def test_real_int4_artifact_runs_on_modelfold_kernels(smollm2_int4, eval_text):
+    path, tokenizer = smollm2_int4
+    ours = OnnxCausalLM(path, threads=2)  # "auto"
+    theirs = OnnxCausalLM(path, threads=2, kernels="onnxruntime")
+    # 4 layers x (q/k/v, o, gate/up, down) + the LM head; each layer's MLP fused
+    assert ours.kernels["kernels"] == "modelfold"
+    assert ours.kernels["replaced"] == ours.kernels["of"] == 17 and ours.kernels["swiglu"] == 4
+    assert theirs.kernels["kernels"] == "onnxruntime"
+
+    a = evaluate(ours, tokenizer, eval_text, chars=6000, progress=False)["perplexity"]
+    b = evaluate(theirs, tokenizer, eval_text, chars=6000, progress=False)["perplexity"]
+    # the same arithmetic up to float rounding, which int8 activations can amplify a little
+    assert abs(a / b - 1) < 5e-3, (a, b)
+
+    ids = np.array([tokenizer(eval_text[:2000]).input_ids[:256]])
+    top_ours, top_theirs = ours.logits(ids).argmax(-1), theirs.logits(ids).argmax(-1)
+    assert (top_ours == top_theirs).mean() >= 0.97
+
+    prompt = tokenizer("The capital of France is").input_ids
+    out = ours.generate(prompt, 12)  # the shared-buffer decode loop over MatMulInt4
+    assert len(out["new_tokens"]) == 12
+    assert out["new_tokens"][0] == theirs.generate(prompt, 1)["new_tokens"][0]
