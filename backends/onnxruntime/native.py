@@ -11,7 +11,10 @@ rewritten in memory before the session is created:
   outputs agree to float rounding, about 1e-7 relative);
 - a SwiGLU MLP's ``Split -> QuickGelu(gate) -> Mul(., up) -> MatMulNBits(down)`` becomes one
   ``MatMulInt4`` with ``activation=1``, which computes ``silu(gate) * up`` as it quantizes its input
-  (three nodes fewer per layer).
+  (three nodes fewer per layer);
+- a ``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm) whose normalized output only a
+  projection reads becomes part of that projection (``activation=2``: it writes the residual sum,
+  normalizes and quantizes; two nodes fewer per layer).
 
 The library is compiled with the system C compiler (``$CC``, else ``gcc`` / ``cc``) into
 ``<modelfold cache>/kernels/<source hash>/`` the first time it is needed. It needs an x86-64 CPU
@@ -158,7 +161,8 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
     """Rewrite ``model`` (loaded without its external data) in place for modelfold's kernels.
 
     Returns the facts: ``replaced`` / ``of`` (MatMulNBits nodes), ``swiglu`` (MLPs fused into the
-    down projection), ``kept`` (the reasons the other MatMulNBits nodes stay ONNX Runtime's)."""
+    down projection), ``skip_norms`` (residual add + RMSNorm fused into the projection that reads
+    them), ``kept`` (the reasons the other MatMulNBits nodes stay ONNX Runtime's)."""
     graph = model.graph
     constants = {i.name for i in graph.initializer}
     small = {i.name: i for i in graph.initializer if not i.external_data}
@@ -171,7 +175,7 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
             producer[name] = node
     outputs = {o.name for o in graph.output}
     total, replaced, kept, removed = 0, 0, {}, set()
-    swiglu = 0
+    swiglu = skip_norms = 0
     for node in graph.node:
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
             continue
@@ -182,17 +186,30 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
             continue
         attrs = _attributes(node)
         inputs = list(node.input) + [""] * (6 - len(node.input))
-        source, activation = inputs[0], 0
-        fused = _swiglu_source(inputs[0], attrs["K"], producer, consumers, outputs, small)
-        if fused is not None:
-            source, dropped = fused
-            activation = 1
-            removed.update(id(n) for n in dropped)
-            swiglu += 1
-        new = helper.make_node("MatMulInt4", [source, inputs[1], inputs[2], inputs[3], inputs[5]],
-                               list(node.output), name=node.name, domain=DOMAIN, K=attrs["K"],
-                               N=attrs["N"], activation=activation)
-        node.CopyFrom(new)
+        weights = [inputs[1], inputs[2], inputs[3], inputs[5]]  # B, scales, zero points, bias
+        norm = _skip_norm(inputs[0], producer, consumers, outputs)
+        fused = None if norm else _swiglu_source(inputs[0], attrs["K"], producer, consumers,
+                                                 outputs, small)
+        if norm is not None:  # the fused node takes the norm's place (its inputs exist there)
+            x, skip, gamma = norm.input[:3]
+            new = helper.make_node(
+                "MatMulInt4", [x, *weights, skip, gamma],
+                [node.output[0], norm.output[3] if len(norm.output) > 3 else ""],
+                name=node.name, domain=DOMAIN, K=attrs["K"], N=attrs["N"], activation=2,
+                epsilon=float(_attributes(norm).get("epsilon", 1e-5)))
+            norm.CopyFrom(new)
+            removed.add(id(node))
+            skip_norms += 1
+        else:
+            source, activation = inputs[0], 0
+            if fused is not None:
+                source, dropped = fused
+                activation = 1
+                removed.update(id(n) for n in dropped)
+                swiglu += 1
+            node.CopyFrom(helper.make_node("MatMulInt4", [source, *weights], list(node.output),
+                                           name=node.name, domain=DOMAIN, K=attrs["K"],
+                                           N=attrs["N"], activation=activation))
         replaced += 1
     if removed:
         keep = [n for n in graph.node if id(n) not in removed]
@@ -200,7 +217,26 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
         graph.node.extend(keep)
     if replaced and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    return {"replaced": replaced, "of": total, "swiglu": swiglu, "kept": kept}
+    return {"replaced": replaced, "of": total, "swiglu": swiglu, "skip_norms": skip_norms,
+            "kept": kept}
+
+
+def _skip_norm(name: str, producer: dict, consumers: dict,
+               outputs: set[str]) -> onnx.NodeProto | None:
+    """The ``SkipSimplifiedLayerNormalization`` (no bias) whose normalized output is ``name`` and
+    is read by one node only, its statistics outputs unread (its sum may be read)."""
+    norm = producer.get(name)
+    if norm is None or norm.op_type != "SkipSimplifiedLayerNormalization" or \
+            norm.domain != "com.microsoft" or norm.output[0] != name:
+        return None
+    if len(norm.input) > 3 and norm.input[3] or len(norm.input) < 3:
+        return None  # a bias input
+    if name in outputs or len(consumers.get(name, [])) != 1:
+        return None
+    for stat in list(norm.output[1:3]):
+        if stat and (stat in outputs or consumers.get(stat)):
+            return None
+    return norm
 
 
 def _swiglu_source(name: str, width: int, producer: dict, consumers: dict, outputs: set[str],

@@ -3,8 +3,11 @@
 
    Inputs: A [..., K] float; B [N, ceil(K/128), 64] uint8 and scales [N * ceil(K/128)] float (both
    initializers: they are repacked once, when the kernel is created); optional zero_points
-   [N * ceil(ceil(K/128)/2)] uint8 (4-bit, an initializer; 8 when absent); optional bias [N] float.
-   Attributes K, N. Output Y [..., N] float.
+   [N * ceil(ceil(K/128)/2)] uint8 (4-bit, an initializer; 8 when absent); optional bias [N] float;
+   skip [..., K] and gamma [K] (activation 2). Attributes K, N, activation (0: none; 1: SwiGLU, A is
+   [..., 2 K] = [gate, up] and the input is silu(gate) * up; 2: the input is
+   RMSNorm(A + skip) * gamma, as ONNX Runtime's SkipSimplifiedLayerNormalization, epsilon), epsilon.
+   Outputs: Y [..., N] float; optional sum [..., K] = A + skip (activation 2).
 
    The C API is reached through our own declarations of its ABI: OrtApi is a table of function
    pointers that only grows, so a function's slot never moves (slots checked against ONNX
@@ -46,7 +49,9 @@ enum {
   SLOT_GetDimensionsCount = 61,
   SLOT_GetDimensions = 62,
   SLOT_GetTensorTypeAndShape = 65,
+  SLOT_KernelInfoGetAttribute_float = 85,
   SLOT_KernelInfoGetAttribute_int64 = 86,
+  SLOT_KernelContext_GetOutputCount = 89,
   SLOT_KernelContext_GetInput = 90,
   SLOT_KernelContext_GetOutput = 91,
   SLOT_ReleaseTensorTypeAndShapeInfo = 99,
@@ -66,6 +71,8 @@ typedef OrtStatus* (*GetTensorMutableData_t)(OrtValue* value, void** out);
 typedef OrtStatus* (*GetDimensionsCount_t)(const OrtTensorTypeAndShapeInfo* info, size_t* out);
 typedef OrtStatus* (*GetDimensions_t)(const OrtTensorTypeAndShapeInfo* info, int64_t* dims, size_t n);
 typedef OrtStatus* (*GetTensorTypeAndShape_t)(const OrtValue* value, OrtTensorTypeAndShapeInfo** out);
+typedef OrtStatus* (*KernelInfoGetAttribute_float_t)(const OrtKernelInfo* info, const char* name, float* out);
+typedef OrtStatus* (*KernelContext_GetOutputCount_t)(const OrtKernelContext* ctx, size_t* out);
 typedef OrtStatus* (*KernelInfoGetAttribute_int64_t)(const OrtKernelInfo* info, const char* name, int64_t* out);
 typedef OrtStatus* (*KernelContext_GetInput_t)(const OrtKernelContext* ctx, size_t index, const OrtValue** out);
 typedef OrtStatus* (*KernelContext_GetOutput_t)(OrtKernelContext* ctx, size_t index, const int64_t* dims,
@@ -138,16 +145,17 @@ static int op_input_type(const void* op, size_t i) {
   (void)op;
   return (i == 1 || i == 3) ? ELEM_UINT8 : ELEM_FLOAT;
 }
-static size_t op_input_count(const void* op) { (void)op; return 5; }
+static size_t op_input_count(const void* op) { (void)op; return 7; }
 static int op_output_type(const void* op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
-static size_t op_output_count(const void* op) { (void)op; return 1; }
+static size_t op_output_count(const void* op) { (void)op; return 2; }
 static int op_input_characteristic(const void* op, size_t i) { (void)op; return i >= 3 ? IO_OPTIONAL : IO_REQUIRED; }
-static int op_output_characteristic(const void* op, size_t i) { (void)op; (void)i; return IO_REQUIRED; }
+static int op_output_characteristic(const void* op, size_t i) { (void)op; return i >= 1 ? IO_OPTIONAL : IO_REQUIRED; }
 static int op_memory_type(const void* op, size_t i) { (void)op; (void)i; return 0; }
 static int op_one(const void* op) { (void)op; return 1; }
 static int op_start_version(const void* op) { (void)op; return 1; }
 
-typedef struct { q4_weights w; int64_t activation; } Kernel;  /* activation: 0 none, 1 SwiGLU */
+enum { ACT_NONE = 0, ACT_SWIGLU = 1, ACT_SKIP_RMSNORM = 2 };
+typedef struct { q4_weights w; int64_t activation; float epsilon; } Kernel;
 
 static OrtStatus* constant_input(const OrtKernelInfo* info, size_t index, const char* what,
                                  const OrtValue** value) {
@@ -171,8 +179,11 @@ static OrtStatus* create_kernel(const void* op, OrtApiTable api_, const OrtKerne
   int64_t activation = 0;  /* optional attribute */
   OrtStatus* missing = CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "activation", &activation);
   if (missing) { CALL(ReleaseStatus_t, ReleaseStatus)(missing); activation = 0; }
-  if (activation != 0 && activation != 1)
-    return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: activation must be 0 (none) or 1 (SwiGLU)");
+  if (activation < ACT_NONE || activation > ACT_SKIP_RMSNORM)
+    return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: activation must be 0 (none), 1 (SwiGLU) or 2 (skip + RMSNorm)");
+  float epsilon = 1e-5f;
+  missing = CALL(KernelInfoGetAttribute_float_t, KernelInfoGetAttribute_float)(info, "epsilon", &epsilon);
+  if (missing) { CALL(ReleaseStatus_t, ReleaseStatus)(missing); epsilon = 1e-5f; }
   size_t inputs = 0;
   CHECK(CALL(KernelInfo_GetInputCount_t, KernelInfo_GetInputCount)(info, &inputs));
   const OrtValue *B = NULL, *S = NULL, *Z = NULL;
@@ -206,6 +217,7 @@ static OrtStatus* create_kernel(const void* op, OrtApiTable api_, const OrtKerne
     return fail(ORT_FAIL, "MatMulInt4: out of memory repacking the weights");
   }
   kernel->activation = activation;
+  kernel->epsilon = epsilon;
   *out = kernel;
   return NULL;
 }
@@ -224,6 +236,9 @@ typedef struct {
   int64_t rows_per_task;
   int64_t groups_per_task;
   int64_t activation;
+  float epsilon;
+  const float *skip, *gamma;
+  float* sum;
   int failed;  /* a task could not allocate its scratch */
 } Work;
 
@@ -231,14 +246,18 @@ static void quantize_task(void* data, size_t i) {
   Work* work = data;
   int64_t K = work->w->K, m0 = (int64_t)i * work->rows_per_task, m1 = m0 + work->rows_per_task;
   if (m1 > work->act.M) m1 = work->act.M;
-  if (!work->activation) {
+  if (work->activation == ACT_NONE) {
     q4_quantize(&work->act, work->A, K, m0, m1);
     return;
   }
   float small[4096];
   float* scratch = K <= 4096 ? small : malloc((size_t)K * sizeof(float));
   if (!scratch) { work->failed = 1; return; }
-  q4_quantize_swiglu(&work->act, work->A, K, m0, m1, scratch);
+  if (work->activation == ACT_SWIGLU)
+    q4_quantize_swiglu(&work->act, work->A, K, m0, m1, scratch);
+  else
+    q4_quantize_skip_rmsnorm(&work->act, work->A, work->skip, work->gamma, work->epsilon, work->sum, K,
+                             m0, m1, scratch);
   if (scratch != small) free(scratch);
 }
 
@@ -257,19 +276,41 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
   int64_t dims[8];
   size_t rank = 0;
   CHECK(shape_of(A, dims, &rank));
-  int64_t width = kernel->activation ? 2 * w->K : w->K;  /* SwiGLU: [gate, up] */
+  int64_t width = kernel->activation == ACT_SWIGLU ? 2 * w->K : w->K;  /* SwiGLU: [gate, up] */
   if (rank < 1 || dims[rank - 1] != width)
-    return fail(ORT_INVALID_ARGUMENT, kernel->activation ? "MatMulInt4: A's last dimension != 2 K (SwiGLU)"
-                                                         : "MatMulInt4: A's last dimension != K");
+    return fail(ORT_INVALID_ARGUMENT, kernel->activation == ACT_SWIGLU
+                                          ? "MatMulInt4: A's last dimension != 2 K (SwiGLU)"
+                                          : "MatMulInt4: A's last dimension != K");
   int64_t M = elements(dims, rank) / width;
+  void *a = NULL, *y = NULL, *skip = NULL, *gamma = NULL, *sum = NULL;
+  if (kernel->activation == ACT_SKIP_RMSNORM) {
+    const OrtValue *S = NULL, *G = NULL;
+    CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 5, &S));
+    CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 6, &G));
+    int64_t sdims[8], gdims[8];
+    size_t srank = 0, grank = 0;
+    if (!S || !G) return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: activation 2 needs skip and gamma");
+    CHECK(shape_of(S, sdims, &srank));
+    CHECK(shape_of(G, gdims, &grank));
+    if (elements(sdims, srank) != M * w->K || elements(gdims, grank) != w->K)
+      return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: skip must have A's shape and gamma K elements");
+    CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)S, &skip));
+    CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)G, &gamma));
+    size_t outputs = 0;
+    CHECK(CALL(KernelContext_GetOutputCount_t, KernelContext_GetOutputCount)(ctx, &outputs));
+    if (outputs > 1) {
+      OrtValue* Sum = NULL;
+      CHECK(CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 1, dims, rank, &Sum));
+      if (Sum) CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)(Sum, &sum));
+    }
+  }
   dims[rank - 1] = w->N;
   OrtValue* Y = NULL;
   CHECK(CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 0, dims, rank, &Y));
-  void *a = NULL, *y = NULL;
   CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)A, &a));
   CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)(Y, &y));
   if (M == 0) return NULL;
-  Work work = {w, {0}, a, y, 16, 2, kernel->activation, 0};
+  Work work = {w, {0}, a, y, 16, 2, kernel->activation, kernel->epsilon, skip, gamma, sum, 0};
   size_t bytes = q4_act_bytes(M, w->nblk);
   char stack[16384];
   void* memory = bytes <= sizeof stack ? (void*)stack : malloc(bytes);
@@ -282,7 +323,7 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
     status = CALL(KernelContext_ParallelFor_t, KernelContext_ParallelFor)(
         ctx, quantize_task, (size_t)((M + work.rows_per_task - 1) / work.rows_per_task), 0, &work);
   }
-  if (!status && work.failed) status = fail(ORT_FAIL, "MatMulInt4: out of memory for the SwiGLU scratch");
+  if (!status && work.failed) status = fail(ORT_FAIL, "MatMulInt4: out of memory for the activation scratch");
   if (!status)
     status = CALL(KernelContext_ParallelFor_t, KernelContext_ParallelFor)(ctx, matmul_task, (size_t)((w->groups + 1) / 2), 0,
                                                                          &work);

@@ -34,6 +34,11 @@ void q4_quantize(q4_act* a, const float* A, int64_t K, int64_t m0, int64_t m1);
 /* the same of silu(gate) * up, A's rows being [gate (K), up (K)] (a SwiGLU MLP's down projection);
    scratch: K floats */
 void q4_quantize_swiglu(q4_act* a, const float* A, int64_t K, int64_t m0, int64_t m1, float* scratch);
+/* the same of RMSNorm(A + skip) * gamma, also writing A + skip to sum (a residual add and the
+   norm after it); scratch: K floats */
+void q4_quantize_skip_rmsnorm(q4_act* a, const float* A, const float* skip, const float* gamma,
+                              float epsilon, float* sum, int64_t K, int64_t m0, int64_t m1,
+                              float* scratch);
 /* Y [M][N] for the output row groups [g0, g1) and all M activation rows. */
 void q4_matmul_groups(const q4_weights* w, const q4_act* a, float* Y, int64_t g0, int64_t g1);
 #endif
