@@ -520,7 +520,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from modelfold.artifact import artifact_tokenizer, open_artifact
 
         # an adapter of an artifact exported with --lora-export inputs
-        target = open_artifact(args.target, adapter=args.adapter, provider=args.provider)
+        target = open_artifact(args.target, adapter=args.adapter, provider=args.provider,
+                               kernels=args.kernels)
         tokenizer = artifact_tokenizer(args.target)
     else:
         import modelfold
@@ -537,6 +538,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(target, tokenizer, text, chars=args.chars, window=args.window,
                       batch_size=args.batch_size, progress=not args.json)
     result = {"model": args.target, "adapter": args.adapter, "text": text_name, **result}
+    if hasattr(target, "kernels"):  # an artifact: whose kernels ran its int4 layers
+        result["kernels"] = target.kernels["kernels"]
+        result["runtime"] += " + modelfold's kernels" if result["kernels"] == "modelfold" else ""
     if args.json:
         _print_json(result)
     else:
@@ -790,7 +794,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         from modelfold.artifact import open_artifact
 
-        lm = open_artifact(args.artifact, adapter=args.adapter, provider=args.provider)
+        lm = open_artifact(args.artifact, adapter=args.adapter, provider=args.provider,
+                           kernels=args.kernels)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = lm.generate(prompts if len(prompts) > 1 else prompts[0], args.max_new_tokens,
                       eos_token_id=tokenizer.eos_token_id, sampling=sampling, pad_token_id=pad)
@@ -1025,6 +1030,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", choices=["auto", "modelfold", "onnxruntime"], default="auto",
+                   help="CPU kernels for an artifact's int4 layers: auto (default: modelfold's "
+                        "where the CPU has AVX-512 VNNI and a C compiler is present), modelfold "
+                        "(required) or onnxruntime (its MatMulNBits)")
     p.add_argument("--backend", choices=["default", "triton"], default="default",
                    help="triton: compile a model / checkpoint with the Triton kernels + "
                         "torch.compile (needs a CUDA GPU, or --interpret)")

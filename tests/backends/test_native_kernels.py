@@ -256,3 +256,20 @@ def test_real_int4_artifact_runs_on_modelfold_kernels(smollm2_int4, eval_text):
     out = ours.generate(prompt, 12)  # the shared-buffer decode loop over MatMulInt4
     assert len(out["new_tokens"]) == 12
     assert out["new_tokens"][0] == theirs.generate(prompt, 1)["new_tokens"][0]
+
+
+def test_cli_eval_and_generate_take_kernels(smollm2_int4, capsys, tmp_path):
+    from tests.test_cli import run_json
+
+    path, _ = smollm2_int4
+    text = tmp_path / "text.txt"
+    text.write_text("The Roman Empire was the post-Republican state of ancient Rome. " * 30)
+    runs = {k: run_json(capsys, ["eval", str(path), "--text", str(text), "--window", "64",
+                                 "--kernels", k, "--json"]) for k in ("modelfold", "onnxruntime")}
+    assert runs["modelfold"]["kernels"] == "modelfold"
+    assert runs["modelfold"]["runtime"] == "onnxruntime + modelfold's kernels"
+    assert runs["onnxruntime"]["kernels"] == "onnxruntime"
+    assert abs(runs["modelfold"]["perplexity"] / runs["onnxruntime"]["perplexity"] - 1) < 5e-3
+    out = run_json(capsys, ["generate", str(path), "The capital of France is",
+                            "--max-new-tokens", "4", "--kernels", "modelfold", "--json"])
+    assert len(out["new_tokens"]) == 4
