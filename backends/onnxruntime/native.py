@@ -166,17 +166,20 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
     graph = model.graph
     constants = {i.name for i in graph.initializer}
     small = {i.name: i for i in graph.initializer if not i.external_data}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
+    nodes = list(graph.node)
+    position = {}  # node -> its index: nodes are compared by position, not by Python identity
+    consumers: dict[str, list[int]] = {}
     producer: dict[str, onnx.NodeProto] = {}
-    for node in graph.node:
+    for i, node in enumerate(nodes):
         for name in node.input:
-            consumers.setdefault(name, []).append(node)
+            consumers.setdefault(name, []).append(i)
         for name in node.output:
             producer[name] = node
+            position[name] = i
     outputs = {o.name for o in graph.output}
     total, replaced, kept, removed = 0, 0, {}, set()
     swiglu = skip_norms = 0
-    for node in graph.node:
+    for i, node in enumerate(nodes):
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
             continue
         total += 1
@@ -198,21 +201,25 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
                 name=node.name, domain=DOMAIN, K=attrs["K"], N=attrs["N"], activation=2,
                 epsilon=float(_attributes(norm).get("epsilon", 1e-5)))
             norm.CopyFrom(new)
-            removed.add(id(node))
+            removed.add(i)
             skip_norms += 1
         else:
             source, activation = inputs[0], 0
             if fused is not None:
                 source, dropped = fused
                 activation = 1
-                removed.update(id(n) for n in dropped)
+                removed.update(position[n.output[0]] for n in dropped)
                 swiglu += 1
             node.CopyFrom(helper.make_node("MatMulInt4", [source, *weights], list(node.output),
                                            name=node.name, domain=DOMAIN, K=attrs["K"],
                                            N=attrs["N"], activation=activation))
         replaced += 1
     if removed:
-        keep = [n for n in graph.node if id(n) not in removed]
+        keep = []
+        for i, node in enumerate(nodes):
+            if i not in removed:
+                keep.append(onnx.NodeProto())
+                keep[-1].CopyFrom(node)
         del graph.node[:]
         graph.node.extend(keep)
     if replaced and not any(o.domain == DOMAIN for o in model.opset_import):
