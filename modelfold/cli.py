@@ -538,7 +538,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(target, tokenizer, text, chars=args.chars, window=args.window,
                       batch_size=args.batch_size, progress=not args.json)
     result = {"model": args.target, "adapter": args.adapter, "text": text_name, **result}
-    if hasattr(target, "kernels"):  # an artifact: whose kernels ran its int4 layers
+    if is_artifact(args.target):  # whose kernels ran its int4 layers
         result["kernels"] = target.kernels["kernels"]
         result["runtime"] += " + modelfold's kernels" if result["kernels"] == "modelfold" else ""
     if args.json:

@@ -5,7 +5,7 @@ An artifact stays a standard ONNX file that any ONNX Runtime runs. When ``OnnxCa
 rewritten in memory before the session is created:
 
 - every ``com.microsoft::MatMulNBits`` with 4-bit weights in blocks of 128, accuracy level 4 (int8
-  activations) and constant weights becomes ``ai.modelfold::MatMulInt4`` (``native/q4.c``): the
+  activations) and constant weights becomes ``ai.modelfold::MatMulInt4`` (``csrc/q4.c``): the
   weights are repacked once so that one AVX-512 VNNI instruction accumulates 16 output rows; the
   arithmetic is ONNX Runtime's (activations quantized per block of 128 with its rounding rule;
   outputs agree to float rounding, about 1e-7 relative);
@@ -42,7 +42,7 @@ from modelfold.errors import UsageError
 
 KERNEL_CHOICES = ("auto", "modelfold", "onnxruntime")
 DOMAIN = "ai.modelfold"
-SOURCE_DIR = Path(__file__).parent / "native"
+SOURCE_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("q4.h", "q4.c", "ort_ops.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma")
 CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fPIC",
