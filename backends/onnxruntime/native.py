@@ -24,6 +24,7 @@ kernels and says why (``OnnxCausalLM.kernels``), and ``"modelfold"`` raises ``Us
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -83,6 +84,16 @@ def _compiler() -> str | None:
     return None
 
 
+@functools.cache
+def _source_key(cflags: tuple[str, ...]) -> str:
+    """The build's identity: the sources and the flags (read once per process)."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    digest.update(" ".join(cflags).encode())
+    return digest.hexdigest()[:16]
+
+
 def library() -> Path:
     """The compiled custom-op library (built once per source version and cached on disk).
 
@@ -99,11 +110,7 @@ def library() -> Path:
     compiler = _compiler()
     if compiler is None:
         raise KernelsUnavailable("no C compiler found (set $CC or install gcc)")
-    digest = hashlib.sha256()
-    for name in SOURCES:
-        digest.update((SOURCE_DIR / name).read_bytes())
-    digest.update(" ".join(CFLAGS).encode())
-    key = digest.hexdigest()[:16]
+    key = _source_key(CFLAGS)
     with _lock:
         if key in _built:
             return _built[key]

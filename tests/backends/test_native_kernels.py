@@ -6,6 +6,7 @@ artifact run both ways."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -19,8 +20,9 @@ from tests.helpers import QUIET
 
 # on a machine whose CPU or tools cannot build the kernels the module says why (this project's
 # machines and CI can: x86-64 with AVX-512 VNNI and gcc)
-pytestmark = pytest.mark.skipif(native.unavailable() is not None,
-                                reason=f"modelfold's kernels cannot run here: {native.unavailable()}")
+UNAVAILABLE = native.unavailable()
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None,
+                                reason=f"modelfold's kernels cannot run here: {UNAVAILABLE}")
 OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
 
 
@@ -40,13 +42,15 @@ def _weights(K: int, N: int, zero_points: bool, bias: bool, seed: int = 0) -> di
 
 
 def _matmulnbits(x: str, y: str, K: int, N: int, weights: dict, level: int = 4,
-                 block: int = 128) -> tuple:
+                 block: int = 128, suffix: str = "") -> tuple:
+    """The node and its initializers (named B, S, Z, bias + ``suffix``)."""
     names = [x, "B", "S", "Z" if "Z" in weights else ""]
     if "bias" in weights:
         names += ["", "bias"]
+    names[1:] = [n + suffix if n else n for n in names[1:]]
     node = helper.make_node("MatMulNBits", names, [y], domain="com.microsoft", K=K, N=N, bits=4,
                             block_size=block, accuracy_level=level)
-    return node, [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    return node, [numpy_helper.from_array(v, k + suffix) for k, v in weights.items()]
 
 
 def _model(nodes, inits, inputs, outputs, extra=()):
@@ -54,10 +58,21 @@ def _model(nodes, inits, inputs, outputs, extra=()):
     return helper.make_model(graph, opset_imports=OPSETS)
 
 
-def _sessions(model, tmp_path):
-    """The same file opened with ONNX Runtime's kernels and with modelfold's."""
+def _save(model, tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _copy(model):
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+def _sessions(model, tmp_path):
+    """The same file opened with ONNX Runtime's kernels and with modelfold's."""
+    path = _save(model, tmp_path)
     return (create_session(path, threads=2, kernels="onnxruntime"),
             create_session(path, threads=2, kernels="modelfold"))
 
@@ -91,10 +106,7 @@ def _swiglu_model(K: int, hidden: int, tail_reader: bool = False):
     fused ONNX lowering writes a SwiGLU MLP."""
     up = _weights(hidden, 2 * K, True, False, seed=2)
     down = _weights(K, hidden, True, False, seed=3)
-    n1, i1 = _matmulnbits("x", "gu", hidden, 2 * K, up)
-    for i in i1:
-        i.name += "_up"
-    n1.input[1:4] = ["B_up", "S_up", "Z_up"]
+    n1, i1 = _matmulnbits("x", "gu", hidden, 2 * K, up, suffix="_up")
     n2, i2 = _matmulnbits("act", "y", K, hidden, down)
     sizes = numpy_helper.from_array(np.array([K, K], dtype=np.int64), "sizes")
     nodes = [n1, helper.make_node("Split", ["gu", "sizes"], ["g", "u"], axis=2),
@@ -147,14 +159,6 @@ def test_residual_add_and_rms_norm_are_fused_into_the_projection(tmp_path):
     assert np.abs(y1 - y0).max() <= 1e-4 * np.abs(y0).max()
 
 
-def _copy(model):
-    import onnx
-
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    return clone
-
-
 def test_nodes_the_kernel_does_not_take_keep_onnx_runtime(tmp_path):
     weights = _weights(256, 64, False, False)
     nodes, inits = [], []
@@ -162,10 +166,7 @@ def test_nodes_the_kernel_does_not_take_keep_onnx_runtime(tmp_path):
         w = dict(weights)
         if block == 32:
             w = {"B": weights["B"].reshape(64, 8, 16), "S": np.ones(64 * 8, np.float32)}
-        node, i = _matmulnbits("A", y, 256, 64, w, level=level, block=block)
-        node.input[1:3] = [f"B{y}", f"S{y}"]
-        for t in i:
-            t.name += y
+        node, i = _matmulnbits("A", y, 256, 64, w, level=level, block=block, suffix=y)
         nodes.append(node)
         inits += i
     model = _model(nodes, inits, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, 256])],
@@ -174,8 +175,7 @@ def test_nodes_the_kernel_does_not_take_keep_onnx_runtime(tmp_path):
     assert facts["replaced"] == 0 and facts["kept"] == {
         "accuracy_level 0 (the kernel computes level 4)": 1,
         "blocks of 32 (the kernel takes 128)": 1}
-    path = tmp_path / "model.onnx"
-    path.write_bytes(model.SerializeToString())
+    path = _save(model, tmp_path)
     session = create_session(path, kernels="auto")
     assert session.kernels["kernels"] == "onnxruntime"
     assert "accuracy_level 0" in session.kernels["reason"]
@@ -193,8 +193,7 @@ def test_auto_falls_back_where_the_kernels_cannot_run(tmp_path, monkeypatch, cau
     node, inits = _matmulnbits("A", "Y", 256, 64, weights)
     model = _model([node], inits, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, 256])],
                    [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
-    path = tmp_path / "model.onnx"
-    path.write_bytes(model.SerializeToString())
+    path = _save(model, tmp_path)
     monkeypatch.setattr(native, "_built", {})
     if cause == "compiler":
         monkeypatch.setattr(native, "_compiler", lambda: None)
