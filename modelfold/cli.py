@@ -521,7 +521,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         # an adapter of an artifact exported with --lora-export inputs
         target = open_artifact(args.target, adapter=args.adapter, provider=args.provider,
-                               kernels=args.kernels)
+                               kernels=args.kernels, kv_cache=args.kv_cache)
         tokenizer = artifact_tokenizer(args.target)
     else:
         import modelfold
@@ -541,6 +541,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if is_artifact(args.target):  # whose kernels ran its int4 layers
         result["kernels"] = target.kernels["kernels"]
         result["runtime"] += " + modelfold's kernels" if result["kernels"] == "modelfold" else ""
+        if target.kernels.get("attention"):  # the attention kernel's cache
+            result["kv_cache"] = target.kernels["kv_cache"]
     if args.json:
         _print_json(result)
     else:
@@ -795,7 +797,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from modelfold.artifact import open_artifact
 
         lm = open_artifact(args.artifact, adapter=args.adapter, provider=args.provider,
-                           kernels=args.kernels)
+                           kernels=args.kernels, kv_cache=args.kv_cache)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = lm.generate(prompts if len(prompts) > 1 else prompts[0], args.max_new_tokens,
                       eos_token_id=tokenizer.eos_token_id, sampling=sampling, pad_token_id=pad)
@@ -1031,9 +1033,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=["auto", "modelfold", "onnxruntime"], default="auto",
-                   help="CPU kernels for an artifact's int4 layers: auto (default: modelfold's "
-                        "where the CPU has AVX-512 VNNI and a C compiler is present), modelfold "
-                        "(required) or onnxruntime (its MatMulNBits)")
+                   help="CPU kernels for an artifact's int4 layers and attention: auto (default: "
+                        "modelfold's where the CPU has AVX-512 VNNI and a C compiler is present), "
+                        "modelfold (required) or onnxruntime (its MatMulNBits and "
+                        "GroupQueryAttention)")
+    p.add_argument("--kv-cache", choices=["float32", "float16"], default="float32",
+                   help="precision of an artifact's KV cache in modelfold's attention kernel "
+                        "(float16: half the cache memory and the bytes a decode step reads)")
     p.add_argument("--backend", choices=["default", "triton"], default="default",
                    help="triton: compile a model / checkpoint with the Triton kernels + "
                         "torch.compile (needs a CUDA GPU, or --interpret)")

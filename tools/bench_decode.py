@@ -12,10 +12,12 @@ Rows (each built into --out/ROW unless --reuse finds it there):
   in int8), int4 g128 RTN (asymmetric, and symmetric like genai's), GPTQ and AWQ+GPTQ (linears
   and the table in int4, accuracy_level 4; with the float32 KV cache and with ``quantize-kv``'s
   int8 cache), all with the default fusions, run by ``OnnxCausalLM`` with its default kernels
-  (modelfold's ``MatMulInt4`` for the int4 layers where the CPU has AVX-512 VNNI and a C compiler
-  is present; the label says so);
-- ``...@ort``: the int4 RTN artifacts (asymmetric and symmetric) again, on ONNX Runtime's own
-  kernels (``kernels="onnxruntime"``), side by side with modelfold's;
+  (modelfold's ``MatMulInt4`` for the int4 layers and ``CachedAttention`` for the attention
+  where the CPU has AVX-512 VNNI and a C compiler is present; the label says so);
+- ``...@ort``: the fp32 and int4 RTN artifacts (asymmetric and symmetric) again, on ONNX
+  Runtime's own kernels (``kernels="onnxruntime"``: MatMulNBits, GroupQueryAttention), side by side
+  with modelfold's; ``...@kv16``: the int4 RTN artifact with modelfold's attention kernel's
+  float16 KV cache (``kv_cache="float16"``);
 - ``--against DIR ...``: other artifacts of the same model (e.g. written by an earlier
   modelfold), run by today's runtime in the same rounds;
 - onnxruntime-genai's model builder (`onnxruntime_genai.models.builder`) on the same SmolLM2
@@ -68,10 +70,13 @@ OURS = {  # row -> (pipeline, accuracy_level)
     "modelfold-int4-gptq-kv8": (INT4 + ",method=gptq},quantize-kv", 4),
     "modelfold-int4-awq-gptq": (INT4 + ",method=awq-gptq}", 4),
 }
-# the same artifacts run on ONNX Runtime's own kernels (MatMulNBits), next to modelfold's (the
-# default, ``kernels="auto"``: backends/onnxruntime/native.py)
-ORT_KERNELS = {"modelfold-int4-rtn@ort": "modelfold-int4-rtn",
-               "modelfold-int4-rtn-sym@ort": "modelfold-int4-rtn-sym"}
+# the same artifacts run on ONNX Runtime's own kernels (MatMulNBits, GroupQueryAttention), next
+# to modelfold's (the default, ``kernels="auto"``: backends/onnxruntime/native.py), or with
+# modelfold's attention kernel's float16 cache: row -> (artifact row, OnnxCausalLM options)
+VARIANTS = {"modelfold-fp32@ort": ("modelfold-fp32", {"kernels": "onnxruntime"}),
+            "modelfold-int4-rtn@ort": ("modelfold-int4-rtn", {"kernels": "onnxruntime"}),
+            "modelfold-int4-rtn-sym@ort": ("modelfold-int4-rtn-sym", {"kernels": "onnxruntime"}),
+            "modelfold-int4-rtn@kv16": ("modelfold-int4-rtn", {"kv_cache": "float16"})}
 GENAI = {  # row -> (precision, extra options); genai 0.18's defaults on CPU: block 32, level 4
     "genai-fp32": ("fp32", {}),
     "genai-int8": ("int8", {"accuracy_level": "4"}),
@@ -88,7 +93,9 @@ LABELS = {
     "modelfold-int4-rtn-kv8": "modelfold int4 g128 RTN + int4 table (acc 4), int8 KV cache",
     "modelfold-int4-gptq-kv8": "modelfold int4 g128 GPTQ + int4 table (acc 4), int8 KV cache",
     "modelfold-int4-awq-gptq": "modelfold int4 g128 AWQ+GPTQ + int4 table (acc 4), fp32 KV cache",
+    "modelfold-fp32@ort": "the same fp32 artifact on ONNX Runtime's kernels",
     "modelfold-int4-rtn@ort": "the same int4 RTN artifact on ONNX Runtime's kernels",
+    "modelfold-int4-rtn@kv16": "the same int4 RTN artifact, float16 KV cache",
     "modelfold-int4-rtn-sym@ort": "the same int4 RTN symmetric artifact on ONNX Runtime's kernels",
     "genai-fp32": "onnxruntime-genai fp32",
     "genai-int8": "onnxruntime-genai int8 (acc 4)",
@@ -127,8 +134,8 @@ def build_genai(row: str, out: Path, model_dir: Path, threads: int) -> None:
 
 # -- running -------------------------------------------------------------------------------------
 class OursRunner:
-    def __init__(self, path: Path, threads: int, kernels: str = "auto"):
-        self.lm = OnnxCausalLM(path, threads=threads, kernels=kernels)
+    def __init__(self, path: Path, threads: int, options: dict):
+        self.lm = OnnxCausalLM(path, threads=threads, **options)
 
     def decode(self, prompt: list[int], new_tokens: int) -> float:
         return self.lm.generate(prompt, new_tokens)["decode_tokens_per_s"]
@@ -197,14 +204,20 @@ def perplexity_of(row: str, path: Path, program, tokenizer, text: str, args) -> 
     if args.reuse and key in cache:
         return cache[key]
     target = program.module if row == TORCH else \
-        OnnxCausalLM(path, threads=args.threads, kernels=kernels_of(row))
+        OnnxCausalLM(path, threads=args.threads, **options_of(row))
     cache[key] = evaluate(target, tokenizer, text, chars=args.chars, progress=False)["perplexity"]
     cache_file.write_text(json.dumps(cache, indent=2))
     return cache[key]
 
 
-def kernels_of(row: str) -> str:
-    return "onnxruntime" if row in ORT_KERNELS or row in GENAI else "auto"
+def options_of(row: str) -> dict:
+    if row in GENAI:  # genai's model.onnx in a plain ONNX Runtime session
+        return {"kernels": "onnxruntime"}
+    return VARIANTS[row][1] if row in VARIANTS else {}
+
+
+def artifact_of(row: str) -> str:
+    return VARIANTS[row][0] if row in VARIANTS else row
 
 
 def onnx_facts(path: Path) -> dict:
@@ -236,20 +249,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in [*OURS, *ORT_KERNELS, *GENAI, TORCH] if not args.rows or r in args.rows]
+    rows = [r for r in [*OURS, *VARIANTS, *GENAI, TORCH] if not args.rows or r in args.rows]
     for path in args.against:
         LABELS[path] = f"{path} (--against)"
 
     program = modelfold.load(args.model)
     model_dir, tokenizer = Path(program.source), program.tokenizer
     for row in rows:
-        path = out / ORT_KERNELS.get(row, row)
-        if row == TORCH or (path / "model.onnx").is_file() and (args.reuse or row in ORT_KERNELS):
+        path = out / artifact_of(row)
+        if row == TORCH or (path / "model.onnx").is_file() and (args.reuse or row in VARIANTS):
             continue
         print(f"== building {row}", flush=True)
         start = time.perf_counter()
-        if row in OURS or row in ORT_KERNELS:
-            build_ours(ORT_KERNELS.get(row, row), path, args.model)
+        if row in OURS or row in VARIANTS:
+            build_ours(artifact_of(row), path, args.model)
         else:
             build_genai(row, path, model_dir, args.threads)
         print(f"   built in {time.perf_counter() - start:.0f} s", flush=True)
@@ -262,13 +275,13 @@ def main() -> None:
     runners = {}
     rows += args.against
     for row in rows:
-        path = Path(row) if row in args.against else out / ORT_KERNELS.get(row, row)
+        path = Path(row) if row in args.against else out / artifact_of(row)
         if row == TORCH:
             runners[row] = TorchRunner(program.module)
             results[row] = {"bytes": program.parameter_bytes(), "nodes": None}
         else:
             runners[row] = GenaiRunner(path) if row in GENAI else \
-                OursRunner(path, args.threads, kernels_of(row))
+                OursRunner(path, args.threads, options_of(row))
             results[row] = onnx_facts(path)
             if row not in GENAI:
                 results[row]["kernels"] = runners[row].lm.kernels
@@ -314,10 +327,13 @@ def main() -> None:
              ("modelfold-int4-rtn-sym@ort", "genai-int4-b128"),
              ("modelfold-int4-rtn", "modelfold-int4-rtn@ort"),
              ("modelfold-int4-rtn-sym", "modelfold-int4-rtn-sym@ort"),
+             ("modelfold-int4-rtn@kv16", "genai-int4-b128"),
+             ("modelfold-int4-rtn@kv16", "modelfold-int4-rtn"),
              ("modelfold-int4-rtn-kv8", "genai-int4-b128"),
              ("modelfold-int4-gptq-kv8", "genai-int4-b128"),
              ("modelfold-int4-awq-gptq", "genai-int4-b32"), ("modelfold-int8", "genai-int8"),
-             ("modelfold-fp32", "genai-fp32")]
+             ("modelfold-fp32", "genai-fp32"), ("modelfold-fp32@ort", "genai-fp32"),
+             ("modelfold-fp32", "modelfold-fp32@ort")]
     for ours, theirs in pairs:
         if ours in results and theirs in results:
             ratios = [f"{key}: {results[ours][key]['median'] / results[theirs][key]['median']:.2f}x"

@@ -35,6 +35,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx.numpy_helper
 from onnx import helper
@@ -42,11 +43,12 @@ from onnx import helper
 from modelfold.errors import UsageError
 
 KERNEL_CHOICES = ("auto", "modelfold", "onnxruntime")
+KV_CACHES = ("float32", "float16")
 DOMAIN = "ai.modelfold"
 SOURCE_DIR = Path(__file__).parent / "csrc"
-SOURCES = ("q4.h", "q4.c", "ort_ops.c")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma")
-CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fPIC",
+SOURCES = ("vmath.h", "q4.h", "q4.c", "attn.h", "attn.c", "ort_ops.c")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c")
+CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c", "-fPIC",
           "-shared", "-fvisibility=hidden", "-std=c11", "-D_POSIX_C_SOURCE=200112L")
 LIBRARY = "libmodelfold_ort.so"
 BLOCK = 128  # the block size the kernel is written for
@@ -235,6 +237,97 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
             "kept": kept}
 
 
+ATTENTION_OPS = {"float32": "CachedAttention", "float16": "CachedAttentionF16"}
+_GQA_UNUSED = {9: "position_ids", 10: "attention_bias", 11: "head_sink", 12: "k_scale (a quantized cache)",
+               13: "v_scale (a quantized cache)", 14: "q_norm_weight", 15: "k_norm_weight",
+               16: "query_seqlens"}
+
+
+def _attention_eligible(node: onnx.NodeProto, graph_inputs: dict, graph_outputs: set[str],
+                        consumers: dict) -> str | None:
+    """None when this GroupQueryAttention runs on CachedAttention, else why not."""
+    attrs = _attributes(node)
+    inputs = list(node.input) + [""] * (17 - len(node.input))
+    for index, what in _GQA_UNUSED.items():
+        if inputs[index]:
+            return f"a {what} input"
+    if attrs.get("rotary_interleaved", 0):
+        return "interleaved rotary embedding"
+    if attrs.get("smooth_softmax", -1) > 0 or attrs.get("qk_output", 0):
+        return "smooth softmax or a QK output"
+    if attrs.get("do_rotary", 0) and not (inputs[7] and inputs[8]):
+        return "rotary embedding without cos / sin tables"
+    past = inputs[3:5]
+    if not all(past) or any(n not in graph_inputs for n in past):
+        return "a past cache that is not a graph input"
+    if any(len(consumers.get(n, [])) != 1 for n in past):
+        return "a past cache other nodes read"
+    present = list(node.output[1:3])
+    if len(present) != 2 or any(n not in graph_outputs or consumers.get(n) for n in present):
+        return "a present cache that is not a graph output or that other nodes read"
+    kind = graph_inputs[past[0]].type.tensor_type
+    if kind.elem_type != onnx.TensorProto.FLOAT:
+        return f"a {onnx.TensorProto.DataType.Name(kind.elem_type).lower()} cache"
+    dims = kind.shape.dim
+    if len(dims) != 4 or not dims[3].dim_value or dims[3].dim_value % 16:
+        return "a head size that is not a known multiple of 16"
+    return None
+
+
+def rewrite_attention(model: onnx.ModelProto, cache: str) -> dict[str, Any]:
+    """``GroupQueryAttention`` -> ``ai.modelfold::CachedAttention`` (``cache`` "float32") or
+    ``CachedAttentionF16`` ("float16": the past / present inputs and outputs become float16), in
+    place. Returns ``attention`` / ``attention_of``, ``attention_kept`` (reasons) and
+    ``tiled_keys`` (the past / present key names now in the kernel's layout)."""
+    graph = model.graph
+    graph_inputs = {i.name: i for i in graph.input}
+    graph_outputs = {o.name: o for o in graph.output}
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            if name:
+                consumers.setdefault(name, []).append(i)
+    total = replaced = 0
+    kept: dict[str, int] = {}
+    retyped: set[str] = set()
+    tiled: list[str] = []
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
+            continue
+        total += 1
+        reason = _attention_eligible(node, graph_inputs, set(graph_outputs), consumers)
+        if reason:
+            kept[reason] = kept.get(reason, 0) + 1
+            continue
+        attrs = _attributes(node)
+        inputs = (list(node.input) + [""] * 9)[:9]
+        if not attrs.get("do_rotary", 0):
+            inputs[7] = inputs[8] = ""
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        window = attrs.get("local_window_size", -1)
+        node.CopyFrom(helper.make_node(
+            ATTENTION_OPS[cache], inputs, list(node.output[:3]), name=node.name, domain=DOMAIN,
+            num_heads=attrs["num_heads"], kv_num_heads=attrs["kv_num_heads"],
+            scale=float(attrs.get("scale", 0.0)), softcap=float(attrs.get("softcap", 0.0)),
+            local_window_size=window))
+        if cache == "float16":
+            retyped.update([*inputs[3:5], *node.output[1:3]])
+        tiled.extend([inputs[3], node.output[1]])
+        replaced += 1
+    for value in [*graph.input, *graph.output]:
+        if value.name in retyped:
+            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    if retyped:
+        keep = [v for v in graph.value_info if v.name not in retyped]
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+    if replaced and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return {"attention": replaced, "attention_of": total, "attention_kept": kept,
+            "tiled_keys": tiled}
+
+
 def _skip_norm(name: str, producer: dict, consumers: dict,
                outputs: set[str]) -> onnx.NodeProto | None:
     """The ``SkipSimplifiedLayerNormalization`` (no bias) whose normalized output is ``name`` and
@@ -285,26 +378,74 @@ def _swiglu_source(name: str, width: int, producer: dict, consumers: dict, outpu
     return split.input[0], [split, gelu, mul]
 
 
-def prepare(path: Path, kernels: str) -> tuple[bytes | None, Path | None, dict[str, Any]]:
+def validate_cache(kv_cache: str) -> str:
+    if kv_cache not in KV_CACHES:
+        raise UsageError(f"kv_cache must be one of {', '.join(KV_CACHES)}; got {kv_cache!r}")
+    return kv_cache
+
+
+def prepare(path: Path, kernels: str,
+            kv_cache: str = "float32") -> tuple[bytes | None, Path | None, dict[str, Any]]:
     """What a session for ``path`` needs: the rewritten model's bytes and the library (both None
-    when ONNX Runtime's kernels are used), and the facts (``OnnxCausalLM.kernels``)."""
+    when ONNX Runtime's kernels are used), and the facts (``OnnxCausalLM.kernels``; its
+    ``tiled_keys`` names the past / present keys in the attention kernel's layout).
+
+    ``kv_cache`` "float16" stores the cache of the attention kernel in float16 (half the memory
+    and the bytes a decode step reads); it needs modelfold's attention kernel."""
     validate_choice(kernels)
+    validate_cache(kv_cache)
     if kernels == "onnxruntime":
+        if kv_cache != "float32":
+            raise UsageError(f"kv_cache={kv_cache!r} is modelfold's attention kernel's; "
+                             "it does not run with kernels='onnxruntime'")
         return None, None, {"kernels": "onnxruntime", "reason": "kernels='onnxruntime'"}
     model = onnx.load(str(path), load_external_data=False)
     facts = rewrite(model)
-    if not facts["replaced"]:
-        why = "no MatMulNBits node the kernel takes" + (
+    facts.update(rewrite_attention(model, kv_cache))
+    if kv_cache != "float32" and not facts["attention"]:
+        kept = "; ".join(f"{n} x {r}" for r, n in facts["attention_kept"].items())
+        raise UsageError(f"kv_cache={kv_cache!r}: {path} has no GroupQueryAttention that modelfold's "
+                         f"attention kernel takes{f' ({kept})' if kept else ''}")
+    if not facts["replaced"] and not facts["attention"]:
+        why = "no MatMulNBits node or GroupQueryAttention the kernels take" + (
             f" ({'; '.join(f'{n} x {r}' for r, n in facts['kept'].items())})" if facts["kept"] else "")
         if kernels == "modelfold":
-            raise UsageError(f"kernels='modelfold': {path} has {why}; modelfold's kernel runs "
-                             "4-bit MatMulNBits in blocks of 128 at accuracy_level 4")
+            raise UsageError(f"kernels='modelfold': {path} has {why}; modelfold's kernels run "
+                             "4-bit MatMulNBits in blocks of 128 at accuracy_level 4 and "
+                             "GroupQueryAttention over a float cache")
         return None, None, {"kernels": "onnxruntime", "reason": why, **facts}
     try:
         lib = library()
     except KernelsUnavailable as exc:
-        if kernels == "modelfold":
+        if kernels == "modelfold" or kv_cache != "float32":
             raise UsageError(f"kernels='modelfold': modelfold's kernels cannot run here: {exc}; "
                              "use kernels='onnxruntime'") from None
         return None, None, {"kernels": "onnxruntime", "reason": str(exc)}
-    return model.SerializeToString(), lib, {"kernels": "modelfold", "library": str(lib), **facts}
+    return model.SerializeToString(), lib, {"kernels": "modelfold", "library": str(lib),
+                                            "kv_cache": kv_cache, **facts}
+
+
+def to_kernel_layout(keys: np.ndarray) -> np.ndarray:
+    """A key cache [B, H, P, D] in the attention kernel's layout (``csrc/attn.h``): the first
+    P // 16 * 16 positions in tiles of 16 positions transposed ([tile][D][16]), then the rest by
+    position. Same shape and dtype; values are stored by position (no conversion)."""
+    b, h, p, d = keys.shape
+    tiled = p // 16 * 16
+    out = np.empty_like(keys)
+    flat = out.reshape(b, h, p * d)
+    tiles = keys[:, :, :tiled].reshape(b, h, tiled // 16, 16, d).transpose(0, 1, 2, 4, 3)
+    flat[:, :, :tiled * d] = tiles.reshape(b, h, tiled * d)
+    flat[:, :, tiled * d:] = keys[:, :, tiled:].reshape(b, h, (p - tiled) * d)
+    return out
+
+
+def from_kernel_layout(keys: np.ndarray) -> np.ndarray:
+    """The inverse of ``to_kernel_layout``: keys [B, H, P, D] by position."""
+    b, h, p, d = keys.shape
+    tiled = p // 16 * 16
+    flat = np.ascontiguousarray(keys).reshape(b, h, p * d)
+    out = np.empty_like(keys)
+    out[:, :, :tiled] = flat[:, :, :tiled * d].reshape(b, h, tiled // 16, d, 16).transpose(
+        0, 1, 2, 4, 3).reshape(b, h, tiled, d)
+    out[:, :, tiled:] = flat[:, :, tiled * d:].reshape(b, h, p - tiled, d)
+    return out

@@ -73,6 +73,7 @@ def create_session(
     optimization_level: str = "all",
     provider: str = "cpu",
     kernels: str = "auto",
+    kv_cache: str = "float32",
 ) -> ort.InferenceSession:
     """Opens an ONNX Runtime session.
 
@@ -86,7 +87,10 @@ def create_session(
         kernels: "auto" (modelfold's CPU kernels where they apply and can run here, see
             ``native``), "modelfold" (required: an error where they cannot run) or
             "onnxruntime" (ONNX Runtime's own). The facts are the session's ``kernels``
-            attribute.
+            attribute; ``tiled_keys`` the past / present key names in the attention kernel's
+            layout (``native.to_kernel_layout``).
+        kv_cache: "float32" (default) or "float16": the precision of the KV cache of modelfold's
+            attention kernel (float16 halves the bytes a decode step reads; modelfold's kernels).
     """
     path = Path(path)
     if not path.is_file():
@@ -98,11 +102,12 @@ def create_session(
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be >= 1 or None, got {threads}")
     native.validate_choice(kernels)
+    native.validate_cache(kv_cache)
     providers = execution_providers(provider)
     if provider != "cpu":
-        if kernels == "modelfold":
-            raise UsageError("kernels='modelfold' are CPU kernels; use kernels='onnxruntime' "
-                             f"with provider={provider!r}")
+        if kernels == "modelfold" or kv_cache != "float32":
+            raise UsageError("kernels='modelfold' and kv_cache='float16' are modelfold's CPU "
+                             f"kernels; use kernels='onnxruntime' with provider={provider!r}")
         kernels = "onnxruntime"
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
@@ -110,7 +115,7 @@ def create_session(
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    model, lib, facts = native.prepare(path, kernels)
+    model, lib, facts = native.prepare(path, kernels, kv_cache)
     if lib is not None:
         options.register_custom_ops_library(str(lib))
         # the rewritten graph is passed as bytes: its external data is found beside the file
@@ -118,6 +123,7 @@ def create_session(
                                          str(path.parent.resolve()))
     session = ort.InferenceSession(model if model is not None else str(path), options,
                                    providers=providers)
+    session.tiled_keys = set(facts.pop("tiled_keys", ()))
     session.kernels = facts
     return session
 
@@ -191,8 +197,10 @@ class OnnxCausalLM:
             folder or a path to a `.onnx_adapter` file (artifacts exported with lora="inputs").
         provider: Execution provider: "cpu" (default) or "cuda" (needs `onnxruntime-gpu` and an
             NVIDIA GPU; float16 artifacts).
-        kernels: "auto" (default: modelfold's CPU kernels for the int4 layers where they apply
-            and can run, ``native``), "modelfold" (required) or "onnxruntime".
+        kernels: "auto" (default: modelfold's CPU kernels for the int4 layers and the attention
+            where they apply and can run, ``native``), "modelfold" (required) or "onnxruntime".
+        kv_cache: "float32" (default) or "float16" (modelfold's attention kernel: half the
+            cache memory and the bytes a decode step reads).
     """
 
     runtime = "onnxruntime"
@@ -206,12 +214,13 @@ class OnnxCausalLM:
         adapter: str | Path | None = None,
         provider: str = "cpu",
         kernels: str = "auto",
+        kv_cache: str = "float32",
     ):
         self.path = _artifact_model(artifact_dir)
         self.provider = provider
         self.session = create_session(self.path, threads=threads,
                                       optimization_level=optimization_level, provider=provider,
-                                      kernels=kernels)
+                                      kernels=kernels, kv_cache=kv_cache)
         self.kernels = self.session.kernels  # which kernels run the int4 layers, and why
         self.run_options, self.adapter_path, self._adapter = _adapter_run_options(
             self.session, self.path, adapter
@@ -275,10 +284,19 @@ class OnnxCausalLM:
             raise UsageError(f"{self.path} has GroupQueryAttention, which takes several new tokens "
                              "per row after a past for one row at a time (a batch: one token "
                              "per row, or an empty past)")
+        return self._step(input_ids, attention_mask, position_ids, past, presents=True)
+
+    def _step(self, input_ids, attention_mask, position_ids, past, presents: bool):
         feeds: dict[str, Any] = self._small_feeds(input_ids, attention_mask, position_ids)
-        feeds.update(zip(self.past_names, past))
-        outputs = self.session.run(self.output_names, feeds, self.run_options)
-        return outputs[0], outputs[1:]
+        tiled = self.session.tiled_keys  # keys in modelfold's attention kernel's layout
+        feeds.update((name, native.to_kernel_layout(p) if name in tiled else p)
+                     for name, p in zip(self.past_names, past))
+        outputs = self.session.run(self.output_names if presents else [sig.LOGITS], feeds,
+                                   self.run_options)
+        if not presents:
+            return outputs[0], []
+        return outputs[0], [native.from_kernel_layout(p) if name in tiled else p
+                            for name, p in zip(self.present_names, outputs[1:])]
 
     def _small_feeds(self, input_ids, attention_mask, position_ids) -> dict[str, np.ndarray]:
         feeds = {sig.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
@@ -305,7 +323,8 @@ class OnnxCausalLM:
             )
         self.check_padding(attention_mask)
         positions = _positions(attention_mask, input_ids.shape[1])
-        logits, _ = self.step(input_ids, attention_mask, positions, self.empty_past(len(input_ids)))
+        logits, _ = self._step(input_ids, attention_mask, positions, self.empty_past(len(input_ids)),
+                               presents=False)
         return logits.astype(np.float32, copy=False)  # [B, S, V]
 
     def check_padding(self, attention_mask: np.ndarray) -> None:

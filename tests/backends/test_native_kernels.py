@@ -241,11 +241,13 @@ def test_real_int4_artifact_runs_on_modelfold_kernels(smollm2_int4, eval_text):
     assert ours.kernels["skip_norms"] == 7  # every residual norm but the final one (a Slice reads it)
     assert theirs.kernels["kernels"] == "onnxruntime"
 
+    assert ours.kernels["attention"] == ours.kernels["attention_of"] == 4
     a = evaluate(ours, tokenizer, eval_text, chars=6000, progress=False)["perplexity"]
     b = evaluate(theirs, tokenizer, eval_text, chars=6000, progress=False)["perplexity"]
     # the same arithmetic up to float rounding, which int8 activations amplify: on full SmolLM2,
-    # scaling one norm weight by 1 + 1e-6 moves ONNX Runtime's own perplexity by 0.4 %
-    assert abs(a / b - 1) < 5e-3, (a, b)
+    # scaling one norm weight by 1 + 1e-6 moves ONNX Runtime's own perplexity by 0.4 %; the
+    # 4-layer cut's perplexity is about 3e7, so compare mean cross-entropies (nats)
+    assert abs(np.log(a) - np.log(b)) < 0.01, (a, b)
 
     ids = np.array([tokenizer(eval_text[:2000]).input_ids[:256]])
     top_ours, top_theirs = ours.logits(ids).argmax(-1), theirs.logits(ids).argmax(-1)
@@ -265,10 +267,145 @@ def test_cli_eval_and_generate_take_kernels(smollm2_int4, capsys, tmp_path):
     text.write_text("The Roman Empire was the post-Republican state of ancient Rome. " * 30)
     runs = {k: run_json(capsys, ["eval", str(path), "--text", str(text), "--window", "64",
                                  "--kernels", k, "--json"]) for k in ("modelfold", "onnxruntime")}
+    half = run_json(capsys, ["eval", str(path), "--text", str(text), "--window", "64",
+                             "--kv-cache", "float16", "--json"])
+    assert runs["modelfold"]["kv_cache"] == "float32" and half["kv_cache"] == "float16"
+    assert abs(np.log(half["perplexity"] / runs["modelfold"]["perplexity"])) < 0.01
+    assert "kv_cache" not in runs["onnxruntime"]
     assert runs["modelfold"]["kernels"] == "modelfold"
     assert runs["modelfold"]["runtime"] == "onnxruntime + modelfold's kernels"
     assert runs["onnxruntime"]["kernels"] == "onnxruntime"
-    assert abs(runs["modelfold"]["perplexity"] / runs["onnxruntime"]["perplexity"] - 1) < 5e-3
+    assert abs(np.log(runs["modelfold"]["perplexity"] / runs["onnxruntime"]["perplexity"])) < 0.01
     out = run_json(capsys, ["generate", str(path), "The capital of France is",
                             "--max-new-tokens", "4", "--kernels", "modelfold", "--json"])
     assert len(out["new_tokens"]) == 4
+    out = run_json(capsys, ["generate", str(path), "The capital of France is",
+                            "--max-new-tokens", "4", "--kv-cache", "float16", "--json"])
+    assert len(out["new_tokens"]) == 4
+
+
+# -- the attention kernel: ai.modelfold::CachedAttention against GroupQueryAttention -----------
+
+def _gqa_model(H: int, KVH: int, D: int, packed: bool, window: int = -1, softcap: float = 0.0,
+               rotary: int | None = None, max_pos: int = 1024):
+    """One GroupQueryAttention node: query (packed q/k/v or separate), past / present as graph
+    inputs / outputs, rotary tables of width ``rotary`` (None: D; 0: no rotary)."""
+    rng = np.random.default_rng(1)
+    f = TensorProto.FLOAT
+    width = (H + 2 * KVH) * D if packed else H * D
+    inputs = [helper.make_tensor_value_info("query", f, ["B", "S", width])]
+    if not packed:
+        inputs += [helper.make_tensor_value_info(n, f, ["B", "S", KVH * D]) for n in ("key", "value")]
+    inputs += [helper.make_tensor_value_info(n, f, ["B", KVH, "P", D]) for n in ("past_key", "past_value")]
+    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+               helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info("out", f, ["B", "S", H * D])]
+    outputs += [helper.make_tensor_value_info(n, f, ["B", KVH, "T", D])
+                for n in ("present_key", "present_value")]
+    rotary = D if rotary is None else rotary
+    inits, tables = [], ["", ""]
+    if rotary:
+        angles = np.arange(max_pos)[:, None] / 10000 ** (np.arange(rotary // 2) / (rotary // 2))
+        inits = [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
+                 numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")]
+        tables = ["cos", "sin"]
+    node = helper.make_node(
+        "GroupQueryAttention",
+        ["query", "" if packed else "key", "" if packed else "value", "past_key", "past_value",
+         "seqlens_k", "total", *tables], ["out", "present_key", "present_value"],
+        domain="com.microsoft", num_heads=H, kv_num_heads=KVH, scale=float(rng.uniform(0.1, 0.2)),
+        do_rotary=int(bool(rotary)), local_window_size=window, softcap=softcap)
+    return _model([node], inits, inputs, outputs)
+
+
+def _attention_feeds(rng, B, S, H, KVH, D, packed, past, lengths, first):
+    width = (H + 2 * KVH) * D if packed else H * D
+    feeds = {"query": rng.standard_normal((B, S, width)).astype(np.float32),
+             "past_key": past[0], "past_value": past[1],
+             "seqlens_k": np.array(lengths, np.int32) - 1,
+             "total": np.array(S if first else max(lengths), np.int32)}
+    if not packed:
+        feeds["key"] = rng.standard_normal((B, S, KVH * D)).astype(np.float32)
+        feeds["value"] = rng.standard_normal((B, S, KVH * D)).astype(np.float32)
+    return feeds
+
+
+def _run(session, feeds, tiled):
+    """Run with the past in the session's layout; presents come back by position."""
+    feeds = dict(feeds)
+    if tiled:
+        types = {i.name: i.type for i in session.get_inputs()}
+        dtype = np.float16 if types["past_key"] == "tensor(float16)" else np.float32
+        feeds["past_key"] = native.to_kernel_layout(feeds["past_key"]).astype(dtype)
+        feeds["past_value"] = feeds["past_value"].astype(dtype)
+    out, key, value = session.run(None, feeds)
+    if tiled:
+        key = native.from_kernel_layout(key)
+    return out, key.astype(np.float32), value.astype(np.float32)
+
+
+@pytest.mark.parametrize("H,KVH,D,packed,window,softcap,rotary", [
+    (9, 3, 64, True, -1, 0.0, None),    # SmolLM2's shape
+    (10, 2, 32, False, 24, 0.0, 16),    # 5 query heads per KV head (two row sets), a window,
+                                        # partial rotary, separate q / k / v
+    (4, 4, 128, True, -1, 30.0, 0),     # no grouping, soft-capping, no rotary
+])
+@pytest.mark.parametrize("kv_cache", ["float32", "float16"])
+def test_cached_attention_equals_group_query_attention(tmp_path, H, KVH, D, packed, window,
+                                                       softcap, rotary, kv_cache):
+    """A right-padded batch of two: a prompt of 37 (the cache's last positions outside the 16-key
+    tiles), three decode steps, then a 600-token prompt and a decode step over it (a decode
+    splits the cache into chunks of 256 keys and combines them); presents compared by position."""
+    path = _save(_gqa_model(H, KVH, D, packed, window, softcap, rotary), tmp_path)
+    theirs = create_session(path, threads=2, kernels="onnxruntime")
+    ours = create_session(path, threads=2, kernels="modelfold", kv_cache=kv_cache)
+    assert ours.kernels["attention"] == 1 and ours.tiled_keys == {"past_key", "present_key"}
+    tol = 2e-5 if kv_cache == "float32" else 5e-3
+    rng = np.random.default_rng(2)
+    for prompt, lengths in ((37, [37, 21]), (600, [600, 598])):
+        empty = np.zeros((2, KVH, 0, D), np.float32)
+        feeds = _attention_feeds(rng, 2, prompt, H, KVH, D, packed, (empty, empty), lengths, True)
+        expected = _run(theirs, feeds, False)
+        got = _run(ours, feeds, True)
+        valid = [np.s_[b, :n] for b, n in enumerate(lengths)]  # padding rows are not compared
+        for v in valid:
+            np.testing.assert_allclose(got[0][v], expected[0][v], atol=tol, rtol=tol)
+        for g, e in zip(got[1:], expected[1:]):
+            np.testing.assert_allclose(g, e, atol=tol, rtol=tol)
+        past = expected[1:]
+        for _ in range(3 if prompt == 37 else 1):
+            lengths = [n + 1 for n in lengths]
+            feeds = _attention_feeds(rng, 2, 1, H, KVH, D, packed, past, lengths, False)
+            expected = _run(theirs, feeds, False)
+            got = _run(ours, feeds, True)
+            np.testing.assert_allclose(got[0], expected[0], atol=tol, rtol=tol)
+            for b, n in enumerate(lengths):  # rows past a row's length are not defined
+                for g, e in zip(got[1:], expected[1:]):
+                    np.testing.assert_allclose(g[b, :, :n], e[b, :, :n], atol=tol, rtol=tol)
+            past = expected[1:]
+
+
+def test_kernel_layout_round_trip():
+    keys = np.random.default_rng(0).standard_normal((2, 3, 37, 16)).astype(np.float32)
+    tiled = native.to_kernel_layout(keys)
+    assert tiled.shape == keys.shape and not np.array_equal(tiled, keys)
+    # position 1 of tile 0, dimension 0 sits at flat element 1 of its head's block
+    assert tiled.reshape(2, 3, -1)[0, 0, 1] == keys[0, 0, 1, 0]
+    np.testing.assert_array_equal(tiled.reshape(2, 3, -1)[:, :, 32 * 16:], keys[:, :, 32:].reshape(2, 3, -1))
+    np.testing.assert_array_equal(native.from_kernel_layout(tiled), keys)
+
+
+def test_attention_the_kernel_does_not_take_keeps_onnx_runtime(tmp_path):
+    model = _gqa_model(9, 3, 64, True)
+    gqa = model.graph.node[0]
+    gqa.input.extend(["", "", "", "k_scale", "v_scale"])  # an int8 cache's scales
+    facts = native.rewrite_attention(model, "float32")
+    assert facts["attention"] == 0 and facts["attention_of"] == 1
+    assert facts["attention_kept"] == {"a k_scale (a quantized cache) input": 1}
+    with pytest.raises(UsageError, match="kv_cache='float16'.*no GroupQueryAttention"):
+        native.prepare(_save(model, tmp_path), "auto", "float16")
+    with pytest.raises(UsageError, match="does not run with kernels='onnxruntime'"):
+        create_session(_save(_gqa_model(9, 3, 64, True), tmp_path), kernels="onnxruntime",
+                       kv_cache="float16")
+    with pytest.raises(UsageError, match="kv_cache must be one of"):
+        create_session(_save(_gqa_model(9, 3, 64, True), tmp_path), kv_cache="int8")

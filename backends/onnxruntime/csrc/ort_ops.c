@@ -15,8 +15,10 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
+#include "attn.h"
 #include "q4.h"
 
 typedef struct OrtStatus OrtStatus;
@@ -33,7 +35,7 @@ typedef struct {
   const char* (*GetVersionString)(void);
 } OrtApiBase;
 
-enum { ELEM_UNDEFINED = 0, ELEM_FLOAT = 1, ELEM_UINT8 = 2 };
+enum { ELEM_UNDEFINED = 0, ELEM_FLOAT = 1, ELEM_UINT8 = 2, ELEM_INT32 = 6, ELEM_FLOAT16 = 10 };
 enum { IO_REQUIRED = 0, IO_OPTIONAL = 1 };
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
 #define API_VERSION 17
@@ -343,6 +345,210 @@ static const CustomOp matmul_int4 = {
     op_memory_type, op_one, op_one, op_one, op_one, create_kernel, compute, NULL,
     op_start_version, op_start_version, NULL, NULL, NULL, NULL};
 
+/* -- ai.modelfold::CachedAttention / CachedAttentionF16 ----------------------------------------
+   com.microsoft::GroupQueryAttention's inputs 0-8 and outputs (attn.h): query [B, S, H*D] (or
+   packed [B, S, (H + 2 KVH) * D] when key and value are absent), key, value, past_key, past_value
+   [B, KVH, P, D] (float32, or float16 for CachedAttentionF16, in attn.h's layout), seqlens_k [B]
+   and total_sequence_length (int32), cos_cache, sin_cache [max_pos, R / 2]. Attributes num_heads,
+   kv_num_heads, scale (0: 1 / sqrt(D)), softcap, local_window_size. Present [B, KVH, max(total,
+   P), D]: bound to the past's buffer, only the new positions are written. The first prompt is a
+   call whose S equals total_sequence_length (positions from 0); otherwise row b's new tokens sit at
+   seqlens_k[b] + 1 - S. */
+typedef struct { int64_t H, KVH, window; float scale, softcap; int f16; } AttnKernel;
+
+static const char* attn_name(const void* op) { (void)op; return "CachedAttention"; }
+static const char* attn16_name(const void* op) { (void)op; return "CachedAttentionF16"; }
+static int attn_input_type(const void* op, size_t i) {
+  (void)op;
+  return i == 5 || i == 6 ? ELEM_INT32 : i == 3 || i == 4 ? ELEM_FLOAT : ELEM_FLOAT;
+}
+static int attn16_input_type(const void* op, size_t i) {
+  (void)op;
+  return i == 5 || i == 6 ? ELEM_INT32 : i == 3 || i == 4 ? ELEM_FLOAT16 : ELEM_FLOAT;
+}
+static size_t attn_input_count(const void* op) { (void)op; return 9; }
+static int attn_output_type(const void* op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
+static int attn16_output_type(const void* op, size_t i) { (void)op; return i == 0 ? ELEM_FLOAT : ELEM_FLOAT16; }
+static size_t attn_output_count(const void* op) { (void)op; return 3; }
+static int attn_input_characteristic(const void* op, size_t i) {
+  (void)op;
+  return i == 1 || i == 2 || i == 7 || i == 8 ? IO_OPTIONAL : IO_REQUIRED;
+}
+static int attn_output_characteristic(const void* op, size_t i) { (void)op; (void)i; return IO_REQUIRED; }
+
+static OrtStatus* int_attribute(const OrtKernelInfo* info, const char* name, int64_t fallback, int64_t* out) {
+  OrtStatus* missing = CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, name, out);
+  if (missing) { CALL(ReleaseStatus_t, ReleaseStatus)(missing); *out = fallback; }
+  return NULL;
+}
+
+static OrtStatus* float_attribute(const OrtKernelInfo* info, const char* name, float fallback, float* out) {
+  OrtStatus* missing = CALL(KernelInfoGetAttribute_float_t, KernelInfoGetAttribute_float)(info, name, out);
+  if (missing) { CALL(ReleaseStatus_t, ReleaseStatus)(missing); *out = fallback; }
+  return NULL;
+}
+
+static OrtStatus* create_attn(const void* op, const OrtKernelInfo* info, void** out, int f16) {
+  (void)op;
+  AttnKernel k = {0, 0, -1, 0.0f, 0.0f, f16};
+  CHECK(CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "num_heads", &k.H));
+  CHECK(CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "kv_num_heads", &k.KVH));
+  if (k.H <= 0 || k.KVH <= 0 || k.H % k.KVH)
+    return fail(ORT_INVALID_ARGUMENT, "CachedAttention: num_heads must be a positive multiple of kv_num_heads");
+  CHECK(int_attribute(info, "local_window_size", -1, &k.window));
+  CHECK(float_attribute(info, "scale", 0.0f, &k.scale));
+  CHECK(float_attribute(info, "softcap", 0.0f, &k.softcap));
+  AttnKernel* kernel = malloc(sizeof *kernel);
+  if (!kernel) return fail(ORT_FAIL, "CachedAttention: out of memory");
+  *kernel = k;
+  *out = kernel;
+  return NULL;
+}
+static OrtStatus* create_attn32(const void* op, OrtApiTable api_, const OrtKernelInfo* info, void** out) {
+  (void)api_;
+  return create_attn(op, info, out, 0);
+}
+static OrtStatus* create_attn16(const void* op, OrtApiTable api_, const OrtKernelInfo* info, void** out) {
+  (void)api_;
+  return create_attn(op, info, out, 1);
+}
+static void destroy_attn(void* p) { free(p); }
+
+static OrtStatus* data_of(const OrtValue* value, void** out) {
+  return CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)value, out);
+}
+
+typedef struct { const attn_args* a; int64_t per; int64_t total; } AttnWork;
+
+static void attn_prepare_task(void* data, size_t i) {
+  AttnWork* w = data;
+  int64_t t0 = (int64_t)i * w->per, t1 = t0 + w->per;
+  attn_prepare(w->a, t0, t1 < w->total ? t1 : w->total);
+}
+static void attn_item_task(void* data, size_t i) { attn_item(((AttnWork*)data)->a, (int64_t)i); }
+static void attn_combine_task(void* data, size_t i) {
+  AttnWork* w = data;
+  int64_t s0 = (int64_t)i * w->per, s1 = s0 + w->per;
+  attn_combine(w->a, s0, s1 < w->total ? s1 : w->total);
+}
+
+static OrtStatus* parallel(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_t tasks, void* data) {
+  if (tasks == 1) { fn(data, 0); return NULL; }
+  return CALL(KernelContext_ParallelFor_t, KernelContext_ParallelFor)(ctx, fn, (size_t)tasks, 0, data);
+}
+
+static OrtStatus* compute_attn(void* p, OrtKernelContext* ctx) {
+  const AttnKernel* kernel = p;
+  const OrtValue* in[9] = {0};
+  for (size_t i = 0; i < 9; i++) CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, i, &in[i]));
+  int64_t qd[8], kd[8], pd[8], sd[8], cd[8];
+  size_t qr = 0, kr = 0, pr = 0, sr = 0, cr = 0;
+  CHECK(shape_of(in[0], qd, &qr));
+  CHECK(shape_of(in[3], pd, &pr));
+  CHECK(shape_of(in[5], sd, &sr));
+  attn_args a;
+  memset(&a, 0, sizeof a);
+  a.H = kernel->H; a.KVH = kernel->KVH; a.f16 = kernel->f16; a.window = kernel->window;
+  a.softcap = kernel->softcap;
+  if (qr != 3 || pr != 4) return fail(ORT_INVALID_ARGUMENT, "CachedAttention: query must be [B, S, W] and past_key [B, KVH, P, D]");
+  a.B = qd[0]; a.S = qd[1]; a.D = pd[3]; a.past_cap = pd[2];
+  if (pd[0] != a.B || pd[1] != a.KVH || a.D % 16 || a.D > 1024)
+    return fail(ORT_INVALID_ARGUMENT, "CachedAttention: past_key must be [B, kv_num_heads, P, D] with D a multiple of 16 (at most 1024)");
+  int packed = in[1] == NULL;
+  if (packed ? qd[2] != (a.H + 2 * a.KVH) * a.D : qd[2] != a.H * a.D)
+    return fail(ORT_INVALID_ARGUMENT, "CachedAttention: query's width does not match the heads and the past's head size");
+  if (!packed) {
+    CHECK(shape_of(in[1], kd, &kr));
+    if (!in[2] || kr != 3 || kd[0] != a.B || kd[1] != a.S || kd[2] != a.KVH * a.D)
+      return fail(ORT_INVALID_ARGUMENT, "CachedAttention: key and value must be [B, S, kv_num_heads * D]");
+  }
+  if (elements(sd, sr) != a.B) return fail(ORT_INVALID_ARGUMENT, "CachedAttention: seqlens_k must hold B values");
+  void *q = NULL, *k = NULL, *v = NULL, *seq = NULL, *tot = NULL, *cs = NULL, *sn = NULL;
+  CHECK(data_of(in[0], &q));
+  CHECK(data_of(in[5], &seq));
+  CHECK(data_of(in[6], &tot));
+  CHECK(data_of(in[3], (void**)&a.past_k));
+  CHECK(data_of(in[4], (void**)&a.past_v));
+  if (packed) {
+    k = (float*)q + a.H * a.D; v = (float*)k + a.KVH * a.D;
+    a.q_stride = a.k_stride = a.v_stride = qd[2];
+  } else {
+    CHECK(data_of(in[1], &k));
+    CHECK(data_of(in[2], &v));
+    a.q_stride = qd[2]; a.k_stride = a.v_stride = a.KVH * a.D;
+  }
+  a.q = q; a.k = k; a.v = v;
+  int64_t total = *(const int32_t*)tot;
+  a.cap = total > a.past_cap ? total : a.past_cap;
+  if (in[7] && in[8]) {
+    CHECK(shape_of(in[7], cd, &cr));
+    if (cr != 2 || 2 * cd[1] > a.D)
+      return fail(ORT_INVALID_ARGUMENT, "CachedAttention: cos_cache must be [max_pos, R / 2] with R <= head size");
+    a.max_pos = cd[0]; a.R = 2 * cd[1];
+    CHECK(data_of(in[7], &cs));
+    CHECK(data_of(in[8], &sn));
+    a.cos = cs; a.sin = sn;
+  }
+  a.scale = kernel->scale != 0.0f ? kernel->scale : 1.0f / sqrtf((float)a.D);
+  int64_t small_past[64];
+  int64_t* past = a.B <= 64 ? small_past : malloc((size_t)a.B * sizeof(int64_t));
+  if (!past) return fail(ORT_FAIL, "CachedAttention: out of memory");
+  int first = a.S == total;
+  OrtStatus* status = NULL;
+  for (int64_t b = 0; b < a.B && !status; b++) {
+    past[b] = first ? 0 : (int64_t)((const int32_t*)seq)[b] + 1 - a.S;
+    if (past[b] < 0 || past[b] + a.S > a.cap || (!first && past[b] > a.past_cap))
+      status = fail(ORT_INVALID_ARGUMENT, "CachedAttention: seqlens_k / total_sequence_length do not fit the cache");
+    else if (a.R && past[b] + a.S > a.max_pos)
+      status = fail(ORT_INVALID_ARGUMENT, "CachedAttention: a position beyond the rotary tables");
+  }
+  a.past = past;
+  int64_t od[3] = {a.B, a.S, a.H * a.D}, cache[4] = {a.B, a.KVH, a.cap, a.D};
+  OrtValue *O = NULL, *PK = NULL, *PV = NULL;
+  if (!status) status = CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 0, od, 3, &O);
+  if (!status) status = CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 1, cache, 4, &PK);
+  if (!status) status = CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 2, cache, 4, &PV);
+  void* out = NULL;
+  if (!status) status = data_of(O, &out);
+  if (!status) status = data_of(PK, &a.kc);
+  if (!status) status = data_of(PV, &a.vc);
+  a.out = out;
+  if (!status && (a.past_k == a.kc) != (a.past_v == a.vc))
+    status = fail(ORT_INVALID_ARGUMENT, "CachedAttention: past and present share one of key / value only");
+  void* scratch = NULL;
+  if (!status) {
+    size_t bytes = attn_plan(&a);
+    scratch = malloc(bytes);
+    if (!scratch) status = fail(ORT_FAIL, "CachedAttention: out of memory for the scratch");
+  }
+  if (!status) {
+    attn_set_scratch(&a, scratch);
+    attn_copy_past(&a);
+    AttnWork w = {&a, 8, a.B * a.S};
+    status = parallel(ctx, attn_prepare_task, (w.total + w.per - 1) / w.per, &w);
+    if (!status) status = parallel(ctx, attn_item_task, a.sets * a.chunks, &w);
+    if (!status && a.chunks > 1) {
+      AttnWork c = {&a, 8, a.sets};
+      status = parallel(ctx, attn_combine_task, (c.total + c.per - 1) / c.per, &c);
+    }
+  }
+  free(scratch);
+  if (past != small_past) free(past);
+  return status;
+}
+
+static const CustomOp cached_attention = {
+    API_VERSION, NULL, attn_name, op_provider, attn_input_type, attn_input_count, attn_output_type,
+    attn_output_count, NULL, destroy_attn, attn_input_characteristic, attn_output_characteristic,
+    op_memory_type, op_one, op_one, op_one, op_one, create_attn32, compute_attn, NULL,
+    op_start_version, op_start_version, NULL, NULL, NULL, NULL};
+
+static const CustomOp cached_attention_f16 = {
+    API_VERSION, NULL, attn16_name, op_provider, attn16_input_type, attn_input_count, attn16_output_type,
+    attn_output_count, NULL, destroy_attn, attn_input_characteristic, attn_output_characteristic,
+    op_memory_type, op_one, op_one, op_one, op_one, create_attn16, compute_attn, NULL,
+    op_start_version, op_start_version, NULL, NULL, NULL, NULL};
+
 /* -- registration ------------------------------------------------------------------------- */
 __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                     const OrtApiBase* base) {
@@ -351,5 +557,7 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   OrtCustomOpDomain* domain = NULL;
   CHECK(CALL(CreateCustomOpDomain_t, CreateCustomOpDomain)("ai.modelfold", &domain));
   CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &matmul_int4));
+  CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &cached_attention));
+  CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &cached_attention_f16));
   return CALL(AddCustomOpDomain_t, AddCustomOpDomain)(options, domain);
 }

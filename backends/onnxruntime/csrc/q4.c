@@ -1,4 +1,5 @@
 #include "q4.h"
+#include "vmath.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -88,24 +89,6 @@ static void quantize_row(q4_act* a, const float* x, int64_t K, int64_t m) {
     a->scale[m * nblk + b] = mx / 127.0f;
     a->sum[m * nblk + b] = _mm512_reduce_add_epi32(sum);
   }
-}
-
-/* e^x for x <= 0 .. moderate: 2^n * p(r), r = x - n ln 2, |r| <= ln2 / 2, degree-6 polynomial
-   (relative error about 1e-7) */
-static inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
 }
 
 void q4_quantize(q4_act* a, const float* A, int64_t K, int64_t m0, int64_t m1) {
