@@ -44,7 +44,9 @@ def test_eval_artifact_matches_torch(capsys, small_model_dir, artifact, tmp_path
     result = modelfold.transform(str(small_model_dir), dropped, context=VERIFIED)
     ref = evaluate(result.module, result.program.tokenizer, text.read_text(), window=64,
                    progress=False)
-    assert ort["runtime"] == "onnxruntime" and ort["tokens"] == ref["tokens"]
+    # the attention runs on modelfold's kernel (float32 cache) where it can, else ONNX Runtime's
+    assert ort["runtime"] in ("onnxruntime", "onnxruntime + modelfold's kernels")
+    assert ort["tokens"] == ref["tokens"]
     assert abs(ort["perplexity"] / ref["perplexity"] - 1) < 1e-3
 
 
