@@ -287,7 +287,7 @@ def test_cli_eval_and_generate_take_kernels(smollm2_int4, capsys, tmp_path):
 # -- the attention kernel: ai.modelfold::CachedAttention against GroupQueryAttention -----------
 
 def _gqa_model(H: int, KVH: int, D: int, packed: bool, window: int = -1, softcap: float = 0.0,
-               rotary: int | None = None, max_pos: int = 1024):
+               rotary: int | None = None, max_pos: int = 2304):
     """One GroupQueryAttention node: query (packed q/k/v or separate), past / present as graph
     inputs / outputs, rotary tables of width ``rotary`` (None: D; 0: no rotary)."""
     rng = np.random.default_rng(1)
@@ -355,14 +355,15 @@ def test_cached_attention_equals_group_query_attention(tmp_path, H, KVH, D, pack
                                                        softcap, rotary, kv_cache):
     """A right-padded batch of two: a prompt of 37 (the cache's last positions outside the 16-key
     tiles), three decode steps, then a 600-token prompt and a decode step over it (a decode
-    splits the cache into chunks of 256 keys and combines them); presents compared by position."""
+    splits the cache into chunks of 256 keys and combines them), then a 2,100-token prompt (a
+    prompt's keys in chunks of 2,048); presents compared by position."""
     path = _save(_gqa_model(H, KVH, D, packed, window, softcap, rotary), tmp_path)
     theirs = create_session(path, threads=2, kernels="onnxruntime")
     ours = create_session(path, threads=2, kernels="modelfold", kv_cache=kv_cache)
     assert ours.kernels["attention"] == 1 and ours.tiled_keys == {"past_key", "present_key"}
     tol = 2e-5 if kv_cache == "float32" else 5e-3
     rng = np.random.default_rng(2)
-    for prompt, lengths in ((37, [37, 21]), (600, [600, 598])):
+    for prompt, lengths in ((37, [37, 21]), (600, [600, 598]), (2100, [2100, 2090])):
         empty = np.zeros((2, KVH, 0, D), np.float32)
         feeds = _attention_feeds(rng, 2, prompt, H, KVH, D, packed, (empty, empty), lengths, True)
         expected = _run(theirs, feeds, False)
