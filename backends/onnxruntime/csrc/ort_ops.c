@@ -516,9 +516,10 @@ static OrtStatus* compute_attn(void* p, OrtKernelContext* ctx) {
   if (!status && (a.past_k == a.kc) != (a.past_v == a.vc))
     status = fail(ORT_INVALID_ARGUMENT, "CachedAttention: past and present share one of key / value only");
   void* scratch = NULL;
+  char stack[8192];
   if (!status) {
     size_t bytes = attn_plan(&a);
-    scratch = malloc(bytes);
+    scratch = bytes <= sizeof stack ? (void*)stack : malloc(bytes);
     if (!scratch) status = fail(ORT_FAIL, "CachedAttention: out of memory for the scratch");
   }
   if (!status) {
@@ -526,13 +527,21 @@ static OrtStatus* compute_attn(void* p, OrtKernelContext* ctx) {
     attn_copy_past(&a);
     AttnWork w = {&a, 8, a.B * a.S};
     status = parallel(ctx, attn_prepare_task, (w.total + w.per - 1) / w.per, &w);
-    if (!status) status = parallel(ctx, attn_item_task, a.sets * a.chunks, &w);
+    /* a short cache is a few microseconds of work: threads would cost more than they save */
+    int64_t work = 0;
+    for (int64_t b = 0; b < a.B; b++) work += (a.past[b] + a.S) * a.S;
+    work *= a.H * a.D;
+    if (!status && work <= ((int64_t)1 << 16)) {
+      for (int64_t i = 0; i < a.sets * a.chunks; i++) attn_item(&a, i);
+    } else if (!status) {
+      status = parallel(ctx, attn_item_task, a.sets * a.chunks, &w);
+    }
     if (!status && a.chunks > 1) {
       AttnWork c = {&a, 8, a.sets};
       status = parallel(ctx, attn_combine_task, (c.total + c.per - 1) / c.per, &c);
     }
   }
-  free(scratch);
+  if (scratch != stack) free(scratch);
   if (past != small_past) free(past);
   return status;
 }
