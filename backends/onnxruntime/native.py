@@ -14,7 +14,12 @@ rewritten in memory before the session is created:
   (three nodes fewer per layer);
 - a ``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm) whose normalized output only a
   projection reads becomes part of that projection (``activation=2``: it writes the residual sum,
-  normalizes and quantizes; two nodes fewer per layer).
+  normalizes and quantizes; two nodes fewer per layer);
+- every ``com.microsoft::GroupQueryAttention`` over a float32 cache (past and present graph inputs
+  / outputs no other node reads) becomes ``ai.modelfold::CachedAttention`` (``csrc/attn.c``), or
+  ``CachedAttentionF16`` with ``kv_cache="float16"`` (the past / present become float16): the
+  query heads of a KV head read its cache in one pass, keys in tiles of 16 positions
+  (``to_kernel_layout``), a decode step split into chunks of the cache across threads.
 
 The library is compiled with the system C compiler (``$CC``, else ``gcc`` / ``cc``) into
 ``<modelfold cache>/kernels/<source hash>/`` the first time it is needed. It needs an x86-64 CPU

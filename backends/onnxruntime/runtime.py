@@ -117,8 +117,8 @@ def create_session(
     options.log_severity_level = 3
     if provider == "cpu":
         # flush denormals to zero on ONNX Runtime's threads: products that fall below 1.2e-38
-        # (tiny softmax probabilities, tiny weights) otherwise cost microcode assists; 7-10 % of
-        # an fp32 SmolLM2 decode step and 6 % of an int4 one here (tools/bench_decode.py)
+        # (tiny softmax probabilities, tiny weights) otherwise cost microcode assists (a few
+        # percent of a SmolLM2 decode step here, in a scratch A/B)
         options.add_session_config_entry("session.set_denormal_as_zero", "1")
     model, lib, facts = native.prepare(path, kernels, kv_cache)
     if lib is not None:
