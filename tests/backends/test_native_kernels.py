@@ -82,6 +82,7 @@ def _sessions(model, tmp_path):
     (576, 960, True, False, 1),     # with zero points
     (1536, 576, True, True, 3),     # bias, several rows
     (100, 33, True, False, 17),     # K not a multiple of 128, N not of 16
+    (136, 40, True, False, 2),      # a last block of 8 weights (its words packed without padding)
     (576, 49152, False, False, 1),  # an LM head
     (576, 3072, True, False, 128),  # a prompt
 ])

@@ -14,25 +14,31 @@ static void* aligned(size_t bytes) {
 
 int q4_pack(q4_weights* w, const uint8_t* B, const float* S, const uint8_t* Z, int64_t K, int64_t N) {
   int64_t nblk = (K + 127) / 128, groups = (N + 15) / 16, zstride = (nblk + 1) / 2;
-  w->K = K; w->N = N; w->nblk = nblk; w->groups = groups;
-  w->words = aligned((size_t)groups * nblk * 256 * sizeof(uint32_t));
+  /* the last block keeps only the words that hold weights of K (an even count: the dot product
+     takes two at a time); the rest of MatMulNBits' block is padding (K = 576: 4.5 blocks) */
+  int64_t rest = K - (nblk - 1) * 128, last = ((rest + 7) / 8 + 1) & ~(int64_t)1;
+  if (last > 16) last = 16;
+  w->K = K; w->N = N; w->nblk = nblk; w->groups = groups; w->last_words = last;
+  w->group_words = ((nblk - 1) * 16 + last) * 16;
+  w->words = aligned((size_t)groups * w->group_words * sizeof(uint32_t));
   w->scales = aligned((size_t)groups * nblk * 16 * sizeof(float));
   w->zeros = aligned((size_t)groups * nblk * 16 * sizeof(float));
   if (!w->words || !w->scales || !w->zeros) { q4_free(w); return -1; }
   for (int64_t g = 0; g < groups; g++)
     for (int64_t b = 0; b < nblk; b++) {
-      uint32_t* dst = w->words + (g * nblk + b) * 256;
+      uint32_t* dst = w->words + g * w->group_words + b * 256;
+      int words = b == nblk - 1 ? (int)last : 16;
       float* ds = w->scales + (g * nblk + b) * 16;
       float* dz = w->zeros + (g * nblk + b) * 16;
       for (int r = 0; r < 16; r++) {
         int64_t n = g * 16 + r;
         if (n < N) {
           const uint8_t* src = B + (n * nblk + b) * 64;
-          for (int j = 0; j < 16; j++) memcpy(dst + j * 16 + r, src + 4 * j, 4);
+          for (int j = 0; j < words; j++) memcpy(dst + j * 16 + r, src + 4 * j, 4);
           ds[r] = S[n * nblk + b];
           dz[r] = Z ? (float)((Z[n * zstride + b / 2] >> ((b & 1) * 4)) & 0x0F) : 8.0f;
         } else {  /* padding rows: zero weights, zero scale */
-          for (int j = 0; j < 16; j++) dst[j * 16 + r] = 0;
+          for (int j = 0; j < words; j++) dst[j * 16 + r] = 0;
           ds[r] = 0.0f; dz[r] = 0.0f;
         }
       }
@@ -109,27 +115,33 @@ void q4_quantize_swiglu(q4_act* a, const float* A, int64_t K, int64_t m0, int64_
   }
 }
 
-/* 16 output rows (group g) of activation row m: per block, the integer dot products (low nibbles
-   against the even elements; high nibbles, masked in place and so 16x, against the odd ones), then
-   scale_w * scale_a * (dot - zero * sum_a). Four accumulators keep four VPDPBUSD chains in flight. */
-static inline __m512 q4_rows16(const q4_weights* w, const q4_act* a, int64_t g, int64_t m) {
+/* One block's integer dot products of 16 output rows, `words` 4-byte words (8 weights each) per
+   row: low nibbles against the even elements; high nibbles, masked in place and so 16x, against
+   the odd ones. Four accumulators keep four VPDPBUSD chains in flight. */
+static inline __m512i q4_block16(const uint32_t* p, const int32_t* xe, const int32_t* xo, int words) {
   const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
+  __m512i L0 = _mm512_setzero_si512(), L1 = L0, H0 = L0, H1 = L0;
+#pragma GCC unroll 8
+  for (int j = 0; j < words; j += 2) {
+    __m512i v0 = _mm512_load_si512(p + j * 16), v1 = _mm512_load_si512(p + j * 16 + 16);
+    L0 = _mm512_dpbusd_epi32(L0, _mm512_and_si512(v0, low), _mm512_set1_epi32(xe[j]));
+    H0 = _mm512_dpbusd_epi32(H0, _mm512_and_si512(v0, high), _mm512_set1_epi32(xo[j]));
+    L1 = _mm512_dpbusd_epi32(L1, _mm512_and_si512(v1, low), _mm512_set1_epi32(xe[j + 1]));
+    H1 = _mm512_dpbusd_epi32(H1, _mm512_and_si512(v1, high), _mm512_set1_epi32(xo[j + 1]));
+  }
+  return _mm512_add_epi32(_mm512_add_epi32(L0, L1), _mm512_srai_epi32(_mm512_add_epi32(H0, H1), 4));
+}
+
+/* 16 output rows (group g) of activation row m: per block, the integer dot products, then
+   scale_w * scale_a * (dot - zero * sum_a); the last block only over its words that hold K. */
+static inline __m512 q4_rows16(const q4_weights* w, const q4_act* a, int64_t g, int64_t m) {
   int64_t nblk = w->nblk;
   __m512 F = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nblk; b++) {
+  const uint32_t* p = w->words + g * w->group_words;
+  for (int64_t b = 0; b < nblk; b++, p += 256) {
     const int32_t* xe = (const int32_t*)(a->even + (m * nblk + b) * 64);
     const int32_t* xo = (const int32_t*)(a->odd + (m * nblk + b) * 64);
-    const uint32_t* p = w->words + (g * nblk + b) * 256;
-    __m512i L0 = _mm512_setzero_si512(), L1 = L0, H0 = L0, H1 = L0;
-#pragma GCC unroll 8
-    for (int j = 0; j < 16; j += 2) {
-      __m512i v0 = _mm512_load_si512(p + j * 16), v1 = _mm512_load_si512(p + j * 16 + 16);
-      L0 = _mm512_dpbusd_epi32(L0, _mm512_and_si512(v0, low), _mm512_set1_epi32(xe[j]));
-      H0 = _mm512_dpbusd_epi32(H0, _mm512_and_si512(v0, high), _mm512_set1_epi32(xo[j]));
-      L1 = _mm512_dpbusd_epi32(L1, _mm512_and_si512(v1, low), _mm512_set1_epi32(xe[j + 1]));
-      H1 = _mm512_dpbusd_epi32(H1, _mm512_and_si512(v1, high), _mm512_set1_epi32(xo[j + 1]));
-    }
-    __m512i dot = _mm512_add_epi32(_mm512_add_epi32(L0, L1), _mm512_srai_epi32(_mm512_add_epi32(H0, H1), 4));
+    __m512i dot = b < nblk - 1 ? q4_block16(p, xe, xo, 16) : q4_block16(p, xe, xo, (int)w->last_words);
     const float* ps = w->scales + (g * nblk + b) * 16;
     const float* pz = w->zeros + (g * nblk + b) * 16;
     __m512 t = _mm512_fnmadd_ps(_mm512_load_ps(pz), _mm512_set1_ps((float)a->sum[m * nblk + b]),

@@ -12,7 +12,9 @@
 
 typedef struct {
   int64_t K, N, nblk, groups;  /* groups of 16 output rows */
-  uint32_t* words;             /* [groups][nblk][16 words][16 rows] */
+  int64_t last_words;          /* words of the last block that hold K (even, <= 16) */
+  int64_t group_words;         /* ((nblk - 1) * 16 + last_words) * 16 */
+  uint32_t* words;             /* [groups][blocks: 16 words, the last last_words][16 rows] */
   float* scales;               /* [groups][nblk][16] */
   float* zeros;                /* [groups][nblk][16] zero points as floats */
 } q4_weights;
