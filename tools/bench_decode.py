@@ -158,7 +158,10 @@ class GenaiRunner:
 
     def decode(self, prompt: list[int], new_tokens: int) -> float:
         generator = self._generator(prompt, new_tokens)
-        generator.append_tokens(np.array(prompt, dtype=np.int32))  # prefill + first token
+        generator.append_tokens(np.array(prompt, dtype=np.int32))  # prefill: the prompt's logits
+        # the first generate_next_token only picks a token from the prefill's logits (no model
+        # run): it belongs to the prefill, as in ours; each later one runs the model once
+        generator.generate_next_token()
         start, steps = time.perf_counter(), 0
         while not generator.is_done():
             generator.generate_next_token()

@@ -11,7 +11,8 @@ rewritten in memory before the session is created:
   outputs agree to float rounding, about 1e-7 relative);
 - a SwiGLU MLP's ``Split -> QuickGelu(gate) -> Mul(., up) -> MatMulNBits(down)`` becomes one
   ``MatMulInt4`` with ``activation=1``, which computes ``silu(gate) * up`` as it quantizes its input
-  (three nodes fewer per layer);
+  (three nodes fewer per layer); where the down projection is not ours (float32, int8), the
+  ``Split -> QuickGelu -> Mul`` becomes one ``ai.modelfold::SwiGLU`` (two nodes fewer per layer);
 - a ``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm) whose normalized output only a
   projection reads becomes part of that projection (``activation=2``: it writes the residual sum,
   normalizes and quantizes; two nodes fewer per layer);
@@ -176,7 +177,8 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
 
     Returns the facts: ``replaced`` / ``of`` (MatMulNBits nodes), ``swiglu`` (MLPs fused into the
     down projection), ``skip_norms`` (residual add + RMSNorm fused into the projection that reads
-    them), ``kept`` (the reasons the other MatMulNBits nodes stay ONNX Runtime's)."""
+    them), ``kept`` (the reasons the other MatMulNBits nodes stay ONNX Runtime's),
+    ``swiglu_ops`` (the other SwiGLU MLPs, each now one ``SwiGLU`` op)."""
     graph = model.graph
     constants = {i.name for i in graph.initializer}
     small = {i.name: i for i in graph.initializer if not i.external_data}
@@ -228,6 +230,22 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
                                            name=node.name, domain=DOMAIN, K=attrs["K"],
                                            N=attrs["N"], activation=activation))
         replaced += 1
+    swiglu_ops = 0  # the SwiGLU MLPs left (down projections that are not ours): one op each
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in [*graph.value_info, *graph.input, *graph.output]
+             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    for i, node in enumerate(nodes):
+        if i in removed or node.op_type != "Mul":
+            continue
+        fused = _swiglu_source(node.output[0], None, producer, consumers, outputs, small,
+                               standalone=True, ranks=ranks)
+        if fused is None:
+            continue
+        source, (split, gelu, _) = fused
+        removed.update((position[split.output[0]], position[gelu.output[0]]))
+        node.CopyFrom(helper.make_node("SwiGLU", [source], list(node.output), name=node.name,
+                                       domain=DOMAIN))
+        swiglu_ops += 1
     if removed:
         keep = []
         for i, node in enumerate(nodes):
@@ -236,10 +254,10 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
                 keep[-1].CopyFrom(node)
         del graph.node[:]
         graph.node.extend(keep)
-    if replaced and not any(o.domain == DOMAIN for o in model.opset_import):
+    if (replaced or swiglu_ops) and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return {"replaced": replaced, "of": total, "swiglu": swiglu, "skip_norms": skip_norms,
-            "kept": kept}
+            "kept": kept, "swiglu_ops": swiglu_ops}
 
 
 ATTENTION_OPS = {"float32": "CachedAttention", "float16": "CachedAttentionF16"}
@@ -351,10 +369,16 @@ def _skip_norm(name: str, producer: dict, consumers: dict,
     return norm
 
 
-def _swiglu_source(name: str, width: int, producer: dict, consumers: dict, outputs: set[str],
-                   small: dict[str, onnx.TensorProto]) -> tuple[str, list] | None:
-    """``Mul(QuickGelu(a, alpha=1), b)`` with ``a, b = Split(x)`` into two halves of ``width`` on
-    the last axis, nothing else reading the intermediates: returns ``x`` and the three nodes."""
+def _swiglu_source(name: str, width: int | None, producer: dict, consumers: dict,
+                   outputs: set[str], small: dict[str, onnx.TensorProto],
+                   standalone: bool = False, ranks: dict[str, int] | None = None,
+                   ) -> tuple[str, list] | None:
+    """``Mul(QuickGelu(a, alpha=1), b)`` with ``a, b = Split(x)`` into two halves (of ``width``
+    when given) on the last axis, nothing else reading the intermediates (nor, unless
+    ``standalone``, the Mul's output, which a fused reader replaces): returns ``x`` and the three
+    nodes. ``ranks``: the ranks the graph's value infos give (a Split on axis 2 splits the last
+    axis of a rank-3 tensor only)."""
+    ranks = ranks or {}
     mul = producer.get(name)
     if mul is None or mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
         return None
@@ -366,19 +390,20 @@ def _swiglu_source(name: str, width: int, producer: dict, consumers: dict, outpu
     if split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx") or \
             list(split.output) != [gelu.input[0], mul.input[1]]:
         return None
-    if _attributes(split).get("axis", 0) not in (-1, 2):
-        return None
+    axis = _attributes(split).get("axis", 0)
+    if axis != -1 and axis != (2 if width is not None else ranks.get(split.input[0], 0) - 1):
+        return None  # the last axis (a down projection's input is [B, S, 2 K])
     sizes = split.input[1] if len(split.input) > 1 else ""
-    if sizes:  # the sizes must be a constant [width, width]
-        if sizes not in small or onnx.numpy_helper.to_array(small[sizes]).tolist() != [width, width]:
+    if sizes:  # the sizes must be a constant [w, w]
+        if sizes not in small:
+            return None
+        halves = onnx.numpy_helper.to_array(small[sizes]).tolist()
+        if len(halves) != 2 or halves[0] != halves[1] or (width is not None and halves[0] != width):
             return None
     elif _attributes(split).get("num_outputs", 2) != 2:
         return None
-    intermediates = [*split.output, gelu.output[0], mul.output[0]]
-    readers = {n: consumers.get(n, []) for n in intermediates}
-    if any(n in outputs for n in intermediates) or len(readers[split.output[0]]) != 1 or \
-            len(readers[split.output[1]]) != 1 or len(readers[gelu.output[0]]) != 1 or \
-            len(readers[mul.output[0]]) != 1:
+    intermediates = [*split.output, gelu.output[0]] + ([] if standalone else [mul.output[0]])
+    if any(n in outputs or len(consumers.get(n, [])) != 1 for n in intermediates):
         return None
     return split.input[0], [split, gelu, mul]
 
@@ -411,8 +436,8 @@ def prepare(path: Path, kernels: str,
         kept = "; ".join(f"{n} x {r}" for r, n in facts["attention_kept"].items())
         raise UsageError(f"kv_cache={kv_cache!r}: {path} has no GroupQueryAttention that modelfold's "
                          f"attention kernel takes{f' ({kept})' if kept else ''}")
-    if not facts["replaced"] and not facts["attention"]:
-        why = "no MatMulNBits node or GroupQueryAttention the kernels take" + (
+    if not facts["replaced"] and not facts["attention"] and not facts["swiglu_ops"]:
+        why = "no MatMulNBits node, GroupQueryAttention or SwiGLU MLP the kernels take" + (
             f" ({'; '.join(f'{n} x {r}' for r, n in facts['kept'].items())})" if facts["kept"] else "")
         if kernels == "modelfold":
             raise UsageError(f"kernels='modelfold': {path} has {why}; modelfold's kernels run "

@@ -124,7 +124,8 @@ def _swiglu_model(K: int, hidden: int, tail_reader: bool = False):
 def test_swiglu_is_fused_into_the_down_projection(tmp_path):
     model = _swiglu_model(K=200, hidden=96)
     facts = native.rewrite(_copy(model))
-    assert facts == {"replaced": 2, "of": 2, "swiglu": 1, "skip_norms": 0, "kept": {}}
+    assert facts == {"replaced": 2, "of": 2, "swiglu": 1, "skip_norms": 0, "kept": {},
+                     "swiglu_ops": 0}
     theirs, ours = _sessions(model, tmp_path)
     assert ours.kernels["swiglu"] == 1
     x = np.random.default_rng(4).standard_normal((1, 5, 96)).astype(np.float32)
@@ -133,6 +134,37 @@ def test_swiglu_is_fused_into_the_down_projection(tmp_path):
 
     kept = _swiglu_model(K=200, hidden=96, tail_reader=True)
     assert native.rewrite(_copy(kept))["swiglu"] == 0  # a graph output reads the activation
+
+
+@pytest.mark.parametrize("axis", [-1, 2])
+def test_swiglu_of_a_float_mlp_is_one_op(tmp_path, axis):
+    """A float32 SwiGLU MLP (its down projection ONNX Runtime's ``MatMul``): ``Split ->
+    QuickGelu -> Mul`` becomes one ``ai.modelfold::SwiGLU``; a Split on axis 2 only where the
+    graph says its input has rank 3."""
+    K, hidden = 200, 96
+    rng = np.random.default_rng(8)
+    gate_up = numpy_helper.from_array(rng.standard_normal((hidden, 2 * K)).astype(np.float32), "Wgu")
+    down = numpy_helper.from_array(rng.standard_normal((K, hidden)).astype(np.float32), "Wd")
+    sizes = numpy_helper.from_array(np.array([K, K], dtype=np.int64), "sizes")
+    nodes = [helper.make_node("MatMul", ["x", "Wgu"], ["gu"]),
+             helper.make_node("Split", ["gu", "sizes"], ["g", "u"], axis=axis),
+             helper.make_node("QuickGelu", ["g"], ["sg"], domain="com.microsoft", alpha=1.0),
+             helper.make_node("Mul", ["sg", "u"], ["act"]),
+             helper.make_node("MatMul", ["act", "Wd"], ["y"])]
+    model = _model(nodes, [gate_up, down],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, hidden])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [sizes])
+    assert native.rewrite(_copy(model))["swiglu_ops"] == (1 if axis == -1 else 0)  # rank unknown
+    model = onnx.shape_inference.infer_shapes(model)
+    facts = native.rewrite(_copy(model))
+    assert facts["swiglu_ops"] == 1 and facts["replaced"] == 0
+    theirs, ours = _sessions(model, tmp_path)
+    assert ours.kernels["kernels"] == "modelfold" and ours.kernels["swiglu_ops"] == 1
+    for rows in (1, 300):  # one decode row (inline), a prompt (split across threads)
+        x = rng.standard_normal((1, rows, hidden)).astype(np.float32)
+        expected, got = theirs.run(None, {"x": x})[0], ours.run(None, {"x": x})[0]
+        assert got.shape == expected.shape == (1, rows, hidden)
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_residual_add_and_rms_norm_are_fused_into_the_projection(tmp_path):

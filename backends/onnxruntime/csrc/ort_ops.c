@@ -1,5 +1,5 @@
 /* ONNX Runtime custom-op library: ai.modelfold::MatMulInt4, MatMulNBits (bits 4, block 128,
-   accuracy level 4) computed by q4.c's kernel.
+   accuracy level 4) computed by q4.c's kernel; CachedAttention(F16) (attn.c) and SwiGLU (below).
 
    Inputs: A [..., K] float; B [N, ceil(K/128), 64] uint8 and scales [N * ceil(K/128)] float (both
    initializers: they are repacked once, when the kernel is created); optional zero_points
@@ -20,6 +20,7 @@
 
 #include "attn.h"
 #include "q4.h"
+#include "vmath.h"
 
 typedef struct OrtStatus OrtStatus;
 typedef struct OrtValue OrtValue;
@@ -154,6 +155,7 @@ static int op_input_characteristic(const void* op, size_t i) { (void)op; return 
 static int op_output_characteristic(const void* op, size_t i) { (void)op; return i >= 1 ? IO_OPTIONAL : IO_REQUIRED; }
 static int op_memory_type(const void* op, size_t i) { (void)op; (void)i; return 0; }
 static int op_one(const void* op) { (void)op; return 1; }
+static size_t op_one_count(const void* op) { (void)op; return 1; }
 static int op_start_version(const void* op) { (void)op; return 1; }
 
 enum { ACT_NONE = 0, ACT_SWIGLU = 1, ACT_SKIP_RMSNORM = 2 };
@@ -558,6 +560,56 @@ static const CustomOp cached_attention_f16 = {
     op_memory_type, op_one, op_one, op_one, op_one, create_attn16, compute_attn, NULL,
     op_start_version, op_start_version, NULL, NULL, NULL, NULL};
 
+/* -- ai.modelfold::SwiGLU ---------------------------------------------------------------------
+   X [..., 2 K] = [gate, up] -> Y [..., K] = silu(gate) * up: a SwiGLU MLP's Split, QuickGelu
+   (alpha 1) and Mul in one pass, where the down projection that reads it is not ours (float32,
+   int8). */
+static const char* swiglu_name(const void* op) { (void)op; return "SwiGLU"; }
+static int swiglu_type(const void* op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
+static int swiglu_characteristic(const void* op, size_t i) { (void)op; (void)i; return IO_REQUIRED; }
+static OrtStatus* create_swiglu(const void* op, OrtApiTable api_, const OrtKernelInfo* info, void** out) {
+  (void)op; (void)api_; (void)info;
+  *out = malloc(1);  /* stateless: ONNX Runtime wants a kernel pointer */
+  return *out ? NULL : fail(ORT_FAIL, "SwiGLU: out of memory");
+}
+static void destroy_swiglu(void* p) { free(p); }
+
+typedef struct { const float* x; float* y; int64_t K, rows, per; } SwigluWork;
+
+static void swiglu_task(void* data, size_t i) {
+  const SwigluWork* w = data;
+  int64_t m0 = (int64_t)i * w->per, m1 = m0 + w->per < w->rows ? m0 + w->per : w->rows;
+  for (int64_t m = m0; m < m1; m++)
+    silu_mul_row(w->x + m * 2 * w->K, w->x + m * 2 * w->K + w->K, w->y + m * w->K, w->K);
+}
+
+static OrtStatus* compute_swiglu(void* p, OrtKernelContext* ctx) {
+  (void)p;
+  const OrtValue* X = NULL;
+  CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 0, &X));
+  int64_t dims[8];
+  size_t rank = 0;
+  CHECK(shape_of(X, dims, &rank));
+  if (rank < 1 || dims[rank - 1] % 2)
+    return fail(ORT_INVALID_ARGUMENT, "SwiGLU: the input's last dimension must be even ([gate, up])");
+  SwigluWork w = {NULL, NULL, dims[rank - 1] / 2, 0, 0};
+  w.rows = w.K ? elements(dims, rank) / (2 * w.K) : 0;
+  dims[rank - 1] = w.K;
+  OrtValue* Y = NULL;
+  CHECK(CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 0, dims, rank, &Y));
+  CHECK(data_of(X, (void**)&w.x));
+  CHECK(data_of(Y, (void**)&w.y));
+  if (w.rows == 0 || w.K == 0) return NULL;
+  w.per = (16384 + w.K - 1) / w.K;  /* about 16k elements a task: one decode row runs inline */
+  return parallel(ctx, swiglu_task, (w.rows + w.per - 1) / w.per, &w);
+}
+
+static const CustomOp swiglu = {
+    API_VERSION, NULL, swiglu_name, op_provider, swiglu_type, op_one_count, swiglu_type,
+    op_one_count, NULL, destroy_swiglu, swiglu_characteristic, swiglu_characteristic,
+    op_memory_type, op_one, op_one, op_one, op_one, create_swiglu, compute_swiglu, NULL,
+    op_start_version, op_start_version, NULL, NULL, NULL, NULL};
+
 /* -- registration ------------------------------------------------------------------------- */
 __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                     const OrtApiBase* base) {
@@ -568,5 +620,6 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &matmul_int4));
   CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &cached_attention));
   CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &cached_attention_f16));
+  CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &swiglu));
   return CALL(AddCustomOpDomain_t, AddCustomOpDomain)(options, domain);
 }

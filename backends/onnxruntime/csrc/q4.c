@@ -104,13 +104,7 @@ void q4_quantize(q4_act* a, const float* A, int64_t K, int64_t m0, int64_t m1) {
 void q4_quantize_swiglu(q4_act* a, const float* A, int64_t K, int64_t m0, int64_t m1, float* x) {
   for (int64_t m = m0; m < m1; m++) {
     const float* gate = A + m * 2 * K;
-    const float* up = gate + K;
-    for (int64_t k = 0; k < K; k += 16) {  /* silu(g) * u = g / (1 + e^-g) * u */
-      __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-      __m512 g = _mm512_maskz_loadu_ps(mask, gate + k), u = _mm512_maskz_loadu_ps(mask, up + k);
-      __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)));
-      _mm512_mask_storeu_ps(x + k, mask, _mm512_mul_ps(_mm512_div_ps(g, d), u));
-    }
+    silu_mul_row(gate, gate + K, x, K);
     quantize_row(a, x, K, m);
   }
 }

@@ -20,4 +20,14 @@ static inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
 }
+
+/* out[k] = silu(gate[k]) * up[k] = gate / (1 + e^-gate) * up, k < K */
+static inline void silu_mul_row(const float* gate, const float* up, float* out, long long K) {
+  for (long long k = 0; k < K; k += 16) {
+    __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+    __m512 g = _mm512_maskz_loadu_ps(mask, gate + k), u = _mm512_maskz_loadu_ps(mask, up + k);
+    __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+    _mm512_mask_storeu_ps(out + k, mask, _mm512_mul_ps(_mm512_div_ps(g, d), u));
+  }
+}
 #endif
