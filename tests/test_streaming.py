@@ -122,8 +122,12 @@ def _codes(path: Path) -> torch.Tensor:
 
 def test_two_gloo_ranks_equal_one_process(random_llama, tmp_path):
     """Bit-identical when every rank uses the single process's thread count (a GEMM's reduction
-    order depends on it); with the launcher's default (the cores split between the ranks) at
-    most 0.1 % of the int4 codes differ (measured: 0.013 %), each by rounding at a tie."""
+    order depends on it). With the launcher's default (the cores split between the ranks) the
+    Hessians differ in their last bits and GPTQ's error feedback carries a flipped rounding on to
+    later columns: 0.013 % of the int4 codes differed on an AMD EPYC machine and 2.8 % (a few by
+    2-3 steps) on an Intel Xeon one, where the quantized model stays as close to the float one
+    (logits' relative error 0.0744 against the single process's 0.0747). So that run is held to
+    the quality of the single process, not to its bits."""
     same_threads = {"OMP_NUM_THREADS": "2"}
     for pipeline in (GPTQ, SPARSEGPT):
         name = pipeline.split("{")[0]
@@ -152,7 +156,14 @@ def test_two_gloo_ranks_equal_one_process(random_llama, tmp_path):
                          env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     differ = (_codes(tmp_path / "split") != _codes(tmp_path / "quantize-1")).float().mean()
-    assert differ <= 1e-3
+    assert differ <= 0.05
+    reference, _ = load_model(random_llama)
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = reference(input_ids=ids).logits.float()
+        error = {name: float((load_checkpoint(tmp_path / name).module(input_ids=ids).logits.float()
+                              - dense).norm() / dense.norm()) for name in ("split", "quantize-1")}
+    assert error["split"] <= 1.05 * error["quantize-1"], error
     # a pass whose statistics are not reduced across ranks is refused, with the reason
     awq = _convert([str(random_llama), "-p", f"quantize{{method=awq,{CALIB}}}", "--stream",
                     "--nproc", "2", "--save-model", str(tmp_path / "awq")])

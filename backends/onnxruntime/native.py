@@ -231,15 +231,17 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
                                            N=attrs["N"], activation=activation))
         replaced += 1
     swiglu_ops = 0  # the SwiGLU MLPs left (down projections that are not ours): one op each
-    ranks = {v.name: len(v.type.tensor_type.shape.dim)
-             for v in [*graph.value_info, *graph.input, *graph.output]
-             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    infos = [v for v in [*graph.value_info, *graph.input, *graph.output]
+             if v.type.HasField("tensor_type")]
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in infos
+             if v.type.tensor_type.HasField("shape")}
+    floats = {v.name for v in infos if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     for i, node in enumerate(nodes):
         if i in removed or node.op_type != "Mul":
             continue
         fused = _swiglu_source(node.output[0], None, producer, consumers, outputs, small,
                                standalone=True, ranks=ranks)
-        if fused is None:
+        if fused is None or fused[0] not in floats:  # the op is float32 (not float16 graphs)
             continue
         source, (split, gelu, _) = fused
         removed.update((position[split.output[0]], position[gelu.output[0]]))
