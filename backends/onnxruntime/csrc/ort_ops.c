@@ -158,6 +158,12 @@ static int op_one(const void* op) { (void)op; return 1; }
 static size_t op_one_count(const void* op) { (void)op; return 1; }
 static int op_start_version(const void* op) { (void)op; return 1; }
 
+/* an OrtCustomOp of this library: CPU, version 1, no variadic inputs or outputs */
+#define CUSTOM_OP(name, in_type, in_count, out_type, out_count, destroy, in_char, out_char, create, compute) \
+  {API_VERSION, NULL, name, op_provider, in_type, in_count, out_type, out_count, NULL, destroy,      \
+   in_char, out_char, op_memory_type, op_one, op_one, op_one, op_one, create, compute, NULL,         \
+   op_start_version, op_start_version, NULL, NULL, NULL, NULL}
+
 enum { ACT_NONE = 0, ACT_SWIGLU = 1, ACT_SKIP_RMSNORM = 2 };
 typedef struct { q4_weights w; int64_t activation; float epsilon; } Kernel;
 
@@ -341,11 +347,9 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
   return status;
 }
 
-static const CustomOp matmul_int4 = {
-    API_VERSION, NULL, op_name, op_provider, op_input_type, op_input_count, op_output_type,
-    op_output_count, NULL, destroy_kernel, op_input_characteristic, op_output_characteristic,
-    op_memory_type, op_one, op_one, op_one, op_one, create_kernel, compute, NULL,
-    op_start_version, op_start_version, NULL, NULL, NULL, NULL};
+static const CustomOp matmul_int4 = CUSTOM_OP(
+    op_name, op_input_type, op_input_count, op_output_type, op_output_count,
+    destroy_kernel, op_input_characteristic, op_output_characteristic, create_kernel, compute);
 
 /* -- ai.modelfold::CachedAttention / CachedAttentionF16 ----------------------------------------
    com.microsoft::GroupQueryAttention's inputs 0-8 and outputs (attn.h): query [B, S, H*D] (or
@@ -548,17 +552,13 @@ static OrtStatus* compute_attn(void* p, OrtKernelContext* ctx) {
   return status;
 }
 
-static const CustomOp cached_attention = {
-    API_VERSION, NULL, attn_name, op_provider, attn_input_type, attn_input_count, attn_output_type,
-    attn_output_count, NULL, destroy_attn, attn_input_characteristic, attn_output_characteristic,
-    op_memory_type, op_one, op_one, op_one, op_one, create_attn32, compute_attn, NULL,
-    op_start_version, op_start_version, NULL, NULL, NULL, NULL};
+static const CustomOp cached_attention = CUSTOM_OP(
+    attn_name, attn_input_type, attn_input_count, attn_output_type, attn_output_count,
+    destroy_attn, attn_input_characteristic, attn_output_characteristic, create_attn32, compute_attn);
 
-static const CustomOp cached_attention_f16 = {
-    API_VERSION, NULL, attn16_name, op_provider, attn16_input_type, attn_input_count, attn16_output_type,
-    attn_output_count, NULL, destroy_attn, attn_input_characteristic, attn_output_characteristic,
-    op_memory_type, op_one, op_one, op_one, op_one, create_attn16, compute_attn, NULL,
-    op_start_version, op_start_version, NULL, NULL, NULL, NULL};
+static const CustomOp cached_attention_f16 = CUSTOM_OP(
+    attn16_name, attn16_input_type, attn_input_count, attn16_output_type, attn_output_count,
+    destroy_attn, attn_input_characteristic, attn_output_characteristic, create_attn16, compute_attn);
 
 /* -- ai.modelfold::SwiGLU ---------------------------------------------------------------------
    X [..., 2 K] = [gate, up] -> Y [..., K] = silu(gate) * up: a SwiGLU MLP's Split, QuickGelu
@@ -604,11 +604,9 @@ static OrtStatus* compute_swiglu(void* p, OrtKernelContext* ctx) {
   return parallel(ctx, swiglu_task, (w.rows + w.per - 1) / w.per, &w);
 }
 
-static const CustomOp swiglu = {
-    API_VERSION, NULL, swiglu_name, op_provider, swiglu_type, op_one_count, swiglu_type,
-    op_one_count, NULL, destroy_swiglu, swiglu_characteristic, swiglu_characteristic,
-    op_memory_type, op_one, op_one, op_one, op_one, create_swiglu, compute_swiglu, NULL,
-    op_start_version, op_start_version, NULL, NULL, NULL, NULL};
+static const CustomOp swiglu = CUSTOM_OP(
+    swiglu_name, swiglu_type, op_one_count, swiglu_type, op_one_count,
+    destroy_swiglu, swiglu_characteristic, swiglu_characteristic, create_swiglu, compute_swiglu);
 
 /* -- registration ------------------------------------------------------------------------- */
 __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
