@@ -125,7 +125,7 @@ def test_swiglu_is_fused_into_the_down_projection(tmp_path):
     model = _swiglu_model(K=200, hidden=96)
     facts = native.rewrite(_copy(model))
     assert facts == {"replaced": 2, "of": 2, "swiglu": 1, "skip_norms": 0, "kept": {},
-                     "swiglu_ops": 0}
+                     "swiglu_ops": 0, "lm_head": 0}
     theirs, ours = _sessions(model, tmp_path)
     assert ours.kernels["swiglu"] == 1
     x = np.random.default_rng(4).standard_normal((1, 5, 96)).astype(np.float32)
@@ -194,6 +194,58 @@ def test_residual_add_and_rms_norm_are_fused_into_the_projection(tmp_path):
     (y0, t0), (y1, t1) = theirs.run(None, feeds), ours.run(None, feeds)
     assert np.abs(t1 - t0).max() <= 1e-6 * np.abs(t0).max()  # the sum, exactly
     assert np.abs(y1 - y0).max() <= 1e-4 * np.abs(y0).max()
+
+
+def _lm_head_model(K: int, N: int, trans_b: int, alpha: float = 1.0, extra_reader=False):
+    """x -> MatMul(x, B [K, N]) or FusedMatMul(x, B [N, K], transB) -> logits (a graph output),
+    the tied table also read by an embedding Gather (as an artifact's is)."""
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((N, K) if trans_b else (K, N)).astype(np.float32)
+    if trans_b:
+        head = helper.make_node("FusedMatMul", ["x", "table"], ["logits"], domain="com.microsoft",
+                                transB=1, alpha=alpha)
+    else:
+        head = helper.make_node("MatMul", ["x", "table"], ["logits"])
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"]), head]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+               helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)]
+    if extra_reader:  # the product is not a graph output: not an LM head
+        nodes.append(helper.make_node("Relu", ["logits"], ["relu"]))
+        outputs[0] = helper.make_tensor_value_info("relu", TensorProto.FLOAT, None)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, K]),
+              helper.make_tensor_value_info("ids", TensorProto.INT64, [None])]
+    return _model(nodes, [numpy_helper.from_array(table, "table")], inputs, outputs)
+
+
+@pytest.mark.parametrize("K,N,trans_b", [
+    (576, 49152, 1),  # SmolLM2's tied LM head
+    (72, 37, 1),      # K not a multiple of 16, N not of 4
+    (576, 3000, 0),   # an untied head [K, N]: split by K into partial sums
+    (70, 45, 0),      # K not a multiple of 4, N not of 16
+])
+def test_lm_head_gemv_equals_onnx_runtime(tmp_path, K, N, trans_b):
+    """The LM head's GEMV (up to 8 rows) and, for more rows, ONNX Runtime's own kernel invoked
+    from ours: both equal ONNX Runtime's MatMul / FusedMatMul to float rounding."""
+    theirs, ours = _sessions(_lm_head_model(K, N, trans_b), tmp_path)
+    assert ours.kernels["kernels"] == "modelfold" and ours.kernels["lm_head"] == 1
+    rng = np.random.default_rng(6)
+    for batch, rows in [(1, 1), (2, 1), (1, 8), (3, 3), (2, 40)]:  # 9 and 80 rows: the fallback
+        feeds = {"x": rng.standard_normal((batch, rows, K)).astype(np.float32),
+                 "ids": np.array([0, (N if trans_b else K) - 1], dtype=np.int64)}
+        (expected, rows0), (got, rows1) = theirs.run(None, feeds), ours.run(None, feeds)
+        assert got.shape == expected.shape == (batch, rows, N)
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), (batch, rows)
+        assert np.array_equal(rows0, rows1)  # the Gather reads the same table
+
+
+def test_lm_head_rewrite_takes_only_a_plain_float_head(tmp_path):
+    assert native.rewrite(_lm_head_model(64, 40, 1))["lm_head"] == 1
+    assert native.rewrite(_lm_head_model(64, 40, 1, alpha=0.5))["lm_head"] == 0  # scaled
+    assert native.rewrite(_lm_head_model(64, 40, 0, extra_reader=True))["lm_head"] == 0
+    half = _lm_head_model(64, 40, 0)
+    half.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        numpy_helper.to_array(half.graph.initializer[0]).astype(np.float16), "table"))
+    assert native.rewrite(half)["lm_head"] == 0  # float16: ONNX Runtime's
 
 
 def test_nodes_the_kernel_does_not_take_keep_onnx_runtime(tmp_path):

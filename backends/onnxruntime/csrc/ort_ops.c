@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "attn.h"
+#include "f32.h"
 #include "q4.h"
 #include "vmath.h"
 
@@ -39,6 +40,7 @@ typedef struct {
 enum { ELEM_UNDEFINED = 0, ELEM_FLOAT = 1, ELEM_UINT8 = 2, ELEM_INT32 = 6, ELEM_FLOAT16 = 10 };
 enum { IO_REQUIRED = 0, IO_OPTIONAL = 1 };
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
+enum { OP_ATTR_INT = 1 };  /* OrtOpAttrType */
 #define API_VERSION 17
 
 /* slots of the OrtApi functions used here */
@@ -58,6 +60,11 @@ enum {
   SLOT_KernelContext_GetInput = 90,
   SLOT_KernelContext_GetOutput = 91,
   SLOT_ReleaseTensorTypeAndShapeInfo = 99,
+  SLOT_CreateOpAttr = 211,
+  SLOT_ReleaseOpAttr = 212,
+  SLOT_CreateOp = 213,
+  SLOT_InvokeOp = 214,
+  SLOT_ReleaseOp = 215,
   SLOT_KernelInfo_GetInputCount = 230,
   SLOT_KernelInfoGetConstantInput_tensor = 249,
   SLOT_KernelContext_ParallelFor = 274,
@@ -85,6 +92,15 @@ typedef void (*ReleaseTensorTypeAndShapeInfo_t)(OrtTensorTypeAndShapeInfo* info)
 typedef OrtStatus* (*KernelInfo_GetInputCount_t)(const OrtKernelInfo* info, size_t* out);
 typedef OrtStatus* (*KernelInfoGetConstantInput_tensor_t)(const OrtKernelInfo* info, size_t index,
                                                           int* is_constant, const OrtValue** out);
+typedef OrtStatus* (*CreateOpAttr_t)(const char* name, const void* data, int len, int type, void** attr);
+typedef void (*ReleaseOpAttr_t)(void* attr);
+typedef OrtStatus* (*CreateOp_t)(const OrtKernelInfo* info, const char* op_name, const char* domain, int version,
+                                 const char** type_constraint_names, const int* type_constraint_values,
+                                 int type_constraint_count, const void* const* attr_values, int attr_count,
+                                 int input_count, int output_count, void** op);
+typedef OrtStatus* (*InvokeOp_t)(const OrtKernelContext* ctx, const void* op, const OrtValue* const* inputs,
+                                 int input_count, OrtValue* const* outputs, int output_count);
+typedef void (*ReleaseOp_t)(void* op);
 typedef OrtStatus* (*KernelContext_ParallelFor_t)(const OrtKernelContext* ctx, void (*fn)(void*, size_t),
                                                   size_t total, size_t num_batch, void* data);
 
@@ -608,6 +624,131 @@ static const CustomOp swiglu = CUSTOM_OP(
     swiglu_name, swiglu_type, op_one_count, swiglu_type, op_one_count,
     destroy_swiglu, swiglu_characteristic, swiglu_characteristic, create_swiglu, compute_swiglu);
 
+/* -- ai.modelfold::MatMulF32 -------------------------------------------------------------------
+   A [..., K] float32 times an initializer B: [K, N] (trans_b 0: ONNX's MatMul) or [N, K] (trans_b
+   1: com.microsoft::FusedMatMul with transB, a tied embedding table) -> Y [..., N]. Up to
+   F32_MAX_ROWS rows (an LM head while generating) run f32.c's GEMV, which reads B where it lies;
+   more rows (an evaluation batch) run ONNX Runtime's own kernel, created with this one and invoked
+   with the same inputs and output (it packs B on each call: once per thousands of rows there).
+   Attributes K, N, trans_b. */
+typedef struct { int64_t K, N, trans_b; void* fallback; } F32Kernel;
+
+static const char* f32_name(const void* op) { (void)op; return "MatMulF32"; }
+static int f32_type(const void* op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
+static size_t f32_input_count(const void* op) { (void)op; return 2; }
+static int f32_characteristic(const void* op, size_t i) { (void)op; (void)i; return IO_REQUIRED; }
+
+static OrtStatus* create_f32(const void* op, OrtApiTable api_, const OrtKernelInfo* info, void** out) {
+  (void)op; (void)api_;
+  F32Kernel k = {0, 0, 0, NULL};
+  CHECK(CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "K", &k.K));
+  CHECK(CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "N", &k.N));
+  CHECK(int_attribute(info, "trans_b", 0, &k.trans_b));
+  if (k.K <= 0 || k.N <= 0) return fail(ORT_INVALID_ARGUMENT, "MatMulF32: K and N must be positive");
+  if (k.trans_b != 0 && k.trans_b != 1) return fail(ORT_INVALID_ARGUMENT, "MatMulF32: trans_b must be 0 or 1");
+  int is_constant = 0;
+  const OrtValue* B = NULL;
+  CHECK(CALL(KernelInfoGetConstantInput_tensor_t, KernelInfoGetConstantInput_tensor)(info, 1, &is_constant, &B));
+  if (!is_constant || !B) return fail(ORT_INVALID_ARGUMENT, "MatMulF32: B must be an initializer (a constant)");
+  int64_t dims[8];
+  size_t rank = 0;
+  CHECK(shape_of(B, dims, &rank));
+  if (rank != 2 || dims[0] != (k.trans_b ? k.N : k.K) || dims[1] != (k.trans_b ? k.K : k.N))
+    return fail(ORT_INVALID_ARGUMENT, "MatMulF32: B must be [K, N] (trans_b 0) or [N, K] (trans_b 1)");
+  const char* names[1] = {"T"};
+  int types[1] = {ELEM_FLOAT};
+  if (k.trans_b) {
+    int64_t one = 1;
+    void* attr = NULL;
+    CHECK(CALL(CreateOpAttr_t, CreateOpAttr)("transB", &one, 1, OP_ATTR_INT, &attr));
+    const void* attrs[1] = {attr};
+    OrtStatus* status = CALL(CreateOp_t, CreateOp)(info, "FusedMatMul", "com.microsoft", 1, names, types, 1,
+                                                   attrs, 1, 2, 1, &k.fallback);
+    CALL(ReleaseOpAttr_t, ReleaseOpAttr)(attr);
+    CHECK(status);
+  } else {
+    CHECK(CALL(CreateOp_t, CreateOp)(info, "MatMul", "", 13, names, types, 1, NULL, 0, 2, 1, &k.fallback));
+  }
+  F32Kernel* kernel = malloc(sizeof *kernel);
+  if (!kernel) { CALL(ReleaseOp_t, ReleaseOp)(k.fallback); return fail(ORT_FAIL, "MatMulF32: out of memory"); }
+  *kernel = k;
+  *out = kernel;
+  return NULL;
+}
+
+static void destroy_f32(void* p) {
+  F32Kernel* kernel = p;
+  if (kernel && kernel->fallback) CALL(ReleaseOp_t, ReleaseOp)(kernel->fallback);
+  free(kernel);
+}
+
+typedef struct { const float *A, *B; float *P, *Y; int64_t M, K, N, parts, cols; } F32Work;
+
+static void f32_part_task(void* data, size_t i) {
+  const F32Work* w = data;  /* part i: rows [k0, k1) of B, multiples of 4 but the last */
+  int64_t k0 = (int64_t)i * w->K / w->parts / 4 * 4, k1 = (int64_t)(i + 1) * w->K / w->parts / 4 * 4;
+  if ((int64_t)i + 1 == w->parts) k1 = w->K;
+  f32_gemv_partial(w->A, w->M, w->K, w->B, w->N, k0, k1, w->P + (int64_t)i * w->M * w->N);
+}
+
+static void f32_sum_task(void* data, size_t i) {
+  const F32Work* w = data;
+  int64_t n0 = (int64_t)i * w->cols, n1 = n0 + w->cols < w->N ? n0 + w->cols : w->N;
+  f32_sum_parts(w->P, w->parts, w->M, w->N, n0, n1, w->Y);
+}
+
+static void f32_rows_task(void* data, size_t i) {
+  const F32Work* w = data;
+  int64_t n0 = (int64_t)i * w->cols, n1 = n0 + w->cols < w->N ? n0 + w->cols : w->N;
+  f32_gemv_rows(w->A, w->M, w->K, w->B, w->N, n0, n1, w->Y);
+}
+
+static OrtStatus* compute_f32(void* p, OrtKernelContext* ctx) {
+  const F32Kernel* kernel = p;
+  const OrtValue *A = NULL, *B = NULL;
+  CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 0, &A));
+  CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 1, &B));
+  int64_t dims[8];
+  size_t rank = 0;
+  CHECK(shape_of(A, dims, &rank));
+  if (rank < 1 || dims[rank - 1] != kernel->K) return fail(ORT_INVALID_ARGUMENT, "MatMulF32: A's last dimension != K");
+  int64_t M = elements(dims, rank) / kernel->K;
+  dims[rank - 1] = kernel->N;
+  OrtValue* Y = NULL;
+  CHECK(CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 0, dims, rank, &Y));
+  if (M > F32_MAX_ROWS) {
+    const OrtValue* inputs[2] = {A, B};
+    OrtValue* outputs[1] = {Y};
+    return CALL(InvokeOp_t, InvokeOp)(ctx, kernel->fallback, inputs, 2, outputs, 1);
+  }
+  if (M == 0) return NULL;
+  F32Work w = {NULL, NULL, NULL, NULL, M, kernel->K, kernel->N, 1, 0};
+  CHECK(data_of(A, (void**)&w.A));
+  CHECK(data_of(B, (void**)&w.B));
+  CHECK(data_of(Y, (void**)&w.Y));
+  if (kernel->trans_b) {  /* rows of B in chunks of 1,024: the threads take them as they come */
+    w.cols = 1024;
+    return parallel(ctx, f32_rows_task, (w.N + w.cols - 1) / w.cols, &w);
+  }
+  w.parts = kernel->K >= 64 ? 2 : 1;
+  void* scratch = NULL;
+  if (posix_memalign(&scratch, 64, (size_t)(w.parts * M * w.N) * sizeof(float)) != 0)
+    return fail(ORT_FAIL, "MatMulF32: out of memory for the partial sums");
+  w.P = scratch;
+  OrtStatus* status = parallel(ctx, f32_part_task, w.parts, &w);
+  if (!status) {  /* the sums: split the columns above 32k floats to add */
+    int64_t tasks = w.parts * M * w.N > 32768 ? 8 : 1;
+    w.cols = (w.N / tasks + 15) / 16 * 16;
+    status = parallel(ctx, f32_sum_task, (w.N + w.cols - 1) / w.cols, &w);
+  }
+  free(scratch);
+  return status;
+}
+
+static const CustomOp matmul_f32 = CUSTOM_OP(
+    f32_name, f32_type, f32_input_count, f32_type, op_one_count,
+    destroy_f32, f32_characteristic, f32_characteristic, create_f32, compute_f32);
+
 /* -- registration ------------------------------------------------------------------------- */
 __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                     const OrtApiBase* base) {
@@ -619,5 +760,6 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &cached_attention));
   CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &cached_attention_f16));
   CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &swiglu));
+  CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &matmul_f32));
   return CALL(AddCustomOpDomain_t, AddCustomOpDomain)(options, domain);
 }
