@@ -12,9 +12,10 @@ Rows (each built into --out/ROW unless --reuse finds it there):
   in int8), int4 g128 RTN (asymmetric, and symmetric like genai's), GPTQ and AWQ+GPTQ (linears
   and the table in int4, accuracy_level 4; with the float32 KV cache and with ``quantize-kv``'s
   int8 cache), all with the default fusions, run by ``OnnxCausalLM`` with its default kernels
-  (modelfold's ``MatMulInt4`` for the int4 layers and ``CachedAttention`` for the attention
-  where the CPU has AVX-512 VNNI and a C compiler is present; the label says so);
-- ``...@ort``: the fp32 and int4 RTN artifacts (asymmetric and symmetric) again, on ONNX
+  (modelfold's ``MatMulInt4`` / ``MatMulInt8`` for the int4 / int8 layers and ``CachedAttention``
+  for the attention where the CPU has AVX-512 VNNI and a C compiler is present; the label says
+  so);
+- ``...@ort``: the fp32, int8 and int4 RTN artifacts (asymmetric and symmetric) again, on ONNX
   Runtime's own kernels (``kernels="onnxruntime"``: MatMulNBits, GroupQueryAttention), side by side
   with modelfold's; ``...@kv16``: the int4 RTN artifact with modelfold's attention kernel's
   float16 KV cache (``kv_cache="float16"``);
@@ -74,6 +75,7 @@ OURS = {  # row -> (pipeline, accuracy_level)
 # to modelfold's (the default, ``kernels="auto"``: backends/onnxruntime/native.py), or with
 # modelfold's attention kernel's float16 cache: row -> (artifact row, OnnxCausalLM options)
 VARIANTS = {"modelfold-fp32@ort": ("modelfold-fp32", {"kernels": "onnxruntime"}),
+            "modelfold-int8@ort": ("modelfold-int8", {"kernels": "onnxruntime"}),
             "modelfold-int4-rtn@ort": ("modelfold-int4-rtn", {"kernels": "onnxruntime"}),
             "modelfold-int4-rtn-sym@ort": ("modelfold-int4-rtn-sym", {"kernels": "onnxruntime"}),
             "modelfold-int4-rtn@kv16": ("modelfold-int4-rtn", {"kv_cache": "float16"})}
@@ -94,6 +96,7 @@ LABELS = {
     "modelfold-int4-gptq-kv8": "modelfold int4 g128 GPTQ + int4 table (acc 4), int8 KV cache",
     "modelfold-int4-awq-gptq": "modelfold int4 g128 AWQ+GPTQ + int4 table (acc 4), fp32 KV cache",
     "modelfold-fp32@ort": "the same fp32 artifact on ONNX Runtime's kernels",
+    "modelfold-int8@ort": "the same int8 artifact on ONNX Runtime's kernels",
     "modelfold-int4-rtn@ort": "the same int4 RTN artifact on ONNX Runtime's kernels",
     "modelfold-int4-rtn@kv16": "the same int4 RTN artifact, float16 KV cache",
     "modelfold-int4-rtn-sym@ort": "the same int4 RTN symmetric artifact on ONNX Runtime's kernels",
@@ -252,7 +255,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in [*OURS, *VARIANTS, *GENAI, TORCH] if not args.rows or r in args.rows]
+    known = [*OURS, *VARIANTS, *GENAI, TORCH]
+    unknown = sorted(set(args.rows or ()) - set(known))
+    if unknown:
+        parser.error(f"unknown rows {', '.join(unknown)}; rows: {', '.join(known)}")
+    rows = [r for r in known if not args.rows or r in args.rows]
     for path in args.against:
         LABELS[path] = f"{path} (--against)"
 

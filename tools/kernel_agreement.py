@@ -1,13 +1,14 @@
-"""How far modelfold's int4 kernel is from ONNX Runtime's on a real artifact, next to how far ONNX
+"""How far modelfold's int4 / int8 kernel is from ONNX Runtime's on a real artifact, next to how far ONNX
 Runtime is from itself when one weight moves by 1e-6 (accuracy level 4 is chaotic).
 
     .venv/bin/python tools/kernel_agreement.py ARTIFACT [--chars 40000] [--tokens 512]
 
-ARTIFACT: an int4 artifact exported with ``--accuracy-level 4`` (e.g. bench_decode.py's
-``modelfold-int4-rtn``). Rows: ONNX Runtime's kernels; modelfold's kernels; ONNX Runtime's kernels
-on a copy whose first RMSNorm weight is scaled by 1 + 1e-6. Columns: perplexity on the first
---chars characters of the evaluation split, its change, and the top-1 agreement with the first
-row over --tokens tokens of that text (one window). Prints a Markdown table.
+ARTIFACT: an int4 or int8 artifact exported with ``--accuracy-level 4`` (e.g. bench_decode.py's
+``modelfold-int4-rtn`` or ``modelfold-int8``). Rows: ONNX Runtime's kernels; modelfold's kernels;
+ONNX Runtime's kernels on a copy whose first RMSNorm weight is scaled by 1 + 1e-6. Columns:
+perplexity on the first --chars characters of the evaluation split, its change, and the top-1
+agreement with the first row over --tokens tokens of that text (one window). Prints a Markdown
+table.
 """
 
 from __future__ import annotations

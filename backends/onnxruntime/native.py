@@ -5,13 +5,15 @@ An artifact stays a standard ONNX file that any ONNX Runtime runs. When ``OnnxCa
 rewritten in memory before the session is created:
 
 - every ``com.microsoft::MatMulNBits`` with 4-bit weights in blocks of 128, accuracy level 4 (int8
-  activations) and constant weights becomes ``ai.modelfold::MatMulInt4`` (``csrc/q4.c``): the
+  activations) and constant weights becomes ``ai.modelfold::MatMulInt4`` (``csrc/q4.c``), and
+  every one with 8-bit weights in blocks of 32 ``ai.modelfold::MatMulInt8`` (``csrc/q8.c``): the
   weights are repacked once so that one AVX-512 VNNI instruction accumulates 16 output rows; the
-  arithmetic is ONNX Runtime's (activations quantized per block of 128 with its rounding rule;
-  outputs agree to float rounding, about 1e-7 relative);
+  arithmetic is ONNX Runtime's (activations quantized per block with its rounding rule; outputs
+  agree to float rounding, about 1e-7 relative); the fusions below apply to both;
 - a SwiGLU MLP's ``Split -> QuickGelu(gate) -> Mul(., up) -> MatMulNBits(down)`` becomes one
-  ``MatMulInt4`` with ``activation=1``, which computes ``silu(gate) * up`` as it quantizes its input
-  (three nodes fewer per layer); where the down projection is not ours (float32, int8), the
+  ``MatMulInt4`` / ``MatMulInt8`` with ``activation=1``, which computes ``silu(gate) * up`` as it
+  quantizes its input (three nodes fewer per layer); where the down projection is not ours
+  (float32), the
   ``Split -> QuickGelu -> Mul`` becomes one ``ai.modelfold::SwiGLU`` (two nodes fewer per layer);
 - a ``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm) whose normalized output only a
   projection reads becomes part of that projection (``activation=2``: it writes the residual sum,
@@ -58,12 +60,14 @@ KERNEL_CHOICES = ("auto", "modelfold", "onnxruntime")
 KV_CACHES = ("float32", "float16")
 DOMAIN = "ai.modelfold"
 SOURCE_DIR = Path(__file__).parent / "csrc"
-SOURCES = ("vmath.h", "q4.h", "q4.c", "attn.h", "attn.c", "f32.h", "f32.c", "ort_ops.c")
+SOURCES = ("vmath.h", "q4.h", "q4.c", "q8.h", "q8.c", "attn.h", "attn.c", "f32.h", "f32.c",
+           "mem.h", "mem.c", "ort_ops.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c")
 CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c", "-fPIC",
           "-shared", "-fvisibility=hidden", "-std=c11", "-D_POSIX_C_SOURCE=200112L")
 LIBRARY = "libmodelfold_ort.so"
-BLOCK = 128  # the block size the kernel is written for
+BLOCK = 128  # the block size of the 4-bit kernel
+FORMATS = {4: ("MatMulInt4", 128), 8: ("MatMulInt8", 32)}  # bits -> our op and its block size
 
 _lock = threading.Lock()
 _built: dict[str, Path] = {}
@@ -165,10 +169,12 @@ def _eligible(node: onnx.NodeProto, constants: set[str]) -> str | None:
     """None when this MatMulNBits runs on MatMulInt4, else why not."""
     attrs = _attributes(node)
     inputs = list(node.input) + [""] * (6 - len(node.input))
-    if attrs.get("bits", 4) != 4:
-        return f"{attrs.get('bits')}-bit weights"
-    if attrs.get("block_size") != BLOCK:
-        return f"blocks of {attrs.get('block_size')} (the kernel takes {BLOCK})"
+    bits = attrs.get("bits", 4)
+    if bits not in FORMATS:
+        return f"{bits}-bit weights"
+    if attrs.get("block_size") != FORMATS[bits][1]:
+        return (f"{bits}-bit blocks of {attrs.get('block_size')} (the kernel takes "
+                f"{FORMATS[bits][1]})")
     if attrs.get("accuracy_level", 0) != 4:
         return f"accuracy_level {attrs.get('accuracy_level', 0)} (the kernel computes level 4)"
     if inputs[4]:
@@ -218,7 +224,7 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
         if norm is not None:  # the fused node takes the norm's place (its inputs exist there)
             x, skip, gamma = norm.input[:3]
             new = helper.make_node(
-                "MatMulInt4", [x, *weights, skip, gamma],
+                FORMATS[attrs.get("bits", 4)][0], [x, *weights, skip, gamma],
                 [node.output[0], norm.output[3] if len(norm.output) > 3 else ""],
                 name=node.name, domain=DOMAIN, K=attrs["K"], N=attrs["N"], activation=2,
                 epsilon=float(_attributes(norm).get("epsilon", 1e-5)))
@@ -232,7 +238,8 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
                 activation = 1
                 removed.update(position[n.output[0]] for n in dropped)
                 swiglu += 1
-            node.CopyFrom(helper.make_node("MatMulInt4", [source, *weights], list(node.output),
+            node.CopyFrom(helper.make_node(FORMATS[attrs.get("bits", 4)][0], [source, *weights],
+                                           list(node.output),
                                            name=node.name, domain=DOMAIN, K=attrs["K"],
                                            N=attrs["N"], activation=activation))
         replaced += 1
@@ -482,7 +489,8 @@ def prepare(path: Path, kernels: str,
             f" ({'; '.join(f'{n} x {r}' for r, n in facts['kept'].items())})" if facts["kept"] else "")
         if kernels == "modelfold":
             raise UsageError(f"kernels='modelfold': {path} has {why}; modelfold's kernels run "
-                             "4-bit MatMulNBits in blocks of 128 at accuracy_level 4, "
+                             "4-bit MatMulNBits in blocks of 128 or 8-bit in blocks of 32 at "
+                             "accuracy_level 4, "
                              "GroupQueryAttention over a float cache, SwiGLU MLPs and a float32 "
                              "LM head")
         return None, None, {"kernels": "onnxruntime", "reason": why, **facts}

@@ -1,9 +1,12 @@
-"""modelfold's own ONNX Runtime kernel (``backends/onnxruntime/native``): ``ai.modelfold::MatMulInt4``
-against ONNX Runtime's ``MatMulNBits`` (the real ONNX Runtime, both), the in-memory rewrite of an
-artifact's graph (SwiGLU fused into the down projection), the fallbacks, and a real SmolLM2 int4
-artifact run both ways."""
+"""modelfold's own ONNX Runtime kernels (``backends/onnxruntime/native``): ``ai.modelfold::MatMulInt4``
+and ``MatMulInt8`` against ONNX Runtime's ``MatMulNBits`` (the real ONNX Runtime, both), the
+in-memory rewrite of an artifact's graph (SwiGLU and the residual norm fused into the
+projections), the attention kernel, the LM head's GEMV, the fallbacks, and real SmolLM2 int4 and
+int8 artifacts run both ways."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import onnx
@@ -26,29 +29,33 @@ pytestmark = pytest.mark.skipif(UNAVAILABLE is not None,
 OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
 
 
-def _weights(K: int, N: int, zero_points: bool, bias: bool, seed: int = 0) -> dict:
+def _weights(K: int, N: int, zero_points: bool, bias: bool, seed: int = 0, bits: int = 4) -> dict:
+    """MatMulNBits' inputs: 4-bit weights in blocks of 128 (two per byte, zero points two per
+    byte) or 8-bit in blocks of 32 (a byte each)."""
     rng = np.random.default_rng(seed)
-    blocks = -(-K // 128)
-    packed = rng.integers(0, 256, (N, blocks, 64), dtype=np.uint8)
-    if K % 128:  # the exporter pads the last block with zeros
-        tail = (K % 128) // 2
+    block = native.FORMATS[bits][1]
+    blocks = -(-K // block)
+    packed = rng.integers(0, 256, (N, blocks, block * bits // 8), dtype=np.uint8)
+    if K % block:  # the exporter pads the last block with zeros
+        tail = (K % block) * bits // 8
         packed[:, -1, tail:] = 0
     out = {"B": packed, "S": (rng.random(N * blocks, dtype=np.float32) * 0.02 + 1e-3)}
     if zero_points:
-        out["Z"] = rng.integers(0, 256, N * ((blocks + 1) // 2), dtype=np.uint8)
+        count = blocks if bits == 8 else (blocks + 1) // 2
+        out["Z"] = rng.integers(0, 256, N * count, dtype=np.uint8)
     if bias:
         out["bias"] = rng.standard_normal(N).astype(np.float32)
     return out
 
 
 def _matmulnbits(x: str, y: str, K: int, N: int, weights: dict, level: int = 4,
-                 block: int = 128, suffix: str = "") -> tuple:
+                 block: int = 128, suffix: str = "", bits: int = 4) -> tuple:
     """The node and its initializers (named B, S, Z, bias + ``suffix``)."""
     names = [x, "B", "S", "Z" if "Z" in weights else ""]
     if "bias" in weights:
         names += ["", "bias"]
     names[1:] = [n + suffix if n else n for n in names[1:]]
-    node = helper.make_node("MatMulNBits", names, [y], domain="com.microsoft", K=K, N=N, bits=4,
+    node = helper.make_node("MatMulNBits", names, [y], domain="com.microsoft", K=K, N=N, bits=bits,
                             block_size=block, accuracy_level=level)
     return node, [numpy_helper.from_array(v, k + suffix) for k, v in weights.items()]
 
@@ -77,18 +84,23 @@ def _sessions(model, tmp_path):
             create_session(path, threads=2, kernels="modelfold"))
 
 
-@pytest.mark.parametrize("K,N,zero_points,bias,rows", [
-    (576, 960, False, False, 1),    # SmolLM2's q/k/v, symmetric, decode
-    (576, 960, True, False, 1),     # with zero points
-    (1536, 576, True, True, 3),     # bias, several rows
-    (100, 33, True, False, 17),     # K not a multiple of 128, N not of 16
-    (136, 40, True, False, 2),      # a last block of 8 weights (its words packed without padding)
-    (576, 49152, False, False, 1),  # an LM head
-    (576, 3072, True, False, 128),  # a prompt
+@pytest.mark.parametrize("K,N,zero_points,bias,rows,bits", [
+    (576, 960, False, False, 1, 4),    # SmolLM2's q/k/v, symmetric, decode
+    (576, 960, True, False, 1, 4),     # with zero points
+    (1536, 576, True, True, 3, 4),     # bias, several rows
+    (100, 33, True, False, 17, 4),     # K not a multiple of 128, N not of 16
+    (136, 40, True, False, 2, 4),      # a last block of 8 weights (its words packed without padding)
+    (576, 49152, False, False, 1, 4),  # an LM head
+    (576, 3072, True, False, 128, 4),  # a prompt
+    (576, 960, True, False, 1, 8),     # MatMulInt8: blocks of 32, a zero point per block
+    (576, 960, False, False, 1, 8),    # symmetric (zero point 128)
+    (1536, 576, True, True, 3, 8),     # bias, several rows
+    (100, 33, True, False, 17, 8),     # K not a multiple of 32, N not of 16
+    (576, 3072, True, False, 128, 8),  # a prompt
 ])
-def test_matmul_int4_equals_matmulnbits(tmp_path, K, N, zero_points, bias, rows):
-    weights = _weights(K, N, zero_points, bias)
-    node, inits = _matmulnbits("A", "Y", K, N, weights)
+def test_matmul_int4_equals_matmulnbits(tmp_path, K, N, zero_points, bias, rows, bits):
+    weights = _weights(K, N, zero_points, bias, bits=bits)
+    node, inits = _matmulnbits("A", "Y", K, N, weights, block=native.FORMATS[bits][1], bits=bits)
     model = _model([node], inits, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, rows, K])],
                    [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
     theirs, ours = _sessions(model, tmp_path)
@@ -102,13 +114,14 @@ def test_matmul_int4_equals_matmulnbits(tmp_path, K, N, zero_points, bias, rows)
     assert np.abs(got - expected).max() <= 5e-5 * np.abs(expected).max()
 
 
-def _swiglu_model(K: int, hidden: int, tail_reader: bool = False):
+def _swiglu_model(K: int, hidden: int, tail_reader: bool = False, bits: int = 4):
     """x -> MatMulNBits(gate|up) -> Split -> QuickGelu(gate) * up -> MatMulNBits(down), as the
     fused ONNX lowering writes a SwiGLU MLP."""
-    up = _weights(hidden, 2 * K, True, False, seed=2)
-    down = _weights(K, hidden, True, False, seed=3)
-    n1, i1 = _matmulnbits("x", "gu", hidden, 2 * K, up, suffix="_up")
-    n2, i2 = _matmulnbits("act", "y", K, hidden, down)
+    block = native.FORMATS[bits][1]
+    up = _weights(hidden, 2 * K, True, False, seed=2, bits=bits)
+    down = _weights(K, hidden, True, False, seed=3, bits=bits)
+    n1, i1 = _matmulnbits("x", "gu", hidden, 2 * K, up, suffix="_up", block=block, bits=bits)
+    n2, i2 = _matmulnbits("act", "y", K, hidden, down, block=block, bits=bits)
     sizes = numpy_helper.from_array(np.array([K, K], dtype=np.int64), "sizes")
     nodes = [n1, helper.make_node("Split", ["gu", "sizes"], ["g", "u"], axis=2),
              helper.make_node("QuickGelu", ["g"], ["sg"], domain="com.microsoft", alpha=1.0),
@@ -121,8 +134,9 @@ def _swiglu_model(K: int, hidden: int, tail_reader: bool = False):
                   outputs, [sizes])
 
 
-def test_swiglu_is_fused_into_the_down_projection(tmp_path):
-    model = _swiglu_model(K=200, hidden=96)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_swiglu_is_fused_into_the_down_projection(tmp_path, bits):
+    model = _swiglu_model(K=200, hidden=96, bits=bits)
     facts = native.rewrite(_copy(model))
     assert facts == {"replaced": 2, "of": 2, "swiglu": 1, "skip_norms": 0, "kept": {},
                      "swiglu_ops": 0, "lm_head": 0}
@@ -171,16 +185,18 @@ def test_swiglu_of_a_float_mlp_is_one_op(tmp_path, axis):
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-def test_residual_add_and_rms_norm_are_fused_into_the_projection(tmp_path):
-    """``SkipSimplifiedLayerNormalization`` -> ``MatMulNBits``: one ``MatMulInt4`` that writes the
-    residual sum (read by the next layer) and projects the normalized sum."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_residual_add_and_rms_norm_are_fused_into_the_projection(tmp_path, bits):
+    """``SkipSimplifiedLayerNormalization`` -> ``MatMulNBits``: one ``MatMulInt4`` / ``MatMulInt8``
+    that writes the residual sum (read by the next layer) and projects the normalized sum."""
     K, N = 200, 96
-    weights = _weights(K, N, True, False, seed=5)
+    weights = _weights(K, N, True, False, seed=5, bits=bits)
     gamma = numpy_helper.from_array(
         np.random.default_rng(6).standard_normal(K).astype(np.float32), "gamma")
     norm = helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "gamma"],
                             ["normed", "", "", "sum"], domain="com.microsoft", epsilon=1e-6)
-    proj, inits = _matmulnbits("normed", "y", K, N, weights)
+    proj, inits = _matmulnbits("normed", "y", K, N, weights, block=native.FORMATS[bits][1],
+                               bits=bits)
     after = helper.make_node("Add", ["sum", "sum"], ["twice"])  # another reader of the sum
     shape = [1, None, K]
     model = _model([norm, proj, after], [*inits, gamma],
@@ -251,24 +267,29 @@ def test_lm_head_rewrite_takes_only_a_plain_float_head(tmp_path):
 def test_nodes_the_kernel_does_not_take_keep_onnx_runtime(tmp_path):
     weights = _weights(256, 64, False, False)
     nodes, inits = [], []
-    for y, level, block in [("y0", 0, 128), ("y1", 4, 32)]:
+    for y, level, block, bits in [("y0", 0, 128, 4), ("y1", 4, 32, 4), ("y2", 4, 128, 8)]:
         w = dict(weights)
         if block == 32:
             w = {"B": weights["B"].reshape(64, 8, 16), "S": np.ones(64 * 8, np.float32)}
-        node, i = _matmulnbits("A", y, 256, 64, w, level=level, block=block, suffix=y)
+        if bits == 8:
+            w = {"B": np.zeros((64, 2, 128), np.uint8), "S": np.ones(64 * 2, np.float32)}
+        node, i = _matmulnbits("A", y, 256, 64, w, level=level, block=block, suffix=y, bits=bits)
         nodes.append(node)
         inits += i
     model = _model(nodes, inits, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, 256])],
-                   [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("y0", "y1")])
+                   [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)
+                    for y in ("y0", "y1", "y2")])
     facts = native.rewrite(_copy(model))
     assert facts["replaced"] == 0 and facts["kept"] == {
         "accuracy_level 0 (the kernel computes level 4)": 1,
-        "blocks of 32 (the kernel takes 128)": 1}
+        "4-bit blocks of 32 (the kernel takes 128)": 1,
+        "8-bit blocks of 128 (the kernel takes 32)": 1}
     path = _save(model, tmp_path)
     session = create_session(path, kernels="auto")
     assert session.kernels["kernels"] == "onnxruntime"
     assert "accuracy_level 0" in session.kernels["reason"]
-    with pytest.raises(UsageError, match="4-bit MatMulNBits in blocks of 128 at accuracy_level 4"):
+    with pytest.raises(UsageError, match="4-bit MatMulNBits in blocks of 128 or 8-bit in blocks "
+                                         "of 32 at accuracy_level 4"):
         create_session(path, kernels="modelfold")
     with pytest.raises(UsageError, match="kernels must be one of auto, modelfold, onnxruntime"):
         create_session(path, kernels="fast")
@@ -320,8 +341,20 @@ def smollm2_int4(smollm2_short_base, tmp_path_factory):
     return out, result.program.tokenizer
 
 
-def test_real_int4_artifact_runs_on_modelfold_kernels(smollm2_int4, eval_text):
-    path, tokenizer = smollm2_int4
+@pytest.fixture(scope="module")
+def smollm2_int8(smollm2_short_base, tmp_path_factory):
+    """SmolLM2 cut to 4 layers, int8 g32 everywhere (tied table too), accuracy level 4."""
+    result = modelfold.transform(copy_of(smollm2_short_base),
+                                 "quantize{bits=8,group_size=32,embeddings=true,lm_head=true}",
+                                 context=QUIET)
+    out = tmp_path_factory.mktemp("int8") / "artifact"
+    modelfold.export(result, out, accuracy_level=4, parity=False)
+    return out, result.program.tokenizer
+
+
+@pytest.mark.parametrize("artifact", ["smollm2_int4", "smollm2_int8"])
+def test_real_quantized_artifact_runs_on_modelfold_kernels(artifact, eval_text, request):
+    path, tokenizer = request.getfixturevalue(artifact)
     ours = OnnxCausalLM(path, threads=2)  # "auto"
     theirs = OnnxCausalLM(path, threads=2, kernels="onnxruntime")
     # 4 layers x (q/k/v, o, gate/up, down) + the LM head; each layer's MLP fused
@@ -346,6 +379,28 @@ def test_real_int4_artifact_runs_on_modelfold_kernels(smollm2_int4, eval_text):
     out = ours.generate(prompt, 12)  # the shared-buffer decode loop over MatMulInt4
     assert len(out["new_tokens"]) == 12
     assert out["new_tokens"][0] == theirs.generate(prompt, 1)["new_tokens"][0]
+
+
+def test_repacked_weights_leave_the_resident_set(smollm2_int8):
+    """``MatMulInt8`` repacks its weights when the session opens; the memory-mapped originals
+    ONNX Runtime keeps are dropped from the resident set (clean file pages: nothing is lost), so
+    the session holds no more than on ONNX Runtime's kernels (which release their originals
+    after packing). Measured in child processes (``tools/session_memory.py``)."""
+    import subprocess
+    import sys
+
+    from tools.session_memory import CHILD
+
+    path, _ = smollm2_int8
+    grown = {}
+    for kernels in ("onnxruntime", "modelfold"):
+        done = subprocess.run([sys.executable, "-c", CHILD, str(path), kernels, "2"],
+                              capture_output=True, text=True, check=True)
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        grown[kernels] = r["generated"]["VmRSS"] - r["before"]["VmRSS"]
+    weights = sum(f.stat().st_size for f in path.glob("*.onnx.data"))
+    # before the release ours held the originals too: about the weights' bytes more
+    assert grown["modelfold"] <= grown["onnxruntime"] + 0.1 * weights, (grown, weights)
 
 
 def test_cli_eval_and_generate_take_kernels(smollm2_int4, capsys, tmp_path):

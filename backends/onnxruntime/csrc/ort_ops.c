@@ -20,7 +20,9 @@
 
 #include "attn.h"
 #include "f32.h"
+#include "mem.h"
 #include "q4.h"
+#include "q8.h"
 #include "vmath.h"
 
 typedef struct OrtStatus OrtStatus;
@@ -159,6 +161,7 @@ static int64_t elements(const int64_t* dims, size_t rank) {
 
 /* -- the op ------------------------------------------------------------------------------- */
 static const char* op_name(const void* op) { (void)op; return "MatMulInt4"; }
+static const char* op8_name(const void* op) { (void)op; return "MatMulInt8"; }
 static const char* op_provider(const void* op) { (void)op; return "CPUExecutionProvider"; }
 static int op_input_type(const void* op, size_t i) {
   (void)op;
@@ -181,7 +184,15 @@ static int op_start_version(const void* op) { (void)op; return 1; }
    op_start_version, op_start_version, NULL, NULL, NULL, NULL}
 
 enum { ACT_NONE = 0, ACT_SWIGLU = 1, ACT_SKIP_RMSNORM = 2 };
-typedef struct { q4_weights w; int64_t activation; float epsilon; } Kernel;
+/* bits 4 (MatMulInt4: blocks of 128, q4.c) or 8 (MatMulInt8: blocks of 32, q8.c) */
+typedef struct { int bits; q4_weights w; q8_weights w8; int64_t activation; float epsilon; } Kernel;
+typedef struct { int64_t K, N, nblk, groups; } Dims;
+
+static Dims dims_of(const Kernel* k) {
+  Dims d = k->bits == 8 ? (Dims){k->w8.K, k->w8.N, k->w8.nblk, k->w8.groups}
+                        : (Dims){k->w.K, k->w.N, k->w.nblk, k->w.groups};
+  return d;
+}
 
 static OrtStatus* constant_input(const OrtKernelInfo* info, size_t index, const char* what,
                                  const OrtValue** value) {
@@ -196,12 +207,12 @@ static OrtStatus* constant_input(const OrtKernelInfo* info, size_t index, const 
   return NULL;
 }
 
-static OrtStatus* create_kernel(const void* op, OrtApiTable api_, const OrtKernelInfo* info, void** out) {
-  (void)op; (void)api_;
+static OrtStatus* create_bits(const OrtKernelInfo* info, void** out, int bits) {
+  const int64_t block = bits == 8 ? Q8_BLOCK : 128;
   int64_t K = 0, N = 0;
   CHECK(CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "K", &K));
   CHECK(CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "N", &N));
-  if (K <= 0 || N <= 0) return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: K and N must be positive");
+  if (K <= 0 || N <= 0) return fail(ORT_INVALID_ARGUMENT, "MatMulInt4/8: K and N must be positive");
   int64_t activation = 0;  /* optional attribute */
   OrtStatus* missing = CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "activation", &activation);
   if (missing) { CALL(ReleaseStatus_t, ReleaseStatus)(missing); activation = 0; }
@@ -220,43 +231,62 @@ static OrtStatus* create_kernel(const void* op, OrtApiTable api_, const OrtKerne
     CHECK(CALL(KernelInfoGetConstantInput_tensor_t, KernelInfoGetConstantInput_tensor)(info, 3, &is_constant, &Z));
     if (!is_constant) Z = NULL;
   }
-  int64_t nblk = (K + 127) / 128, dims[8];
+  int64_t nblk = (K + block - 1) / block, dims[8];
   size_t rank = 0;
   CHECK(shape_of(B, dims, &rank));
-  if (elements(dims, rank) != N * nblk * 64)
-    return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: B must hold N x ceil(K/128) x 64 bytes");
+  if (elements(dims, rank) != N * nblk * (block * bits / 8))
+    return fail(ORT_INVALID_ARGUMENT, bits == 8 ? "MatMulInt8: B must hold N x ceil(K/32) x 32 bytes"
+                                                : "MatMulInt4: B must hold N x ceil(K/128) x 64 bytes");
   CHECK(shape_of(S, dims, &rank));
   if (elements(dims, rank) != N * nblk)
-    return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: scales must hold N x ceil(K/128) floats");
+    return fail(ORT_INVALID_ARGUMENT, "MatMulInt4/8: scales must hold N x (blocks of K) floats");
   if (Z) {
     CHECK(shape_of(Z, dims, &rank));
-    if (elements(dims, rank) != N * ((nblk + 1) / 2))
-      return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: zero_points must hold N x ceil(ceil(K/128)/2) bytes");
+    if (elements(dims, rank) != N * (bits == 8 ? nblk : (nblk + 1) / 2))
+      return fail(ORT_INVALID_ARGUMENT, bits == 8 ? "MatMulInt8: zero_points must hold N x ceil(K/32) bytes"
+                                                  : "MatMulInt4: zero_points must hold N x ceil(ceil(K/128)/2) bytes");
   }
   void *b = NULL, *s = NULL, *z = NULL;
   CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)B, &b));
   CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)S, &s));
   if (Z) CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)Z, &z));
   Kernel* kernel = calloc(1, sizeof(Kernel));
-  if (!kernel || q4_pack(&kernel->w, b, s, z, K, N) != 0) {
+  if (kernel) kernel->bits = bits;
+  if (!kernel || (bits == 8 ? q8_pack(&kernel->w8, b, s, z, K, N) : q4_pack(&kernel->w, b, s, z, K, N)) != 0) {
     free(kernel);
-    return fail(ORT_FAIL, "MatMulInt4: out of memory repacking the weights");
+    return fail(ORT_FAIL, "MatMulInt4/8: out of memory repacking the weights");
   }
   kernel->activation = activation;
   kernel->epsilon = epsilon;
+  /* the kernel reads its repacked copy from now on: ONNX Runtime's memory-mapped original
+     leaves the resident set (nothing is dropped where it is not a clean file page) */
+  release_file_pages(b, (size_t)(N * nblk * (block * bits / 8)));
+  release_file_pages(s, (size_t)(N * nblk) * sizeof(float));
   *out = kernel;
   return NULL;
 }
 
+static OrtStatus* create_kernel(const void* op, OrtApiTable api_, const OrtKernelInfo* info, void** out) {
+  (void)op; (void)api_;
+  return create_bits(info, out, 4);
+}
+static OrtStatus* create_kernel8(const void* op, OrtApiTable api_, const OrtKernelInfo* info, void** out) {
+  (void)op; (void)api_;
+  return create_bits(info, out, 8);
+}
+
 static void destroy_kernel(void* p) {
   Kernel* kernel = p;
-  if (kernel) q4_free(&kernel->w);
+  if (kernel) { q4_free(&kernel->w); q8_free(&kernel->w8); }
   free(kernel);
 }
 
 typedef struct {
-  const q4_weights* w;
+  const Kernel* k;
+  Dims d;
   q4_act act;
+  q8_act act8;
+  int64_t M;
   const float* A;
   float* Y;
   int64_t rows_per_task;
@@ -270,17 +300,24 @@ typedef struct {
 
 static void quantize_task(void* data, size_t i) {
   Work* work = data;
-  int64_t K = work->w->K, m0 = (int64_t)i * work->rows_per_task, m1 = m0 + work->rows_per_task;
-  if (m1 > work->act.M) m1 = work->act.M;
+  int64_t K = work->d.K, m0 = (int64_t)i * work->rows_per_task, m1 = m0 + work->rows_per_task;
+  int q8 = work->k->bits == 8;
+  if (m1 > work->M) m1 = work->M;
   if (work->activation == ACT_NONE) {
-    q4_quantize(&work->act, work->A, K, m0, m1);
+    if (q8) q8_quantize(&work->act8, work->A, K, m0, m1);
+    else q4_quantize(&work->act, work->A, K, m0, m1);
     return;
   }
   float small[4096];
   float* scratch = K <= 4096 ? small : malloc((size_t)K * sizeof(float));
   if (!scratch) { work->failed = 1; return; }
-  if (work->activation == ACT_SWIGLU)
+  if (work->activation == ACT_SWIGLU && q8)
+    q8_quantize_swiglu(&work->act8, work->A, K, m0, m1, scratch);
+  else if (work->activation == ACT_SWIGLU)
     q4_quantize_swiglu(&work->act, work->A, K, m0, m1, scratch);
+  else if (q8)
+    q8_quantize_skip_rmsnorm(&work->act8, work->A, work->skip, work->gamma, work->epsilon, work->sum, K,
+                             m0, m1, scratch);
   else
     q4_quantize_skip_rmsnorm(&work->act, work->A, work->skip, work->gamma, work->epsilon, work->sum, K,
                              m0, m1, scratch);
@@ -290,12 +327,14 @@ static void quantize_task(void* data, size_t i) {
 static void matmul_task(void* data, size_t i) {
   Work* work = data;  /* task i: groups [i * per, (i + 1) * per) */
   int64_t g0 = (int64_t)i * work->groups_per_task, g1 = g0 + work->groups_per_task;
-  q4_matmul_groups(work->w, &work->act, work->Y, g0, g1 < work->w->groups ? g1 : work->w->groups);
+  if (g1 > work->d.groups) g1 = work->d.groups;
+  if (work->k->bits == 8) q8_matmul_groups(&work->k->w8, &work->act8, work->Y, g0, g1);
+  else q4_matmul_groups(&work->k->w, &work->act, work->Y, g0, g1);
 }
 
 static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
   Kernel* kernel = p;
-  const q4_weights* w = &kernel->w;
+  const Dims dd = dims_of(kernel), *w = &dd;
   const OrtValue *A = NULL, *bias = NULL;
   CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 0, &A));
   CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 4, &bias));
@@ -336,12 +375,13 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
   CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)A, &a));
   CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)(Y, &y));
   if (M == 0) return NULL;
-  Work work = {w, {0}, a, y, 16, 2, kernel->activation, kernel->epsilon, skip, gamma, sum, 0};
-  size_t bytes = q4_act_bytes(M, w->nblk);
+  Work work = {kernel, dd, {0}, {0}, M, a, y, 16, 2, kernel->activation, kernel->epsilon, skip, gamma, sum, 0};
+  size_t bytes = kernel->bits == 8 ? q8_act_bytes(M, w->nblk) : q4_act_bytes(M, w->nblk);
   char stack[16384];
   void* memory = bytes <= sizeof stack ? (void*)stack : malloc(bytes);
   if (!memory) return fail(ORT_FAIL, "MatMulInt4: out of memory for the activations");
-  q4_act_init(&work.act, memory, M, w->nblk);
+  if (kernel->bits == 8) q8_act_init(&work.act8, memory, M, w->nblk);
+  else q4_act_init(&work.act, memory, M, w->nblk);
   OrtStatus* status = NULL;
   if (M <= work.rows_per_task) {
     quantize_task(&work, 0);
@@ -366,6 +406,10 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
 static const CustomOp matmul_int4 = CUSTOM_OP(
     op_name, op_input_type, op_input_count, op_output_type, op_output_count,
     destroy_kernel, op_input_characteristic, op_output_characteristic, create_kernel, compute);
+
+static const CustomOp matmul_int8 = CUSTOM_OP(
+    op8_name, op_input_type, op_input_count, op_output_type, op_output_count,
+    destroy_kernel, op_input_characteristic, op_output_characteristic, create_kernel8, compute);
 
 /* -- ai.modelfold::CachedAttention / CachedAttentionF16 ----------------------------------------
    com.microsoft::GroupQueryAttention's inputs 0-8 and outputs (attn.h): query [B, S, H*D] (or
@@ -757,6 +801,7 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   OrtCustomOpDomain* domain = NULL;
   CHECK(CALL(CreateCustomOpDomain_t, CreateCustomOpDomain)("ai.modelfold", &domain));
   CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &matmul_int4));
+  CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &matmul_int8));
   CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &cached_attention));
   CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &cached_attention_f16));
   CHECK(CALL(CustomOpDomain_Add_t, CustomOpDomain_Add)(domain, &swiglu));

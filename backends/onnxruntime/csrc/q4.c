@@ -161,24 +161,7 @@ void q4_quantize_skip_rmsnorm(q4_act* a, const float* A, const float* skip, cons
                               float epsilon, float* sum, int64_t K, int64_t m0, int64_t m1,
                               float* x) {
   for (int64_t m = m0; m < m1; m++) {
-    const float* in = A + m * K;
-    const float* sk = skip + m * K;
-    float* s = sum ? sum + m * K : x;
-    __m512 squares = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-      __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, in + k), _mm512_maskz_loadu_ps(mask, sk + k));
-      _mm512_mask_storeu_ps(s + k, mask, v);
-      squares = _mm512_fmadd_ps(v, v, squares);
-    }
-    float scale = 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)K + epsilon);
-    __m512 vs = _mm512_set1_ps(scale);
-    for (int64_t k = 0; k < K; k += 16) {
-      __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-      __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + k), vs),
-                               _mm512_maskz_loadu_ps(mask, gamma + k));
-      _mm512_mask_storeu_ps(x + k, mask, v);
-    }
+    skip_rmsnorm_row(A + m * K, skip + m * K, gamma, epsilon, sum ? sum + m * K : x, x, K);
     quantize_row(a, x, K, m);
   }
 }
