@@ -166,7 +166,7 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
 
 
 def _eligible(node: onnx.NodeProto, constants: set[str]) -> str | None:
-    """None when this MatMulNBits runs on MatMulInt4, else why not."""
+    """None when this MatMulNBits runs on MatMulInt4 / MatMulInt8, else why not."""
     attrs = _attributes(node)
     inputs = list(node.input) + [""] * (6 - len(node.input))
     bits = attrs.get("bits", 4)
@@ -190,7 +190,8 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
     Returns the facts: ``replaced`` / ``of`` (MatMulNBits nodes), ``swiglu`` (MLPs fused into the
     down projection), ``skip_norms`` (residual add + RMSNorm fused into the projection that reads
     them), ``kept`` (the reasons the other MatMulNBits nodes stay ONNX Runtime's),
-    ``swiglu_ops`` (the other SwiGLU MLPs, each now one ``SwiGLU`` op)."""
+    ``swiglu_ops`` (the other SwiGLU MLPs, each now one ``SwiGLU`` op), ``lm_head`` (float32 LM
+    heads now ``MatMulF32``)."""
     graph = model.graph
     constants = {i.name for i in graph.initializer}
     small = {i.name: i for i in graph.initializer if not i.external_data}
