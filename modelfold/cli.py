@@ -230,12 +230,14 @@ def _launch_ranks(nproc: int, extra: list[str]) -> int:
         procs.append(subprocess.Popen([sys.executable, "-m", "modelfold", *cleaned], env=env,
                                       stdout=None if rank == 0 else subprocess.DEVNULL))
     status = [None] * nproc
+    failure = 0  # the exit status of the first rank that failed on its own
     try:
         while any(s is None for s in status):
             for i, proc in enumerate(procs):
                 if status[i] is None:
                     status[i] = proc.poll()
             if any(s not in (None, 0) for s in status):
+                failure = next(s for s in status if s not in (None, 0))
                 for proc in procs:
                     if proc.poll() is None:
                         proc.terminate()
@@ -247,8 +249,10 @@ def _launch_ranks(nproc: int, extra: list[str]) -> int:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    codes = [p.returncode for p in procs]
-    return codes[0] if codes[0] else max(codes, key=abs)
+    if not failure:
+        failure = next((p.returncode for p in procs if p.returncode), 0)
+    # not the status of a rank this launcher stopped (SIGTERM: 241); a signal N is 128 + N
+    return failure if failure >= 0 else 128 - failure
 
 
 def _should_stream(args: argparse.Namespace) -> bool:
