@@ -72,11 +72,13 @@ def test_large_vocabulary_evaluation_keeps_memory_bounded(tmp_path, tokenizer, e
     modelfold.export(modelfold.load(str(model_dir)), tmp_path / "artifact", parity=False)
     text = tmp_path / "text.txt"
     text.write_text(eval_text[:12_000])
-    child = ("import json, resource, sys\n"
+    # the child's own peak: VmHWM belongs to its address space (ru_maxrss would also count the
+    # parent's resident set at the fork, a pytest worker holding other tests' models)
+    child = ("import json, sys\n"
              "from modelfold.cli import main\n"
              "code = main(sys.argv[1:])\n"
-             "print(json.dumps({'peak_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}),"
-             " file=sys.stderr)\n"
+             "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+             "print(json.dumps({'peak_kib': int(hwm.split()[1])}), file=sys.stderr)\n"
              "sys.exit(code)\n")
     run = subprocess.run([sys.executable, "-c", child, "eval", str(tmp_path / "artifact"),
                           "--text", str(text), "--json"], capture_output=True, text=True,
