@@ -193,8 +193,9 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
     ``swiglu_ops`` (the other SwiGLU MLPs, each now one ``SwiGLU`` op), ``lm_head`` (float32 LM
     heads now ``MatMulF32``)."""
     graph = model.graph
-    constants = {i.name for i in graph.initializer}
-    small = {i.name: i for i in graph.initializer if not i.external_data}
+    initializers = {i.name: i for i in graph.initializer}
+    constants = set(initializers)
+    small = {name: i for name, i in initializers.items() if not i.external_data}
     nodes = list(graph.node)
     position = {}  # node -> its index: nodes are compared by position, not by Python identity
     consumers: dict[str, list[int]] = {}
@@ -262,7 +263,7 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
         node.CopyFrom(helper.make_node("SwiGLU", [source], list(node.output), name=node.name,
                                        domain=DOMAIN))
         swiglu_ops += 1
-    heads = _lm_heads(graph, removed)
+    heads = _lm_heads(graph, initializers, removed)
     if removed:
         keep = []
         for i, node in enumerate(nodes):
@@ -278,12 +279,12 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
             "kept": kept, "swiglu_ops": swiglu_ops, "lm_head": heads}
 
 
-def _lm_heads(graph: onnx.GraphProto, removed: set[int]) -> int:
+def _lm_heads(graph: onnx.GraphProto, weights: dict[str, onnx.TensorProto],
+              removed: set[int]) -> int:
     """A float32 ``MatMul`` / ``FusedMatMul`` (``transB``: a tied table) of a constant weight whose
     output is a graph output (the LM head) becomes ``ai.modelfold::MatMulF32``: a GEMV for the few
     rows a generation step asks for, reading the weight where it lies (``csrc/f32.c``). Returns
     how many."""
-    weights = {i.name: i for i in graph.initializer}
     outputs = {o.name for o in graph.output}
     done = 0
     for i, node in enumerate(graph.node):

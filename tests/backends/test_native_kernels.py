@@ -330,26 +330,26 @@ def test_a_failing_compiler_is_reported(tmp_path, monkeypatch):
 
 
 # -- a real model ---------------------------------------------------------------------------
+def _quantized_artifact(base, tmp_path_factory, bits: int, group: int):
+    """SmolLM2 (the 4-layer cut) quantized to ``bits`` in groups of ``group`` everywhere (the tied
+    table too), exported at accuracy level 4: the artifact's folder and the tokenizer."""
+    result = modelfold.transform(copy_of(base), f"quantize{{bits={bits},group_size={group},"
+                                 "embeddings=true,lm_head=true}", context=QUIET)
+    out = tmp_path_factory.mktemp(f"int{bits}") / "artifact"
+    modelfold.export(result, out, accuracy_level=4, parity=False)
+    return out, result.program.tokenizer
+
+
 @pytest.fixture(scope="module")
 def smollm2_int4(smollm2_short_base, tmp_path_factory):
     """SmolLM2 cut to 4 layers, int4 g128 everywhere (tied table too), accuracy level 4."""
-    result = modelfold.transform(copy_of(smollm2_short_base),
-                                 "quantize{bits=4,group_size=128,embeddings=true,lm_head=true}",
-                                 context=QUIET)
-    out = tmp_path_factory.mktemp("int4") / "artifact"
-    modelfold.export(result, out, accuracy_level=4, parity=False)
-    return out, result.program.tokenizer
+    return _quantized_artifact(smollm2_short_base, tmp_path_factory, 4, 128)
 
 
 @pytest.fixture(scope="module")
 def smollm2_int8(smollm2_short_base, tmp_path_factory):
     """SmolLM2 cut to 4 layers, int8 g32 everywhere (tied table too), accuracy level 4."""
-    result = modelfold.transform(copy_of(smollm2_short_base),
-                                 "quantize{bits=8,group_size=32,embeddings=true,lm_head=true}",
-                                 context=QUIET)
-    out = tmp_path_factory.mktemp("int8") / "artifact"
-    modelfold.export(result, out, accuracy_level=4, parity=False)
-    return out, result.program.tokenizer
+    return _quantized_artifact(smollm2_short_base, tmp_path_factory, 8, 32)
 
 
 @pytest.mark.parametrize("artifact", ["smollm2_int4", "smollm2_int8"])

@@ -1,11 +1,9 @@
 #include "f32.h"
 
+#include "vmath.h"
+
 #include <immintrin.h>
 #include <string.h>
-
-static inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-}
 
 void f32_gemv_partial(const float* A, int64_t M, int64_t K, const float* W, int64_t N,
                       int64_t k0, int64_t k1, float* P) {
@@ -13,29 +11,6 @@ void f32_gemv_partial(const float* A, int64_t M, int64_t K, const float* W, int6
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {  /* four rows of W per pass over the partial sums */
     const float *r0 = W + k * N, *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
-    if (M == 1) {
-      __m512 a0 = _mm512_set1_ps(A[k]), a1 = _mm512_set1_ps(A[k + 1]);
-      __m512 a2 = _mm512_set1_ps(A[k + 2]), a3 = _mm512_set1_ps(A[k + 3]);
-      int64_t n = 0;
-      for (; n + 16 <= N; n += 16) {
-        __m512 acc = _mm512_loadu_ps(P + n);
-        acc = _mm512_fmadd_ps(a0, _mm512_loadu_ps(r0 + n), acc);
-        acc = _mm512_fmadd_ps(a1, _mm512_loadu_ps(r1 + n), acc);
-        acc = _mm512_fmadd_ps(a2, _mm512_loadu_ps(r2 + n), acc);
-        acc = _mm512_fmadd_ps(a3, _mm512_loadu_ps(r3 + n), acc);
-        _mm512_storeu_ps(P + n, acc);
-      }
-      if (n < N) {
-        __mmask16 t = tail_mask(N - n);
-        __m512 acc = _mm512_maskz_loadu_ps(t, P + n);
-        acc = _mm512_fmadd_ps(a0, _mm512_maskz_loadu_ps(t, r0 + n), acc);
-        acc = _mm512_fmadd_ps(a1, _mm512_maskz_loadu_ps(t, r1 + n), acc);
-        acc = _mm512_fmadd_ps(a2, _mm512_maskz_loadu_ps(t, r2 + n), acc);
-        acc = _mm512_fmadd_ps(a3, _mm512_maskz_loadu_ps(t, r3 + n), acc);
-        _mm512_mask_storeu_ps(P + n, t, acc);
-      }
-      continue;
-    }
     for (int64_t n = 0; n < N; n += 16) {  /* the 16 columns' weights stay in registers */
       __mmask16 t = tail_mask(N - n);
       __m512 w0 = _mm512_maskz_loadu_ps(t, r0 + n), w1 = _mm512_maskz_loadu_ps(t, r1 + n);

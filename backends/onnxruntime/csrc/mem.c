@@ -2,9 +2,15 @@
 #include "mem.h"
 
 #include <fcntl.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+void* aligned64(size_t bytes) {
+  void* p = NULL;
+  return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
+}
 
 size_t release_file_pages(const void* p, size_t bytes) {
   long page = sysconf(_SC_PAGESIZE);

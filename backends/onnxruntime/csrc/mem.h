@@ -10,4 +10,7 @@
    weights a kernel repacked, which ONNX Runtime memory-maps from the external data file. Returns
    the bytes dropped (0 where it did nothing, or where /proc/self/pagemap cannot be read). */
 size_t release_file_pages(const void* p, size_t bytes);
+
+/* bytes (at least 64) aligned to 64, for free(); NULL when out of memory */
+void* aligned64(size_t bytes);
 #endif

@@ -1,4 +1,5 @@
 #include "q4.h"
+#include "mem.h"
 #include "vmath.h"
 
 #include <immintrin.h>
@@ -6,11 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-
-static void* aligned(size_t bytes) {
-  void* p = NULL;
-  return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
-}
 
 int q4_pack(q4_weights* w, const uint8_t* B, const float* S, const uint8_t* Z, int64_t K, int64_t N) {
   int64_t nblk = (K + 127) / 128, groups = (N + 15) / 16, zstride = (nblk + 1) / 2;
@@ -20,9 +16,9 @@ int q4_pack(q4_weights* w, const uint8_t* B, const float* S, const uint8_t* Z, i
   if (last > 16) last = 16;
   w->K = K; w->N = N; w->nblk = nblk; w->groups = groups; w->last_words = last;
   w->group_words = ((nblk - 1) * 16 + last) * 16;
-  w->words = aligned((size_t)groups * w->group_words * sizeof(uint32_t));
-  w->scales = aligned((size_t)groups * nblk * 16 * sizeof(float));
-  w->zeros = aligned((size_t)groups * nblk * 16 * sizeof(float));
+  w->words = aligned64((size_t)groups * w->group_words * sizeof(uint32_t));
+  w->scales = aligned64((size_t)groups * nblk * 16 * sizeof(float));
+  w->zeros = aligned64((size_t)groups * nblk * 16 * sizeof(float));
   if (!w->words || !w->scales || !w->zeros) { q4_free(w); return -1; }
   for (int64_t g = 0; g < groups; g++)
     for (int64_t b = 0; b < nblk; b++) {
@@ -76,7 +72,7 @@ static void quantize_row(q4_act* a, const float* x, int64_t K, int64_t m) {
     __m512 amax = _mm512_setzero_ps();
     for (int i = 0; i < 8; i++) {
       int64_t rest = len - 16 * i;
-      __mmask16 mask = rest >= 16 ? (__mmask16)0xFFFF : rest <= 0 ? 0 : (__mmask16)((1u << rest) - 1);
+      __mmask16 mask = tail_mask(rest);
       v[i] = _mm512_maskz_loadu_ps(mask, x + k0 + 16 * i);
       amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
     }
@@ -146,8 +142,7 @@ static inline __m512 q4_rows16(const q4_weights* w, const q4_act* a, int64_t g, 
 }
 
 static inline void q4_store(float* y, int64_t n, int64_t N, __m512 v) {
-  __mmask16 tail = n + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-  _mm512_mask_storeu_ps(y + n, tail, v);
+  _mm512_mask_storeu_ps(y + n, tail_mask(N - n), v);
 }
 
 void q4_matmul_groups(const q4_weights* w, const q4_act* a, float* Y, int64_t g0, int64_t g1) {

@@ -1,4 +1,5 @@
 #include "q8.h"
+#include "mem.h"
 #include "vmath.h"
 
 #include <immintrin.h>
@@ -6,17 +7,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void* aligned(size_t bytes) {
-  void* p = NULL;
-  return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
-}
-
 int q8_pack(q8_weights* w, const uint8_t* B, const float* S, const uint8_t* Z, int64_t K, int64_t N) {
   int64_t nblk = (K + Q8_BLOCK - 1) / Q8_BLOCK, groups = (N + 15) / 16;
   w->K = K; w->N = N; w->nblk = nblk; w->groups = groups;
-  w->words = aligned((size_t)groups * nblk * 128 * sizeof(uint32_t));
-  w->scales = aligned((size_t)groups * nblk * 16 * sizeof(float));
-  w->zeros = aligned((size_t)groups * nblk * 16 * sizeof(float));
+  w->words = aligned64((size_t)groups * nblk * 128 * sizeof(uint32_t));
+  w->scales = aligned64((size_t)groups * nblk * 16 * sizeof(float));
+  w->zeros = aligned64((size_t)groups * nblk * 16 * sizeof(float));
   if (!w->words || !w->scales || !w->zeros) { q8_free(w); return -1; }
   for (int64_t g = 0; g < groups; g++)
     for (int64_t b = 0; b < nblk; b++) {
@@ -62,8 +58,7 @@ static void quantize_row(q8_act* a, const float* x, int64_t K, int64_t m) {
   int64_t nblk = a->nblk;
   for (int64_t b = 0; b < nblk; b++) {
     int64_t k0 = b * Q8_BLOCK, len = K - k0 < Q8_BLOCK ? K - k0 : Q8_BLOCK;
-    __mmask16 m0 = len >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << len) - 1);
-    __mmask16 m1 = len >= 32 ? (__mmask16)0xFFFF : len <= 16 ? 0 : (__mmask16)((1u << (len - 16)) - 1);
+    __mmask16 m0 = tail_mask(len), m1 = tail_mask(len - 16);
     __m512 v0 = _mm512_maskz_loadu_ps(m0, x + k0), v1 = _mm512_maskz_loadu_ps(m1, x + k0 + 16);
     float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     __m512 inv = _mm512_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
@@ -125,7 +120,6 @@ void q8_matmul_groups(const q8_weights* w, const q8_act* a, float* Y, int64_t g0
   int64_t N = w->N;
   for (int64_t g = g0; g < g1; g++)
     for (int64_t m = 0; m < a->M; m++) {
-      __mmask16 tail = g * 16 + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - g * 16)) - 1);
-      _mm512_mask_storeu_ps(Y + m * N + g * 16, tail, q8_rows16(w, a, g, m));
+      _mm512_mask_storeu_ps(Y + m * N + g * 16, tail_mask(N - g * 16), q8_rows16(w, a, g, m));
     }
 }
