@@ -208,43 +208,52 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
             position[name] = i
     outputs = {o.name for o in graph.output}
     total, replaced, kept, removed = 0, 0, {}, set()
-    swiglu = skip_norms = 0
+    swiglu = skip_norms = matmul_f32 = heads = 0
     for i, node in enumerate(nodes):
-        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+        float_b = _float_weight(node, initializers)
+        if float_b is not None:  # a float32 MatMul of a constant [K, N]: MatMulF32, packed
+            op, k, n, weights, extra = "MatMulF32", float_b.dims[0], float_b.dims[1], \
+                [node.input[1]], {"trans_b": 0}
+            if node.output[0] in outputs:
+                heads += 1
+            else:
+                matmul_f32 += 1
+        elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            total += 1
+            reason = _eligible(node, constants)
+            if reason:
+                kept[reason] = kept.get(reason, 0) + 1
+                continue
+            attrs = _attributes(node)
+            inputs = list(node.input) + [""] * (6 - len(node.input))
+            op, k, n, extra = FORMATS[attrs.get("bits", 4)][0], attrs["K"], attrs["N"], {}
+            weights = [inputs[1], inputs[2], inputs[3], inputs[5]]  # B, scales, zero points, bias
+            replaced += 1
+        else:
             continue
-        total += 1
-        reason = _eligible(node, constants)
-        if reason:
-            kept[reason] = kept.get(reason, 0) + 1
-            continue
-        attrs = _attributes(node)
-        inputs = list(node.input) + [""] * (6 - len(node.input))
-        weights = [inputs[1], inputs[2], inputs[3], inputs[5]]  # B, scales, zero points, bias
-        norm = _skip_norm(inputs[0], producer, consumers, outputs)
-        fused = None if norm else _swiglu_source(inputs[0], attrs["K"], producer, consumers,
+        norm = _skip_norm(node.input[0], producer, consumers, outputs)
+        fused = None if norm else _swiglu_source(node.input[0], k, producer, consumers,
                                                  outputs, small)
         if norm is not None:  # the fused node takes the norm's place (its inputs exist there)
             x, skip, gamma = norm.input[:3]
             new = helper.make_node(
-                FORMATS[attrs.get("bits", 4)][0], [x, *weights, skip, gamma],
+                op, [x, *weights, skip, gamma],
                 [node.output[0], norm.output[3] if len(norm.output) > 3 else ""],
-                name=node.name, domain=DOMAIN, K=attrs["K"], N=attrs["N"], activation=2,
-                epsilon=float(_attributes(norm).get("epsilon", 1e-5)))
+                name=node.name, domain=DOMAIN, K=k, N=n, activation=2,
+                epsilon=float(_attributes(norm).get("epsilon", 1e-5)), **extra)
             norm.CopyFrom(new)
             removed.add(i)
             skip_norms += 1
         else:
-            source, activation = inputs[0], 0
+            source, activation = node.input[0], 0
             if fused is not None:
                 source, dropped = fused
                 activation = 1
-                removed.update(position[n.output[0]] for n in dropped)
+                removed.update(position[d.output[0]] for d in dropped)
                 swiglu += 1
-            node.CopyFrom(helper.make_node(FORMATS[attrs.get("bits", 4)][0], [source, *weights],
-                                           list(node.output),
-                                           name=node.name, domain=DOMAIN, K=attrs["K"],
-                                           N=attrs["N"], activation=activation))
-        replaced += 1
+            node.CopyFrom(helper.make_node(op, [source, *weights], list(node.output),
+                                           name=node.name, domain=DOMAIN, K=k, N=n,
+                                           activation=activation, **extra))
     swiglu_ops = 0  # the SwiGLU MLPs left (down projections that are not ours): one op each
     infos = [v for v in [*graph.value_info, *graph.input, *graph.output]
              if v.type.HasField("tensor_type")]
@@ -263,7 +272,7 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
         node.CopyFrom(helper.make_node("SwiGLU", [source], list(node.output), name=node.name,
                                        domain=DOMAIN))
         swiglu_ops += 1
-    heads = _lm_heads(graph, initializers, removed)
+    heads += _lm_heads(graph, initializers, removed)
     if removed:
         keep = []
         for i, node in enumerate(nodes):
@@ -272,34 +281,42 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
                 keep[-1].CopyFrom(node)
         del graph.node[:]
         graph.node.extend(keep)
-    if (replaced or swiglu_ops or heads) and \
+    if (replaced or swiglu_ops or heads or matmul_f32) and \
             not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return {"replaced": replaced, "of": total, "swiglu": swiglu, "skip_norms": skip_norms,
-            "kept": kept, "swiglu_ops": swiglu_ops, "lm_head": heads}
+            "kept": kept, "swiglu_ops": swiglu_ops, "lm_head": heads, "matmul_f32": matmul_f32}
+
+
+def _float_weight(node: onnx.NodeProto,
+                  initializers: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
+    """The float32 [K, N] initializer a plain ``MatMul`` multiplies by, else None."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    b = initializers.get(node.input[1])
+    if b is None or b.data_type != onnx.TensorProto.FLOAT or len(b.dims) != 2 or 0 in b.dims:
+        return None
+    return b
 
 
 def _lm_heads(graph: onnx.GraphProto, weights: dict[str, onnx.TensorProto],
               removed: set[int]) -> int:
-    """A float32 ``MatMul`` / ``FusedMatMul`` (``transB``: a tied table) of a constant weight whose
-    output is a graph output (the LM head) becomes ``ai.modelfold::MatMulF32``: a GEMV for the few
-    rows a generation step asks for, reading the weight where it lies (``csrc/f32.c``). Returns
-    how many."""
+    """A ``FusedMatMul`` of a constant float32 weight (``transB``: a tied table, which the
+    embedding ``Gather`` reads too) whose output is a graph output (the LM head) becomes
+    ``ai.modelfold::MatMulF32``: a GEMV for the few rows a generation step asks for, reading the
+    table where it lies (``csrc/f32.c``); with ``transB`` 0 the weight is packed like a
+    ``MatMul``'s. Returns how many."""
     outputs = {o.name for o in graph.output}
     done = 0
     for i, node in enumerate(graph.node):
-        if i in removed or node.output[0] not in outputs or len(node.input) != 2:
+        if i in removed or node.output[0] not in outputs or len(node.input) != 2 or \
+                node.op_type != "FusedMatMul" or node.domain != "com.microsoft":
             continue
-        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
-            trans_b = 0
-        elif node.op_type == "FusedMatMul" and node.domain == "com.microsoft":
-            attrs = _attributes(node)
-            if attrs.get("alpha", 1.0) != 1.0 or any(attrs.get(a, 0) for a in
-                                                     ("transA", "transBatchA", "transBatchB")):
-                continue
-            trans_b = int(attrs.get("transB", 0))
-        else:
+        attrs = _attributes(node)
+        if attrs.get("alpha", 1.0) != 1.0 or any(attrs.get(a, 0) for a in
+                                                 ("transA", "transBatchA", "transBatchB")):
             continue
+        trans_b = int(attrs.get("transB", 0))
         b = weights.get(node.input[1])
         if b is None or b.data_type != onnx.TensorProto.FLOAT or len(b.dims) != 2:
             continue

@@ -139,7 +139,7 @@ def test_swiglu_is_fused_into_the_down_projection(tmp_path, bits):
     model = _swiglu_model(K=200, hidden=96, bits=bits)
     facts = native.rewrite(_copy(model))
     assert facts == {"replaced": 2, "of": 2, "swiglu": 1, "skip_norms": 0, "kept": {},
-                     "swiglu_ops": 0, "lm_head": 0}
+                     "swiglu_ops": 0, "lm_head": 0, "matmul_f32": 0}
     theirs, ours = _sessions(model, tmp_path)
     assert ours.kernels["swiglu"] == 1
     x = np.random.default_rng(4).standard_normal((1, 5, 96)).astype(np.float32)
@@ -150,66 +150,124 @@ def test_swiglu_is_fused_into_the_down_projection(tmp_path, bits):
     assert native.rewrite(_copy(kept))["swiglu"] == 0  # a graph output reads the activation
 
 
-@pytest.mark.parametrize("axis", [-1, 2])
-def test_swiglu_of_a_float_mlp_is_one_op(tmp_path, axis):
-    """A float32 SwiGLU MLP (its down projection ONNX Runtime's ``MatMul``): ``Split ->
-    QuickGelu -> Mul`` becomes one ``ai.modelfold::SwiGLU`` where the graph's value infos say its
-    input is float32 (and, for a Split on axis 2, of rank 3)."""
-    K, hidden = 200, 96
+def _float_mlp(K: int, hidden: int, axis: int = 2, down_constant: bool = True):
+    """x -> MatMul(gate|up) -> Split -> QuickGelu(gate) * up -> MatMul(down), float32; with
+    ``down_constant`` False the down projection's weight is a graph input (not ours)."""
     rng = np.random.default_rng(8)
     gate_up = numpy_helper.from_array(rng.standard_normal((hidden, 2 * K)).astype(np.float32), "Wgu")
-    down = numpy_helper.from_array(rng.standard_normal((K, hidden)).astype(np.float32), "Wd")
+    down = rng.standard_normal((K, hidden)).astype(np.float32)
     sizes = numpy_helper.from_array(np.array([K, K], dtype=np.int64), "sizes")
     nodes = [helper.make_node("MatMul", ["x", "Wgu"], ["gu"]),
              helper.make_node("Split", ["gu", "sizes"], ["g", "u"], axis=axis),
              helper.make_node("QuickGelu", ["g"], ["sg"], domain="com.microsoft", alpha=1.0),
              helper.make_node("Mul", ["sg", "u"], ["act"]),
              helper.make_node("MatMul", ["act", "Wd"], ["y"])]
-    model = _model(nodes, [gate_up, down],
-                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, hidden])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [sizes])
-    assert native.rewrite(_copy(model))["swiglu_ops"] == 0  # the split's type and rank unknown
-    model = onnx.shape_inference.infer_shapes(model)
-    facts = native.rewrite(_copy(model))
-    assert facts["swiglu_ops"] == 1 and facts["replaced"] == 0
-    half = _copy(model)  # the op is float32: a float16 MLP keeps ONNX Runtime's nodes
-    next(v for v in half.graph.value_info if v.name == "gu").type.tensor_type.elem_type = \
-        TensorProto.FLOAT16
-    assert native.rewrite(half)["swiglu_ops"] == 0
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, hidden])]
+    if not down_constant:
+        inputs.append(helper.make_tensor_value_info("Wd", TensorProto.FLOAT, [K, hidden]))
+    model = _model(nodes, [gate_up] + ([numpy_helper.from_array(down, "Wd")] if down_constant else []),
+                   inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [sizes])
+    return model, down
+
+
+def test_float_swiglu_mlp_runs_on_packed_matmuls(tmp_path):
+    """A float32 SwiGLU MLP: both projections become ``MatMulF32`` (packed weights), the
+    ``Split -> QuickGelu -> Mul`` fused into the down projection (``activation=1``)."""
+    K, hidden = 200, 96
+    model, _ = _float_mlp(K, hidden)
+    rewritten = _copy(model)
+    facts = native.rewrite(rewritten)
+    # (the down projection's output is the graph's: counted as a head)
+    assert (facts["matmul_f32"], facts["lm_head"], facts["swiglu"], facts["swiglu_ops"]) == (1, 1, 1, 0)
+    assert [n.op_type for n in rewritten.graph.node] == ["MatMulF32", "MatMulF32"]
     theirs, ours = _sessions(model, tmp_path)
-    assert ours.kernels["kernels"] == "modelfold" and ours.kernels["swiglu_ops"] == 1
-    for rows in (1, 300):  # one decode row (inline), a prompt (split across threads)
+    rng = np.random.default_rng(9)
+    for rows in (1, 5, 300):  # decode rows, a prompt (row blocks and panels across threads)
         x = rng.standard_normal((1, rows, hidden)).astype(np.float32)
         expected, got = theirs.run(None, {"x": x})[0], ours.run(None, {"x": x})[0]
         assert got.shape == expected.shape == (1, rows, hidden)
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("axis", [-1, 2])
+def test_swiglu_of_a_float_mlp_is_one_op(tmp_path, axis):
+    """A float32 SwiGLU MLP whose down projection is not ours (its weight is not a constant):
+    ``Split -> QuickGelu -> Mul`` becomes one ``ai.modelfold::SwiGLU`` where the graph's value
+    infos say its input is float32 (and, for a Split on axis 2, of rank 3)."""
+    K, hidden = 200, 96
+    model, down = _float_mlp(K, hidden, axis, down_constant=False)
+    assert native.rewrite(_copy(model))["swiglu_ops"] == 0  # the split's type and rank unknown
+    model = onnx.shape_inference.infer_shapes(model)
+    facts = native.rewrite(_copy(model))
+    assert facts["swiglu_ops"] == 1 and facts["replaced"] == 0 and facts["matmul_f32"] == 1
+    assert facts["swiglu"] == 0
+    half = _copy(model)  # the op is float32: a float16 MLP keeps ONNX Runtime's nodes
+    next(v for v in half.graph.value_info if v.name == "gu").type.tensor_type.elem_type = \
+        TensorProto.FLOAT16
+    assert native.rewrite(half)["swiglu_ops"] == 0
+    theirs, ours = _sessions(model, tmp_path)
+    assert ours.kernels["kernels"] == "modelfold" and ours.kernels["swiglu_ops"] == 1
+    rng = np.random.default_rng(8)
+    for rows in (1, 300):  # one decode row (inline), a prompt (split across threads)
+        x = rng.standard_normal((1, rows, hidden)).astype(np.float32)
+        expected = theirs.run(None, {"x": x, "Wd": down})[0]
+        got = ours.run(None, {"x": x, "Wd": down})[0]
+        assert got.shape == expected.shape == (1, rows, hidden)
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("K,N", [(576, 960), (1536, 576), (70, 45), (33, 100)])
+def test_packed_float_matmul_equals_onnx_runtime(tmp_path, K, N):
+    """``MatMulF32`` over a packed [K, N] weight, against ONNX Runtime's ``MatMul``: every row
+    count of the 12-row tile (1-13), a prompt and several blocks of rows, N not a multiple of the
+    32-column panel, K of anything; each output one running sum in k order, as MLAS's."""
+    rng = np.random.default_rng(K + N)
+    w = numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "W")
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [w],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, K])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    theirs, ours = _sessions(model, tmp_path)
+    assert ours.kernels["kernels"] == "modelfold" and ours.kernels["lm_head"] == 1
+    for batch, rows in [(1, 1), (1, 2), (2, 3), (1, 7), (1, 11), (1, 12), (1, 13), (1, 128),
+                        (3, 400)]:
+        x = rng.standard_normal((batch, rows, K)).astype(np.float32)
+        expected, got = theirs.run(None, {"x": x})[0], ours.run(None, {"x": x})[0]
+        assert got.shape == expected.shape == (batch, rows, N)
+        assert np.abs(got - expected).max() <= 2e-6 * np.abs(expected).max(), (batch, rows)
+
+
+@pytest.mark.parametrize("bits", [4, 8, 32])
 def test_residual_add_and_rms_norm_are_fused_into_the_projection(tmp_path, bits):
-    """``SkipSimplifiedLayerNormalization`` -> ``MatMulNBits``: one ``MatMulInt4`` / ``MatMulInt8``
-    that writes the residual sum (read by the next layer) and projects the normalized sum."""
+    """``SkipSimplifiedLayerNormalization`` -> ``MatMulNBits`` (or a float32 ``MatMul``, bits 32):
+    one ``MatMulInt4`` / ``MatMulInt8`` / ``MatMulF32`` that writes the residual sum (read by the
+    next layer) and projects the normalized sum."""
     K, N = 200, 96
-    weights = _weights(K, N, True, False, seed=5, bits=bits)
     gamma = numpy_helper.from_array(
         np.random.default_rng(6).standard_normal(K).astype(np.float32), "gamma")
     norm = helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "gamma"],
                             ["normed", "", "", "sum"], domain="com.microsoft", epsilon=1e-6)
-    proj, inits = _matmulnbits("normed", "y", K, N, weights, block=native.FORMATS[bits][1],
-                               bits=bits)
+    if bits == 32:
+        proj = helper.make_node("MatMul", ["normed", "W"], ["y"])
+        inits = [numpy_helper.from_array(
+            np.random.default_rng(5).standard_normal((K, N)).astype(np.float32), "W")]
+    else:
+        proj, inits = _matmulnbits("normed", "y", K, N, _weights(K, N, True, False, seed=5, bits=bits),
+                                   block=native.FORMATS[bits][1], bits=bits)
     after = helper.make_node("Add", ["sum", "sum"], ["twice"])  # another reader of the sum
     shape = [1, None, K]
     model = _model([norm, proj, after], [*inits, gamma],
                    [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", "skip")],
                    [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "twice")])
     facts = native.rewrite(_copy(model))
-    assert facts["replaced"] == 1 and facts["skip_norms"] == 1
+    ours_count = facts["replaced"] if bits < 32 else facts["matmul_f32"] + facts["lm_head"]
+    assert ours_count == 1 and facts["skip_norms"] == 1
     theirs, ours = _sessions(model, tmp_path)
     rng = np.random.default_rng(7)
-    feeds = {n: rng.standard_normal((1, 6, K)).astype(np.float32) for n in ("x", "skip")}
-    (y0, t0), (y1, t1) = theirs.run(None, feeds), ours.run(None, feeds)
-    assert np.abs(t1 - t0).max() <= 1e-6 * np.abs(t0).max()  # the sum, exactly
-    assert np.abs(y1 - y0).max() <= 1e-4 * np.abs(y0).max()
+    for rows in (1, 6, 300):
+        feeds = {n: rng.standard_normal((1, rows, K)).astype(np.float32) for n in ("x", "skip")}
+        (y0, t0), (y1, t1) = theirs.run(None, feeds), ours.run(None, feeds)
+        assert np.abs(t1 - t0).max() <= 1e-6 * np.abs(t0).max()  # the sum, exactly
+        assert np.abs(y1 - y0).max() <= (1e-4 if bits < 32 else 1e-5) * np.abs(y0).max()
 
 
 def _lm_head_model(K: int, N: int, trans_b: int, alpha: float = 1.0, extra_reader=False):
@@ -236,7 +294,7 @@ def _lm_head_model(K: int, N: int, trans_b: int, alpha: float = 1.0, extra_reade
 @pytest.mark.parametrize("K,N,trans_b", [
     (576, 49152, 1),  # SmolLM2's tied LM head
     (72, 37, 1),      # K not a multiple of 16, N not of 4
-    (576, 3000, 0),   # an untied head [K, N]: split by K into partial sums
+    (576, 3000, 0),   # an untied head [K, N]: packed, as every float32 MatMul
     (70, 45, 0),      # K not a multiple of 4, N not of 16
 ])
 def test_lm_head_gemv_equals_onnx_runtime(tmp_path, K, N, trans_b):
@@ -257,7 +315,8 @@ def test_lm_head_gemv_equals_onnx_runtime(tmp_path, K, N, trans_b):
 def test_lm_head_rewrite_takes_only_a_plain_float_head(tmp_path):
     assert native.rewrite(_lm_head_model(64, 40, 1))["lm_head"] == 1
     assert native.rewrite(_lm_head_model(64, 40, 1, alpha=0.5))["lm_head"] == 0  # scaled
-    assert native.rewrite(_lm_head_model(64, 40, 0, extra_reader=True))["lm_head"] == 0
+    facts = native.rewrite(_lm_head_model(64, 40, 0, extra_reader=True))
+    assert facts["lm_head"] == 0 and facts["matmul_f32"] == 1  # packed, not a head
     half = _lm_head_model(64, 40, 0)
     half.graph.initializer[0].CopyFrom(numpy_helper.from_array(
         numpy_helper.to_array(half.graph.initializer[0]).astype(np.float16), "table"))

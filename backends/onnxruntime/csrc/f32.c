@@ -1,57 +1,122 @@
 #include "f32.h"
 
+#include "mem.h"
 #include "vmath.h"
 
 #include <immintrin.h>
+#include <stdlib.h>
 #include <string.h>
 
-void f32_gemv_partial(const float* A, int64_t M, int64_t K, const float* W, int64_t N,
-                      int64_t k0, int64_t k1, float* P) {
-  memset(P, 0, (size_t)(M * N) * sizeof(float));
-  int64_t k = k0;
-  for (; k + 4 <= k1; k += 4) {  /* four rows of W per pass over the partial sums */
-    const float *r0 = W + k * N, *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
-    for (int64_t n = 0; n < N; n += 16) {  /* the 16 columns' weights stay in registers */
-      __mmask16 t = tail_mask(N - n);
-      __m512 w0 = _mm512_maskz_loadu_ps(t, r0 + n), w1 = _mm512_maskz_loadu_ps(t, r1 + n);
-      __m512 w2 = _mm512_maskz_loadu_ps(t, r2 + n), w3 = _mm512_maskz_loadu_ps(t, r3 + n);
-      for (int64_t m = 0; m < M; m++) {
-        const float* a = A + m * K + k;
-        float* p = P + m * N + n;
-        __m512 acc = _mm512_maskz_loadu_ps(t, p);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[0]), w0, acc);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[1]), w1, acc);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[2]), w2, acc);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[3]), w3, acc);
-        _mm512_mask_storeu_ps(p, t, acc);
+int f32_pack(f32_packed* w, const float* B, int64_t K, int64_t N) {
+  w->K = K; w->N = N; w->panels = (N + F32_PANEL - 1) / F32_PANEL;
+  w->p = aligned64((size_t)(w->panels * K * F32_PANEL) * sizeof(float));
+  if (!w->p) return -1;
+  for (int64_t q = 0; q < w->panels; q++) {
+    int64_t n = q * F32_PANEL;
+    __mmask16 m0 = tail_mask(N - n), m1 = tail_mask(N - n - 16);
+    float* d = w->p + q * K * F32_PANEL;
+    for (int64_t k = 0; k < K; k++) {
+      const float* r = B + k * N + n;
+      _mm512_store_ps(d + k * F32_PANEL, _mm512_maskz_loadu_ps(m0, r));
+      _mm512_store_ps(d + k * F32_PANEL + 16, _mm512_maskz_loadu_ps(m1, r + 16));
+    }
+  }
+  return 0;
+}
+
+void f32_free(f32_packed* w) {
+  free(w->p);
+  w->p = NULL;
+}
+
+/* `rows` rows of A times `S` consecutive panels from P [S][K][32] -> Y [rows][ldy] (columns n,
+   n + 32 S of N): inlined with constant rows and S, the rows x S x 2 accumulators stay in
+   registers. A few rows (a decode step) take several panels at once: each is a stream of its
+   own, and several streams draw more bandwidth from memory than one (32 against 26 GB/s on
+   this machine's two cores). */
+static inline __attribute__((always_inline)) void tile(const int rows, const int S, const float* A,
+                                                       int64_t lda, const float* P, int64_t K,
+                                                       float* Y, int64_t ldy, int64_t n, int64_t N,
+                                                       const float* next, const float* next_a) {
+  __m512 c[F32_TILE][4][2];
+  int64_t row = 0, line = 0;  /* next_a's line to fetch: one a step, the rows in turn */
+  for (int i = 0; i < rows; i++)
+    for (int j = 0; j < S; j++) c[i][j][0] = c[i][j][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k++, P += F32_PANEL) {
+    if (next) {  /* the next panel into L2 while this one computes (a prompt's first tile) */
+      _mm_prefetch((const char*)(next + k * F32_PANEL), _MM_HINT_T1);
+      _mm_prefetch((const char*)(next + k * F32_PANEL + 16), _MM_HINT_T1);
+    }
+    if (next_a) {  /* the next tile's rows of A (a prompt's first panel, A not yet in L2) */
+      if (line * 16 < K) _mm_prefetch((const char*)(next_a + row * lda + line * 16), _MM_HINT_T0);
+      if (++row == F32_TILE) { row = 0; line++; }
+    }
+    __m512 b[4][2];
+    for (int j = 0; j < S; j++) {
+      b[j][0] = _mm512_load_ps(P + j * K * F32_PANEL);
+      b[j][1] = _mm512_load_ps(P + j * K * F32_PANEL + 16);
+    }
+    for (int i = 0; i < rows; i++) {
+      __m512 a = _mm512_set1_ps(A[i * lda + k]);
+      for (int j = 0; j < S; j++) {
+        c[i][j][0] = _mm512_fmadd_ps(a, b[j][0], c[i][j][0]);
+        c[i][j][1] = _mm512_fmadd_ps(a, b[j][1], c[i][j][1]);
       }
     }
   }
-  for (; k < k1; k++) {  /* the rows left over */
-    const float* r = W + k * N;
-    for (int64_t n = 0; n < N; n += 16) {
-      __mmask16 t = tail_mask(N - n);
-      __m512 w = _mm512_maskz_loadu_ps(t, r + n);
-      for (int64_t m = 0; m < M; m++) {
-        float* p = P + m * N + n;
-        _mm512_mask_storeu_ps(p, t, _mm512_fmadd_ps(_mm512_set1_ps(A[m * K + k]), w,
-                                                    _mm512_maskz_loadu_ps(t, p)));
-      }
+  for (int j = 0; j < S; j++) {
+    int64_t col = n + j * F32_PANEL;
+    __mmask16 m0 = tail_mask(N - col), m1 = tail_mask(N - col - 16);
+    for (int i = 0; i < rows; i++) {
+      _mm512_mask_storeu_ps(Y + i * ldy + j * F32_PANEL, m0, c[i][j][0]);
+      _mm512_mask_storeu_ps(Y + i * ldy + j * F32_PANEL + 16, m1, c[i][j][1]);
     }
   }
 }
 
-void f32_sum_parts(const float* P, int64_t parts, int64_t M, int64_t N, int64_t n0, int64_t n1,
-                   float* Y) {
-  int64_t stride = M * N;
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t n = n0; n < n1; n += 16) {
-      __mmask16 t = tail_mask(n1 - n);
-      const float* p = P + m * N + n;
-      __m512 s = _mm512_maskz_loadu_ps(t, p);
-      for (int64_t i = 1; i < parts; i++) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(t, p + i * stride));
-      _mm512_mask_storeu_ps(Y + m * N + n, t, s);
+typedef void (*tile_fn)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
+                        int64_t, const float*, const float*);
+#define TILE(r, s)                                                                               \
+  static void tile##r##x##s(const float* A, int64_t lda, const float* P, int64_t K, float* Y,   \
+                            int64_t ldy, int64_t n, int64_t N, const float* next,               \
+                            const float* next_a) {                                              \
+    if (next || next_a) tile(r, s, A, lda, P, K, Y, ldy, n, N, next, next_a);                   \
+    else tile(r, s, A, lda, P, K, Y, ldy, n, N, NULL, NULL);                                    \
+  }
+TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1) TILE(7, 1) TILE(8, 1) TILE(9, 1)
+TILE(10, 1) TILE(11, 1) TILE(12, 1) TILE(1, 4) TILE(2, 4) TILE(3, 4) TILE(4, 2) TILE(5, 2) TILE(6, 2)
+/* by rows: one panel at a time, and the widest group of panels that fits the registers */
+static const tile_fn narrow[F32_TILE + 1] = {NULL, tile1x1, tile2x1, tile3x1, tile4x1, tile5x1,
+                                             tile6x1, tile7x1, tile8x1, tile9x1, tile10x1,
+                                             tile11x1, tile12x1};
+static const tile_fn wide[F32_TILE + 1] = {NULL, tile1x4, tile2x4, tile3x4, tile4x2, tile5x2,
+                                           tile6x2, tile7x1, tile8x1, tile9x1, tile10x1, tile11x1,
+                                           tile12x1};
+static const int width[F32_TILE + 1] = {1, 4, 4, 4, 2, 2, 2, 1, 1, 1, 1, 1, 1};
+
+void f32_gemm(const f32_packed* w, const float* A, int64_t lda, int64_t m0, int64_t m1, int64_t q0,
+              int64_t q1, float* Y, int64_t ldy) {
+  const int64_t K = w->K, step = K * F32_PANEL;
+  if (m1 - m0 < F32_TILE) {  /* one tile of rows: panels in groups */
+    int rows = (int)(m1 - m0), S = width[rows];
+    int64_t q = q0;
+    for (; q + S <= q1; q += S)
+      wide[rows](A + m0 * lda, lda, w->p + q * step, K, Y + m0 * ldy + q * F32_PANEL, ldy,
+                 q * F32_PANEL, w->N, NULL, NULL);
+    for (; q < q1; q++)
+      narrow[rows](A + m0 * lda, lda, w->p + q * step, K, Y + m0 * ldy + q * F32_PANEL, ldy,
+                   q * F32_PANEL, w->N, NULL, NULL);
+    return;
+  }
+  for (int64_t q = q0; q < q1; q++) {  /* a panel (in L2) against every tile of rows */
+    const float *P = w->p + q * step, *next = q + 1 < q1 ? P + step : NULL;
+    for (int64_t m = m0; m < m1; m += F32_TILE) {
+      int rows = m1 - m < F32_TILE ? (int)(m1 - m) : F32_TILE;
+      const float* next_a = q == q0 && m + 2 * F32_TILE <= m1 ? A + (m + F32_TILE) * lda : NULL;
+      narrow[rows](A + m * lda, lda, P, K, Y + m * ldy + q * F32_PANEL, ldy, q * F32_PANEL, w->N,
+                   m == m0 ? next : NULL, next_a);
     }
+  }
 }
 
 static inline float dot_row(const float* a, const float* b, int64_t K) {

@@ -669,27 +669,43 @@ static const CustomOp swiglu = CUSTOM_OP(
     destroy_swiglu, swiglu_characteristic, swiglu_characteristic, create_swiglu, compute_swiglu);
 
 /* -- ai.modelfold::MatMulF32 -------------------------------------------------------------------
-   A [..., K] float32 times an initializer B: [K, N] (trans_b 0: ONNX's MatMul) or [N, K] (trans_b
-   1: com.microsoft::FusedMatMul with transB, a tied embedding table) -> Y [..., N]. Up to
-   F32_MAX_ROWS rows (an LM head while generating) run f32.c's GEMV, which reads B where it lies;
-   more rows (an evaluation batch) run ONNX Runtime's own kernel, created with this one and invoked
-   with the same inputs and output (it packs B on each call: once per thousands of rows there).
-   Attributes K, N, trans_b. */
-typedef struct { int64_t K, N, trans_b; void* fallback; } F32Kernel;
+   A [..., K] float32 times an initializer B -> Y [..., N]:
+   - trans_b 0, B [K, N] (ONNX's MatMul: every float32 projection, an untied LM head): B is packed
+     once, when the kernel is created (f32.h), and ONNX Runtime's memory-mapped original leaves the
+     resident set; every row count runs f32.c's kernel. activation 1 (SwiGLU: A is [..., 2 K] =
+     [gate, up], the product's input is silu(gate) * up) and 2 (the input is RMSNorm(A + skip) *
+     gamma, as SkipSimplifiedLayerNormalization, epsilon; optional output 1 is the sum A + skip)
+     fuse the MLP's activation and the residual norm into the product, as in MatMulInt4;
+   - trans_b 1, B [N, K] (com.microsoft::FusedMatMul with transB over a tied embedding table, which
+     the embedding Gather reads too): read where it lies; up to F32_MAX_ROWS rows (an LM head while
+     generating) run f32.c's GEMV, more rows (an evaluation batch) run ONNX Runtime's own kernel,
+     created with this one and invoked with the same inputs and output (it packs B on each call:
+     once per thousands of rows there). No activation.
+   Inputs A, B, skip, gamma (the last two for activation 2). Attributes K, N, trans_b, activation,
+   epsilon. */
+typedef struct { int64_t K, N, trans_b, activation; float epsilon; void* fallback; f32_packed w; } F32Kernel;
 
 static const char* f32_name(const void* op) { (void)op; return "MatMulF32"; }
 static int f32_type(const void* op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
-static size_t f32_input_count(const void* op) { (void)op; return 2; }
-static int f32_characteristic(const void* op, size_t i) { (void)op; (void)i; return IO_REQUIRED; }
+static size_t f32_input_count(const void* op) { (void)op; return 4; }
+static size_t f32_output_count(const void* op) { (void)op; return 2; }
+static int f32_input_characteristic(const void* op, size_t i) { (void)op; return i >= 2 ? IO_OPTIONAL : IO_REQUIRED; }
+static int f32_output_characteristic(const void* op, size_t i) { (void)op; return i >= 1 ? IO_OPTIONAL : IO_REQUIRED; }
 
 static OrtStatus* create_f32(const void* op, OrtApiTable api_, const OrtKernelInfo* info, void** out) {
   (void)op; (void)api_;
-  F32Kernel k = {0, 0, 0, NULL};
+  F32Kernel k = {0, 0, 0, 0, 1e-5f, NULL, {0, 0, 0, NULL}};
   CHECK(CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "K", &k.K));
   CHECK(CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "N", &k.N));
   CHECK(int_attribute(info, "trans_b", 0, &k.trans_b));
+  CHECK(int_attribute(info, "activation", ACT_NONE, &k.activation));
+  CHECK(float_attribute(info, "epsilon", 1e-5f, &k.epsilon));
   if (k.K <= 0 || k.N <= 0) return fail(ORT_INVALID_ARGUMENT, "MatMulF32: K and N must be positive");
   if (k.trans_b != 0 && k.trans_b != 1) return fail(ORT_INVALID_ARGUMENT, "MatMulF32: trans_b must be 0 or 1");
+  if (k.activation < ACT_NONE || k.activation > ACT_SKIP_RMSNORM)
+    return fail(ORT_INVALID_ARGUMENT, "MatMulF32: activation must be 0 (none), 1 (SwiGLU) or 2 (skip + RMSNorm)");
+  if (k.trans_b && k.activation != ACT_NONE)
+    return fail(ORT_INVALID_ARGUMENT, "MatMulF32: an activation needs trans_b 0");
   int is_constant = 0;
   const OrtValue* B = NULL;
   CHECK(CALL(KernelInfoGetConstantInput_tensor_t, KernelInfoGetConstantInput_tensor)(info, 1, &is_constant, &B));
@@ -699,9 +715,15 @@ static OrtStatus* create_f32(const void* op, OrtApiTable api_, const OrtKernelIn
   CHECK(shape_of(B, dims, &rank));
   if (rank != 2 || dims[0] != (k.trans_b ? k.N : k.K) || dims[1] != (k.trans_b ? k.K : k.N))
     return fail(ORT_INVALID_ARGUMENT, "MatMulF32: B must be [K, N] (trans_b 0) or [N, K] (trans_b 1)");
-  const char* names[1] = {"T"};
-  int types[1] = {ELEM_FLOAT};
-  if (k.trans_b) {
+  if (!k.trans_b) {
+    void* b = NULL;
+    CHECK(data_of(B, &b));
+    if (f32_pack(&k.w, b, k.K, k.N) != 0) return fail(ORT_FAIL, "MatMulF32: out of memory packing B");
+    /* the kernel reads its packed copy from now on (see release_file_pages) */
+    release_file_pages(b, (size_t)(k.K * k.N) * sizeof(float));
+  } else {
+    const char* names[1] = {"T"};
+    int types[1] = {ELEM_FLOAT};
     int64_t one = 1;
     void* attr = NULL;
     CHECK(CALL(CreateOpAttr_t, CreateOpAttr)("transB", &one, 1, OP_ATTR_INT, &attr));
@@ -710,11 +732,13 @@ static OrtStatus* create_f32(const void* op, OrtApiTable api_, const OrtKernelIn
                                                    attrs, 1, 2, 1, &k.fallback);
     CALL(ReleaseOpAttr_t, ReleaseOpAttr)(attr);
     CHECK(status);
-  } else {
-    CHECK(CALL(CreateOp_t, CreateOp)(info, "MatMul", "", 13, names, types, 1, NULL, 0, 2, 1, &k.fallback));
   }
   F32Kernel* kernel = malloc(sizeof *kernel);
-  if (!kernel) { CALL(ReleaseOp_t, ReleaseOp)(k.fallback); return fail(ORT_FAIL, "MatMulF32: out of memory"); }
+  if (!kernel) {
+    if (k.fallback) CALL(ReleaseOp_t, ReleaseOp)(k.fallback);
+    f32_free(&k.w);
+    return fail(ORT_FAIL, "MatMulF32: out of memory");
+  }
   *kernel = k;
   *out = kernel;
   return NULL;
@@ -723,75 +747,142 @@ static OrtStatus* create_f32(const void* op, OrtApiTable api_, const OrtKernelIn
 static void destroy_f32(void* p) {
   F32Kernel* kernel = p;
   if (kernel && kernel->fallback) CALL(ReleaseOp_t, ReleaseOp)(kernel->fallback);
+  if (kernel) f32_free(&kernel->w);
   free(kernel);
 }
 
-typedef struct { const float *A, *B; float *P, *Y; int64_t M, K, N, parts, cols; } F32Work;
-
-static void f32_part_task(void* data, size_t i) {
-  const F32Work* w = data;  /* part i: rows [k0, k1) of B, multiples of 4 but the last */
-  int64_t k0 = (int64_t)i * w->K / w->parts / 4 * 4, k1 = (int64_t)(i + 1) * w->K / w->parts / 4 * 4;
-  if ((int64_t)i + 1 == w->parts) k1 = w->K;
-  f32_gemv_partial(w->A, w->M, w->K, w->B, w->N, k0, k1, w->P + (int64_t)i * w->M * w->N);
-}
-
-static void f32_sum_task(void* data, size_t i) {
-  const F32Work* w = data;
-  int64_t n0 = (int64_t)i * w->cols, n1 = n0 + w->cols < w->N ? n0 + w->cols : w->N;
-  f32_sum_parts(w->P, w->parts, w->M, w->N, n0, n1, w->Y);
-}
+typedef struct {
+  const F32Kernel* k;
+  const float *A, *B, *skip, *gamma;
+  float *X, *Y, *sum;
+  int64_t M, rows, pieces, per, cols;  /* rows: blocks of rows; pieces: runs of panels */
+} F32Work;
 
 static void f32_rows_task(void* data, size_t i) {
   const F32Work* w = data;
-  int64_t n0 = (int64_t)i * w->cols, n1 = n0 + w->cols < w->N ? n0 + w->cols : w->N;
-  f32_gemv_rows(w->A, w->M, w->K, w->B, w->N, n0, n1, w->Y);
+  int64_t n0 = (int64_t)i * w->cols, n1 = n0 + w->cols < w->k->N ? n0 + w->cols : w->k->N;
+  f32_gemv_rows(w->A, w->M, w->k->K, w->B, w->k->N, n0, n1, w->Y);
+}
+
+static void f32_prologue_task(void* data, size_t i) {  /* rows [i per, (i + 1) per) of X */
+  const F32Work* w = data;
+  int64_t K = w->k->K, m0 = (int64_t)i * w->per, m1 = m0 + w->per < w->M ? m0 + w->per : w->M;
+  for (int64_t m = m0; m < m1; m++) {
+    if (w->k->activation == ACT_SWIGLU) {
+      silu_mul_row(w->A + m * 2 * K, w->A + m * 2 * K + K, w->X + m * K, K);
+    } else {
+      float* x = w->X + m * K;
+      skip_rmsnorm_row(w->A + m * K, w->skip + m * K, w->gamma, w->k->epsilon, w->sum ? w->sum + m * K : x,
+                       x, K);
+    }
+  }
+}
+
+static void f32_gemm_task(void* data, size_t i) {
+  const F32Work* w = data;
+  int64_t panels = w->k->w.panels, tiles = (w->M + F32_TILE - 1) / F32_TILE;
+  if (w->pieces) {  /* a run of panels, every row */
+    f32_gemm(&w->k->w, w->X, w->k->K, 0, w->M, panels * (int64_t)i / w->pieces,
+             panels * ((int64_t)i + 1) / w->pieces, w->Y, w->k->N);
+  } else {  /* a block of rows (tiles of 12), every panel */
+    int64_t m0 = tiles * (int64_t)i / w->rows * F32_TILE, m1 = tiles * ((int64_t)i + 1) / w->rows * F32_TILE;
+    f32_gemm(&w->k->w, w->X, w->k->K, m0, m1 < w->M ? m1 : w->M, 0, panels, w->Y, w->k->N);
+  }
 }
 
 static OrtStatus* compute_f32(void* p, OrtKernelContext* ctx) {
   const F32Kernel* kernel = p;
+  const int64_t K = kernel->K;
   const OrtValue *A = NULL, *B = NULL;
   CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 0, &A));
   CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 1, &B));
   int64_t dims[8];
   size_t rank = 0;
   CHECK(shape_of(A, dims, &rank));
-  if (rank < 1 || dims[rank - 1] != kernel->K) return fail(ORT_INVALID_ARGUMENT, "MatMulF32: A's last dimension != K");
-  int64_t M = elements(dims, rank) / kernel->K;
+  int64_t width = kernel->activation == ACT_SWIGLU ? 2 * K : K;
+  if (rank < 1 || dims[rank - 1] != width)
+    return fail(ORT_INVALID_ARGUMENT, kernel->activation == ACT_SWIGLU ? "MatMulF32: A's last dimension != 2 K (SwiGLU)"
+                                                                      : "MatMulF32: A's last dimension != K");
+  F32Work w = {kernel, NULL, NULL, NULL, NULL, NULL, NULL, NULL, elements(dims, rank) / width, 0, 0, 0, 0};
+  CHECK(data_of(A, (void**)&w.A));
+  if (kernel->activation == ACT_SKIP_RMSNORM) {
+    const OrtValue *S = NULL, *G = NULL;
+    CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 2, &S));
+    CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 3, &G));
+    int64_t sdims[8], gdims[8];
+    size_t srank = 0, grank = 0;
+    if (!S || !G) return fail(ORT_INVALID_ARGUMENT, "MatMulF32: activation 2 needs skip and gamma");
+    CHECK(shape_of(S, sdims, &srank));
+    CHECK(shape_of(G, gdims, &grank));
+    if (elements(sdims, srank) != w.M * K || elements(gdims, grank) != K)
+      return fail(ORT_INVALID_ARGUMENT, "MatMulF32: skip must have A's shape and gamma K elements");
+    CHECK(data_of(S, (void**)&w.skip));
+    CHECK(data_of(G, (void**)&w.gamma));
+    size_t outputs = 0;
+    CHECK(CALL(KernelContext_GetOutputCount_t, KernelContext_GetOutputCount)(ctx, &outputs));
+    if (outputs > 1) {
+      OrtValue* Sum = NULL;
+      CHECK(CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 1, dims, rank, &Sum));
+      if (Sum) CHECK(data_of(Sum, (void**)&w.sum));
+    }
+  }
   dims[rank - 1] = kernel->N;
   OrtValue* Y = NULL;
   CHECK(CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 0, dims, rank, &Y));
-  if (M > F32_MAX_ROWS) {
-    const OrtValue* inputs[2] = {A, B};
-    OrtValue* outputs[1] = {Y};
-    return CALL(InvokeOp_t, InvokeOp)(ctx, kernel->fallback, inputs, 2, outputs, 1);
+  if (w.M == 0) return NULL;
+  if (kernel->trans_b) {
+    if (w.M > F32_MAX_ROWS) {
+      const OrtValue* inputs[2] = {A, B};
+      OrtValue* outputs[1] = {Y};
+      return CALL(InvokeOp_t, InvokeOp)(ctx, kernel->fallback, inputs, 2, outputs, 1);
+    }
+    CHECK(data_of(B, (void**)&w.B));
+    CHECK(data_of(Y, (void**)&w.Y));
+    w.cols = 1024;  /* rows of B in chunks of 1,024: the threads take them as they come */
+    return parallel(ctx, f32_rows_task, (kernel->N + w.cols - 1) / w.cols, &w);
   }
-  if (M == 0) return NULL;
-  F32Work w = {NULL, NULL, NULL, NULL, M, kernel->K, kernel->N, 1, 0};
-  CHECK(data_of(A, (void**)&w.A));
-  CHECK(data_of(B, (void**)&w.B));
   CHECK(data_of(Y, (void**)&w.Y));
-  if (kernel->trans_b) {  /* rows of B in chunks of 1,024: the threads take them as they come */
-    w.cols = 1024;
-    return parallel(ctx, f32_rows_task, (w.N + w.cols - 1) / w.cols, &w);
+  OrtStatus* status = NULL;
+  if (kernel->activation == ACT_NONE) {
+    w.X = (float*)w.A;
+  } else {
+    /* the activated input: a buffer of the calling thread, kept between calls (a prompt's is
+       megabytes: allocated each time, its fresh pages cost more than the activation) */
+    static _Thread_local float* held = NULL;
+    static _Thread_local size_t held_bytes = 0;
+    size_t bytes = (size_t)(w.M * K) * sizeof(float);
+    if (bytes > held_bytes) {
+      free(held);
+      held = aligned64(bytes);
+      held_bytes = held ? bytes : 0;
+      if (!held) return fail(ORT_FAIL, "MatMulF32: out of memory for the activation");
+    }
+    w.X = held;
+    w.per = (16384 + K - 1) / K;  /* about 16k elements a task: one decode row runs inline */
+    status = parallel(ctx, f32_prologue_task, (w.M + w.per - 1) / w.per, &w);
   }
-  w.parts = kernel->K >= 64 ? 2 : 1;
-  void* scratch = NULL;
-  if (posix_memalign(&scratch, 64, (size_t)(w.parts * M * w.N) * sizeof(float)) != 0)
-    return fail(ORT_FAIL, "MatMulF32: out of memory for the partial sums");
-  w.P = scratch;
-  OrtStatus* status = parallel(ctx, f32_part_task, w.parts, &w);
-  if (!status) {  /* the sums: split the columns above 32k floats to add */
-    int64_t tasks = w.parts * M * w.N > 32768 ? 8 : 1;
-    w.cols = (w.N / tasks + 15) / 16 * 16;
-    status = parallel(ctx, f32_sum_task, (w.N + w.cols - 1) / w.cols, &w);
+  if (!status) {
+    int64_t tiles = (w.M + F32_TILE - 1) / F32_TILE, tasks;
+    if (tiles < 4) {
+      /* a few rows (a decode step): the panels in an even number of runs of about 8 */
+      w.pieces = 2 * ((kernel->w.panels + 15) / 16);
+      if (w.pieces > kernel->w.panels) w.pieces = kernel->w.panels;
+      tasks = w.pieces;
+    } else {
+      /* a prompt: an even number of blocks of rows, each at most about 512 KB of A (it stays in
+         the L2 of the core that takes the block), every panel against each block */
+      w.rows = 2 * ((tiles * F32_TILE * K * 4 + 2 * 512 * 1024 - 1) / (2 * 512 * 1024));
+      if (w.rows > tiles) w.rows = tiles;
+      tasks = w.rows;
+    }
+    status = parallel(ctx, f32_gemm_task, tasks, &w);
   }
-  free(scratch);
   return status;
 }
 
 static const CustomOp matmul_f32 = CUSTOM_OP(
-    f32_name, f32_type, f32_input_count, f32_type, op_one_count,
-    destroy_f32, f32_characteristic, f32_characteristic, create_f32, compute_f32);
+    f32_name, f32_type, f32_input_count, f32_type, f32_output_count,
+    destroy_f32, f32_input_characteristic, f32_output_characteristic, create_f32, compute_f32);
 
 /* -- registration ------------------------------------------------------------------------- */
 __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
