@@ -7,6 +7,8 @@ int8 artifacts run both ways."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -445,8 +447,6 @@ def test_repacked_weights_leave_the_resident_set(smollm2_int8):
     ONNX Runtime keeps are dropped from the resident set (clean file pages: nothing is lost), so
     the session holds no more than on ONNX Runtime's kernels (which release their originals
     after packing). Measured in child processes (``tools/session_memory.py``)."""
-    import subprocess
-    import sys
 
     from tools.session_memory import CHILD
 
@@ -613,3 +613,53 @@ def test_attention_the_kernel_does_not_take_keeps_onnx_runtime(tmp_path):
                        kv_cache="float16")
     with pytest.raises(UsageError, match="kv_cache must be one of"):
         create_session(_save(_gqa_model(9, 3, 64, True), tmp_path), kv_cache="int8")
+
+
+_SHARED_CHILD = """
+import sys, numpy as np
+from modelfold.backends.onnxruntime.runtime import create_session
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) * 1024
+before = rss()
+session = create_session(sys.argv[1], threads=2, kernels='modelfold')
+session.run(None, {'x': np.ones((1, 3, int(sys.argv[2])), np.float32)})
+print(rss() - before)
+"""
+
+
+def test_a_weight_several_nodes_read_is_packed_once(tmp_path):
+    """Tied layers: several ``MatMul`` nodes of one float32 weight share one packed copy (each
+    packing its own would hold the weight once per node), and compute what ONNX Runtime does."""
+    K = 1024  # a 4 MB weight
+    rng = np.random.default_rng(11)
+    w = numpy_helper.from_array((rng.standard_normal((K, K)) / np.sqrt(K)).astype(np.float32), "W")
+    grown = {}
+    for nodes in (1, 5):
+        names = ["x"] + [f"h{i}" for i in range(nodes)]
+        model = _model([helper.make_node("MatMul", [names[i], "W"], [names[i + 1]])
+                        for i in range(nodes)], [_copy_tensor(w)],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, K])],
+                       [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, None)])
+        folder = tmp_path / str(nodes)
+        folder.mkdir()
+        onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True,
+                  location="model.onnx.data", size_threshold=0)
+        if nodes == 5:
+            theirs = create_session(folder / "model.onnx", threads=2, kernels="onnxruntime")
+            ours = create_session(folder / "model.onnx", threads=2, kernels="modelfold")
+            assert ours.kernels["matmul_f32"] + ours.kernels["lm_head"] == 5
+            for rows in (1, 40):
+                x = rng.standard_normal((1, rows, K)).astype(np.float32)
+                expected, got = theirs.run(None, {"x": x})[0], ours.run(None, {"x": x})[0]
+                assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+        done = subprocess.run([sys.executable, "-c", _SHARED_CHILD, str(folder / "model.onnx"),
+                               str(K)], capture_output=True, text=True, check=True)
+        grown[nodes] = int(done.stdout.strip().splitlines()[-1])
+    # four more readers of the weight: far less than four more copies (16 MB)
+    assert grown[5] - grown[1] < 2 * K * K * 4, grown
+
+
+def _copy_tensor(t):
+    clone = onnx.TensorProto()
+    clone.CopyFrom(t)
+    return clone

@@ -4,10 +4,11 @@
 #include "vmath.h"
 
 #include <immintrin.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
-int f32_pack(f32_packed* w, const float* B, int64_t K, int64_t N) {
+static int pack(f32_packed* w, const float* B, int64_t K, int64_t N) {
   w->K = K; w->N = N; w->panels = (N + F32_PANEL - 1) / F32_PANEL;
   w->p = aligned64((size_t)(w->panels * K * F32_PANEL) * sizeof(float));
   if (!w->p) return -1;
@@ -24,9 +25,53 @@ int f32_pack(f32_packed* w, const float* B, int64_t K, int64_t N) {
   return 0;
 }
 
-void f32_free(f32_packed* w) {
-  free(w->p);
-  w->p = NULL;
+/* the packed weights of the process, by source: a short list (one entry per float32 weight) */
+typedef struct Shared {
+  const float* source;
+  int64_t refs;
+  f32_packed w;
+  struct Shared* next;
+} Shared;
+static Shared* shared = NULL;
+static pthread_mutex_t shared_lock = PTHREAD_MUTEX_INITIALIZER;
+
+const f32_packed* f32_pack_shared(const float* B, int64_t K, int64_t N, int* fresh) {
+  pthread_mutex_lock(&shared_lock);
+  Shared* s = shared;
+  while (s && !(s->source == B && s->w.K == K && s->w.N == N)) s = s->next;
+  *fresh = 0;
+  if (s) {
+    s->refs++;
+  } else if ((s = calloc(1, sizeof *s)) != NULL) {
+    if (pack(&s->w, B, K, N) != 0) {
+      free(s);
+      s = NULL;
+    } else {
+      s->source = B;
+      s->refs = 1;
+      s->next = shared;
+      shared = s;
+      *fresh = 1;
+    }
+  }
+  pthread_mutex_unlock(&shared_lock);
+  return s ? &s->w : NULL;
+}
+
+void f32_unpack(const f32_packed* w) {
+  if (!w) return;
+  pthread_mutex_lock(&shared_lock);
+  for (Shared** at = &shared; *at; at = &(*at)->next) {
+    if (&(*at)->w != w) continue;
+    Shared* s = *at;
+    if (--s->refs == 0) {
+      *at = s->next;
+      free(s->w.p);
+      free(s);
+    }
+    break;
+  }
+  pthread_mutex_unlock(&shared_lock);
 }
 
 /* `rows` rows of A times `S` consecutive panels from P [S][K][32] -> Y [rows][ldy] (columns n,

@@ -24,9 +24,12 @@ typedef struct {
   float* p;  /* [panels][K][32], 64-byte aligned */
 } f32_packed;
 
-/* packs B [K][N] (0, or -1 when out of memory) */
-int f32_pack(f32_packed* w, const float* B, int64_t K, int64_t N);
-void f32_free(f32_packed* w);
+/* B [K][N] packed, shared by every kernel of the process that packs the same B (the same
+   address and shape: a weight that tied layers read from several nodes is packed once); NULL
+   when out of memory. *fresh is 1 when this call packed it (its caller may then release B's
+   pages), 0 when another kernel had. Each call is matched by one f32_unpack. */
+const f32_packed* f32_pack_shared(const float* B, int64_t K, int64_t N, int* fresh);
+void f32_unpack(const f32_packed* w);
 /* Y[m0:m1, columns of panels q0:q1] = A[m0:m1] B, with A's rows lda floats apart and Y's ldy */
 void f32_gemm(const f32_packed* w, const float* A, int64_t lda, int64_t m0, int64_t m1, int64_t q0,
               int64_t q1, float* Y, int64_t ldy);

@@ -683,7 +683,7 @@ static const CustomOp swiglu = CUSTOM_OP(
      once per thousands of rows there). No activation.
    Inputs A, B, skip, gamma (the last two for activation 2). Attributes K, N, trans_b, activation,
    epsilon. */
-typedef struct { int64_t K, N, trans_b, activation; float epsilon; void* fallback; f32_packed w; } F32Kernel;
+typedef struct { int64_t K, N, trans_b, activation; float epsilon; void* fallback; const f32_packed* w; } F32Kernel;
 
 static const char* f32_name(const void* op) { (void)op; return "MatMulF32"; }
 static int f32_type(const void* op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
@@ -694,7 +694,7 @@ static int f32_output_characteristic(const void* op, size_t i) { (void)op; retur
 
 static OrtStatus* create_f32(const void* op, OrtApiTable api_, const OrtKernelInfo* info, void** out) {
   (void)op; (void)api_;
-  F32Kernel k = {0, 0, 0, 0, 1e-5f, NULL, {0, 0, 0, NULL}};
+  F32Kernel k = {0, 0, 0, 0, 1e-5f, NULL, NULL};
   CHECK(CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "K", &k.K));
   CHECK(CALL(KernelInfoGetAttribute_int64_t, KernelInfoGetAttribute_int64)(info, "N", &k.N));
   CHECK(int_attribute(info, "trans_b", 0, &k.trans_b));
@@ -718,9 +718,11 @@ static OrtStatus* create_f32(const void* op, OrtApiTable api_, const OrtKernelIn
   if (!k.trans_b) {
     void* b = NULL;
     CHECK(data_of(B, &b));
-    if (f32_pack(&k.w, b, k.K, k.N) != 0) return fail(ORT_FAIL, "MatMulF32: out of memory packing B");
-    /* the kernel reads its packed copy from now on (see release_file_pages) */
-    release_file_pages(b, (size_t)(k.K * k.N) * sizeof(float));
+    int fresh = 0;
+    k.w = f32_pack_shared(b, k.K, k.N, &fresh);
+    if (!k.w) return fail(ORT_FAIL, "MatMulF32: out of memory packing B");
+    /* the kernels read the packed copy from now on (see release_file_pages) */
+    if (fresh) release_file_pages(b, (size_t)(k.K * k.N) * sizeof(float));
   } else {
     const char* names[1] = {"T"};
     int types[1] = {ELEM_FLOAT};
@@ -736,7 +738,7 @@ static OrtStatus* create_f32(const void* op, OrtApiTable api_, const OrtKernelIn
   F32Kernel* kernel = malloc(sizeof *kernel);
   if (!kernel) {
     if (k.fallback) CALL(ReleaseOp_t, ReleaseOp)(k.fallback);
-    f32_free(&k.w);
+    f32_unpack(k.w);
     return fail(ORT_FAIL, "MatMulF32: out of memory");
   }
   *kernel = k;
@@ -747,7 +749,7 @@ static OrtStatus* create_f32(const void* op, OrtApiTable api_, const OrtKernelIn
 static void destroy_f32(void* p) {
   F32Kernel* kernel = p;
   if (kernel && kernel->fallback) CALL(ReleaseOp_t, ReleaseOp)(kernel->fallback);
-  if (kernel) f32_free(&kernel->w);
+  if (kernel) f32_unpack(kernel->w);
   free(kernel);
 }
 
@@ -780,13 +782,13 @@ static void f32_prologue_task(void* data, size_t i) {  /* rows [i per, (i + 1) p
 
 static void f32_gemm_task(void* data, size_t i) {
   const F32Work* w = data;
-  int64_t panels = w->k->w.panels, tiles = (w->M + F32_TILE - 1) / F32_TILE;
+  int64_t panels = w->k->w->panels, tiles = (w->M + F32_TILE - 1) / F32_TILE;
   if (w->pieces) {  /* a run of panels, every row */
-    f32_gemm(&w->k->w, w->X, w->k->K, 0, w->M, panels * (int64_t)i / w->pieces,
+    f32_gemm(w->k->w, w->X, w->k->K, 0, w->M, panels * (int64_t)i / w->pieces,
              panels * ((int64_t)i + 1) / w->pieces, w->Y, w->k->N);
   } else {  /* a block of rows (tiles of 12), every panel */
     int64_t m0 = tiles * (int64_t)i / w->rows * F32_TILE, m1 = tiles * ((int64_t)i + 1) / w->rows * F32_TILE;
-    f32_gemm(&w->k->w, w->X, w->k->K, m0, m1 < w->M ? m1 : w->M, 0, panels, w->Y, w->k->N);
+    f32_gemm(w->k->w, w->X, w->k->K, m0, m1 < w->M ? m1 : w->M, 0, panels, w->Y, w->k->N);
   }
 }
 
@@ -865,8 +867,8 @@ static OrtStatus* compute_f32(void* p, OrtKernelContext* ctx) {
     int64_t tiles = (w.M + F32_TILE - 1) / F32_TILE, tasks;
     if (tiles < 4) {
       /* a few rows (a decode step): the panels in an even number of runs of about 8 */
-      w.pieces = 2 * ((kernel->w.panels + 15) / 16);
-      if (w.pieces > kernel->w.panels) w.pieces = kernel->w.panels;
+      w.pieces = 2 * ((kernel->w->panels + 15) / 16);
+      if (w.pieces > kernel->w->panels) w.pieces = kernel->w->panels;
       tasks = w.pieces;
     } else {
       /* a prompt: an even number of blocks of rows, each at most about 512 KB of A (it stays in
