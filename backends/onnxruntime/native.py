@@ -10,20 +10,27 @@ rewritten in memory before the session is created:
   weights are repacked once so that one AVX-512 VNNI instruction accumulates 16 output rows; the
   arithmetic is ONNX Runtime's (activations quantized per block with its rounding rule; outputs
   agree to float rounding, about 1e-7 relative); the fusions below apply to both;
-- a SwiGLU MLP's ``Split -> QuickGelu(gate) -> Mul(., up) -> MatMulNBits(down)`` becomes one
-  ``MatMulInt4`` / ``MatMulInt8`` with ``activation=1``, which computes ``silu(gate) * up`` as it
-  quantizes its input (three nodes fewer per layer); where the down projection is not ours
-  (float32), the
-  ``Split -> QuickGelu -> Mul`` becomes one ``ai.modelfold::SwiGLU`` (two nodes fewer per layer);
+- every float32 ``MatMul`` of a constant ``[K, N]`` weight (the projections, an untied LM head)
+  becomes ``ai.modelfold::MatMulF32`` (``csrc/f32.c``): the weight is packed once into panels of
+  32 columns (one copy per weight in the process, whatever the nodes that read it: tied layers),
+  ONNX Runtime's memory-mapped original leaves the resident set, and one layout serves a decode
+  step's GEMV (several panels streamed at once) and a prompt's GEMM (a 12 x 32 register tile);
+  each output is one running sum in k order, as MLAS's; the fusions below apply to it;
+- a SwiGLU MLP's ``Split -> QuickGelu(gate) -> Mul(., up) -> MatMulNBits(down)`` (or ``MatMul``)
+  becomes one ``MatMulInt4`` / ``MatMulInt8`` / ``MatMulF32`` with ``activation=1``, which
+  computes ``silu(gate) * up`` as it reads its input (three nodes fewer per layer); where the down
+  projection is not ours (a weight that is not an initializer, a ``MatMulNBits`` the kernels do
+  not take), the ``Split -> QuickGelu -> Mul`` becomes one ``ai.modelfold::SwiGLU`` (two nodes
+  fewer per layer);
 - a ``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm) whose normalized output only a
   projection reads becomes part of that projection (``activation=2``: it writes the residual sum,
-  normalizes and quantizes; two nodes fewer per layer);
-- a float32 LM head (a ``MatMul``, or a ``FusedMatMul`` with ``transB`` over a tied embedding
-  table, whose output is a graph output) becomes ``ai.modelfold::MatMulF32`` (``csrc/f32.c``): up
-  to 8 rows (a generation step) run a GEMV that reads the weight where it lies, more rows (an
-  evaluation batch) run ONNX Runtime's own kernel, invoked from ours. ONNX Runtime's kernel keeps
-  a packed copy of the weight beside the table the embedding ``Gather`` reads; ours reads the one
-  table (110 MB less memory for SmolLM2 in float32, the same speed);
+  normalizes and projects; two nodes fewer per layer);
+- a float32 LM head that is a ``FusedMatMul`` with ``transB`` over a tied embedding table (whose
+  output is a graph output) becomes ``MatMulF32`` with ``trans_b=1``: the table is not packed (the
+  embedding ``Gather`` reads it too); up to 8 rows (a generation step) run a GEMV that reads it
+  where it lies, more rows (an evaluation batch) run ONNX Runtime's own kernel, invoked from ours.
+  ONNX Runtime's kernel keeps a packed copy of the table beside the one the ``Gather`` reads
+  (110 MB more memory for SmolLM2 in float32);
 - every ``com.microsoft::GroupQueryAttention`` over a float32 cache (past and present graph inputs
   / outputs no other node reads) becomes ``ai.modelfold::CachedAttention`` (``csrc/attn.c``), or
   ``CachedAttentionF16`` with ``kv_cache="float16"`` (the past / present become float16): the
@@ -190,8 +197,9 @@ def rewrite(model: onnx.ModelProto) -> dict[str, Any]:
     Returns the facts: ``replaced`` / ``of`` (MatMulNBits nodes), ``swiglu`` (MLPs fused into the
     down projection), ``skip_norms`` (residual add + RMSNorm fused into the projection that reads
     them), ``kept`` (the reasons the other MatMulNBits nodes stay ONNX Runtime's),
-    ``swiglu_ops`` (the other SwiGLU MLPs, each now one ``SwiGLU`` op), ``lm_head`` (float32 LM
-    heads now ``MatMulF32``)."""
+    ``swiglu_ops`` (the other SwiGLU MLPs, each now one ``SwiGLU`` op), ``lm_head`` (float32
+    products whose output is a graph output, the LM head, now ``MatMulF32``), ``matmul_f32`` (the
+    other float32 ``MatMul`` nodes now ``MatMulF32``)."""
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
     constants = set(initializers)
@@ -503,15 +511,16 @@ def prepare(path: Path, kernels: str,
         kept = "; ".join(f"{n} x {r}" for r, n in facts["attention_kept"].items())
         raise UsageError(f"kv_cache={kv_cache!r}: {path} has no GroupQueryAttention that modelfold's "
                          f"attention kernel takes{f' ({kept})' if kept else ''}")
-    if not any(facts[k] for k in ("replaced", "attention", "swiglu_ops", "lm_head")):
-        why = "no MatMulNBits node, GroupQueryAttention, SwiGLU MLP or LM head the kernels take" + (
+    if not any(facts[k] for k in ("replaced", "attention", "swiglu_ops", "lm_head", "matmul_f32")):
+        why = ("no MatMulNBits node, float32 MatMul, GroupQueryAttention, SwiGLU MLP or LM head "
+               "the kernels take") + (
             f" ({'; '.join(f'{n} x {r}' for r, n in facts['kept'].items())})" if facts["kept"] else "")
         if kernels == "modelfold":
             raise UsageError(f"kernels='modelfold': {path} has {why}; modelfold's kernels run "
                              "4-bit MatMulNBits in blocks of 128 or 8-bit in blocks of 32 at "
                              "accuracy_level 4, "
-                             "GroupQueryAttention over a float cache, SwiGLU MLPs and a float32 "
-                             "LM head")
+                             "GroupQueryAttention over a float cache, SwiGLU MLPs and float32 "
+                             "MatMuls of constant weights")
         return None, None, {"kernels": "onnxruntime", "reason": why, **facts}
     try:
         lib = library()

@@ -848,8 +848,10 @@ static OrtStatus* compute_f32(void* p, OrtKernelContext* ctx) {
   if (kernel->activation == ACT_NONE) {
     w.X = (float*)w.A;
   } else {
-    /* the activated input: a buffer of the calling thread, kept between calls (a prompt's is
-       megabytes: allocated each time, its fresh pages cost more than the activation) */
+    /* the activated input: a buffer of the calling thread (the one in session.run), kept
+       between calls and grown to the largest M x K it has seen (a 1,024-token prompt of SmolLM2's
+       down projection: 6 MB), never freed: allocated on each call, its fresh pages cost more
+       than computing the activation */
     static _Thread_local float* held = NULL;
     static _Thread_local size_t held_bytes = 0;
     size_t bytes = (size_t)(w.M * K) * sizeof(float);
@@ -866,8 +868,10 @@ static OrtStatus* compute_f32(void* p, OrtKernelContext* ctx) {
   if (!status) {
     int64_t tiles = (w.M + F32_TILE - 1) / F32_TILE, tasks;
     if (tiles < 4) {
-      /* a few rows (a decode step): the panels in an even number of runs of about 8 */
-      w.pieces = 2 * ((kernel->w->panels + 15) / 16);
+      /* a few rows (a decode step): the panels in an even number of runs of up to 16 (each
+         run is a few streams that the prefetchers must pick up again; the threads take the
+         runs as they come) */
+      w.pieces = 2 * ((kernel->w->panels + 31) / 32);
       if (w.pieces > kernel->w->panels) w.pieces = kernel->w->panels;
       tasks = w.pieces;
     } else {
