@@ -757,7 +757,7 @@ typedef struct {
   const F32Kernel* k;
   const float *A, *B, *skip, *gamma;
   float *X, *Y, *sum;
-  int64_t M, rows, pieces, per, cols;  /* rows: blocks of rows; pieces: runs of panels */
+  int64_t M, rows, pieces, cols;  /* rows: blocks of rows; pieces: runs of panels */
 } F32Work;
 
 static void f32_rows_task(void* data, size_t i) {
@@ -766,9 +766,8 @@ static void f32_rows_task(void* data, size_t i) {
   f32_gemv_rows(w->A, w->M, w->k->K, w->B, w->k->N, n0, n1, w->Y);
 }
 
-static void f32_prologue_task(void* data, size_t i) {  /* rows [i per, (i + 1) per) of X */
-  const F32Work* w = data;
-  int64_t K = w->k->K, m0 = (int64_t)i * w->per, m1 = m0 + w->per < w->M ? m0 + w->per : w->M;
+static void f32_prologue(const F32Work* w, int64_t m0, int64_t m1) {  /* rows [m0, m1) of X */
+  int64_t K = w->k->K;
   for (int64_t m = m0; m < m1; m++) {
     if (w->k->activation == ACT_SWIGLU) {
       silu_mul_row(w->A + m * 2 * K, w->A + m * 2 * K + K, w->X + m * K, K);
@@ -783,12 +782,14 @@ static void f32_prologue_task(void* data, size_t i) {  /* rows [i per, (i + 1) p
 static void f32_gemm_task(void* data, size_t i) {
   const F32Work* w = data;
   int64_t panels = w->k->w->panels, tiles = (w->M + F32_TILE - 1) / F32_TILE;
-  if (w->pieces) {  /* a run of panels, every row */
+  if (w->pieces) {  /* a run of panels, every row (the activation is done) */
     f32_gemm(w->k->w, w->X, w->k->K, 0, w->M, panels * (int64_t)i / w->pieces,
              panels * ((int64_t)i + 1) / w->pieces, w->Y, w->k->N);
-  } else {  /* a block of rows (tiles of 12), every panel */
+  } else {  /* a block of rows (tiles of 12), every panel: its activation first, on this core */
     int64_t m0 = tiles * (int64_t)i / w->rows * F32_TILE, m1 = tiles * ((int64_t)i + 1) / w->rows * F32_TILE;
-    f32_gemm(w->k->w, w->X, w->k->K, m0, m1 < w->M ? m1 : w->M, 0, panels, w->Y, w->k->N);
+    if (m1 > w->M) m1 = w->M;
+    if (w->k->activation != ACT_NONE) f32_prologue(w, m0, m1);
+    f32_gemm(w->k->w, w->X, w->k->K, m0, m1, 0, panels, w->Y, w->k->N);
   }
 }
 
@@ -805,7 +806,7 @@ static OrtStatus* compute_f32(void* p, OrtKernelContext* ctx) {
   if (rank < 1 || dims[rank - 1] != width)
     return fail(ORT_INVALID_ARGUMENT, kernel->activation == ACT_SWIGLU ? "MatMulF32: A's last dimension != 2 K (SwiGLU)"
                                                                       : "MatMulF32: A's last dimension != K");
-  F32Work w = {kernel, NULL, NULL, NULL, NULL, NULL, NULL, NULL, elements(dims, rank) / width, 0, 0, 0, 0};
+  F32Work w = {kernel, NULL, NULL, NULL, NULL, NULL, NULL, NULL, elements(dims, rank) / width, 0, 0, 0};
   CHECK(data_of(A, (void**)&w.A));
   if (kernel->activation == ACT_SKIP_RMSNORM) {
     const OrtValue *S = NULL, *G = NULL;
@@ -844,7 +845,6 @@ static OrtStatus* compute_f32(void* p, OrtKernelContext* ctx) {
     return parallel(ctx, f32_rows_task, (kernel->N + w.cols - 1) / w.cols, &w);
   }
   CHECK(data_of(Y, (void**)&w.Y));
-  OrtStatus* status = NULL;
   if (kernel->activation == ACT_NONE) {
     w.X = (float*)w.A;
   } else {
@@ -862,28 +862,25 @@ static OrtStatus* compute_f32(void* p, OrtKernelContext* ctx) {
       if (!held) return fail(ORT_FAIL, "MatMulF32: out of memory for the activation");
     }
     w.X = held;
-    w.per = (16384 + K - 1) / K;  /* about 16k elements a task: one decode row runs inline */
-    status = parallel(ctx, f32_prologue_task, (w.M + w.per - 1) / w.per, &w);
   }
-  if (!status) {
-    int64_t tiles = (w.M + F32_TILE - 1) / F32_TILE, tasks;
-    if (tiles < 4) {
-      /* a few rows (a decode step): the panels in an even number of runs of up to 16 (each
-         run is a few streams that the prefetchers must pick up again; the threads take the
-         runs as they come) */
-      w.pieces = 2 * ((kernel->w->panels + 31) / 32);
-      if (w.pieces > kernel->w->panels) w.pieces = kernel->w->panels;
-      tasks = w.pieces;
-    } else {
-      /* a prompt: an even number of blocks of rows, each at most about 512 KB of A (it stays in
-         the L2 of the core that takes the block), every panel against each block */
-      w.rows = 2 * ((tiles * F32_TILE * K * 4 + 2 * 512 * 1024 - 1) / (2 * 512 * 1024));
-      if (w.rows > tiles) w.rows = tiles;
-      tasks = w.rows;
-    }
-    status = parallel(ctx, f32_gemm_task, tasks, &w);
+  int64_t tiles = (w.M + F32_TILE - 1) / F32_TILE, tasks;
+  if (tiles < 4) {
+    /* a few rows (a decode step): the activation here, then the panels in an even number of runs
+       of up to 16 (each run is a few streams that the prefetchers must pick up again; the
+       threads take the runs as they come) */
+    if (kernel->activation != ACT_NONE) f32_prologue(&w, 0, w.M);
+    w.pieces = 2 * ((kernel->w->panels + 31) / 32);
+    if (w.pieces > kernel->w->panels) w.pieces = kernel->w->panels;
+    tasks = w.pieces;
+  } else {
+    /* a prompt: an even number of blocks of rows, each at most about 512 KB of A (it stays in the
+       L2 of the core that takes the block, which computes its activation too), every panel
+       against each block */
+    w.rows = 2 * ((tiles * F32_TILE * K * 4 + 2 * 512 * 1024 - 1) / (2 * 512 * 1024));
+    if (w.rows > tiles) w.rows = tiles;
+    tasks = w.rows;
   }
-  return status;
+  return parallel(ctx, f32_gemm_task, tasks, &w);
 }
 
 static const CustomOp matmul_f32 = CUSTOM_OP(
