@@ -1,5 +1,6 @@
 /* ONNX Runtime custom-op library: ai.modelfold::MatMulInt4, MatMulNBits (bits 4, block 128,
-   accuracy level 4) computed by q4.c's kernel; CachedAttention(F16) (attn.c) and SwiGLU (below).
+   accuracy level 4) computed by q4.c's kernel, and MatMulInt8 (q8.c); CachedAttention(F16)
+   (attn.c), SwiGLU and MatMulF32 (f32.c), each described where it is defined below.
 
    Inputs: A [..., K] float; B [N, ceil(K/128), 64] uint8 and scales [N * ceil(K/128)] float (both
    initializers: they are repacked once, when the kernel is created); optional zero_points
