@@ -62,8 +62,11 @@ def main() -> None:
                 roots.append(ROOT)
                 continue
             tree = Path(tmp) / f"c{i}"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), commit],
-                           check=True, capture_output=True)
+            done = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree),
+                                   commit], capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"bench_commits: cannot check out {commit!r} ({done.stderr.strip()}); "
+                         "give a commit of this repository or '.' for the working tree")
             roots.append(tree)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         children = []
@@ -72,8 +75,12 @@ def main() -> None:
                 child = subprocess.Popen([sys.executable, "-c", WORKER, str(root), str(args.artifact)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                          cwd=root, env=env)
-                print(f"{root}: {child.stdout.readline().strip()}", flush=True)
                 children.append(child)
+                ready = child.stdout.readline().strip()
+                if not ready.startswith("ready"):
+                    sys.exit(f"bench_commits: {root} could not open {args.artifact} (its error is "
+                             "above); give an artifact folder that commit's OnnxCausalLM opens")
+                print(f"{root}: {ready}", flush=True)
             print(f"\n{args.artifact}, 2 threads, {args.rounds} interleaved rounds, median [min-max]\n")
             print("| measure | " + " | ".join(args.commits) + " | " +
                   " | ".join(f"{c} / {args.commits[0]}" for c in args.commits[1:]) + " |")

@@ -301,7 +301,12 @@ def _float_weight(node: onnx.NodeProto,
     """The float32 [K, N] initializer a plain ``MatMul`` multiplies by, else None."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
         return None
-    b = initializers.get(node.input[1])
+    return _float_matrix(initializers, node.input[1])
+
+
+def _float_matrix(initializers: dict[str, onnx.TensorProto], name: str) -> onnx.TensorProto | None:
+    """The initializer ``name`` where it is a non-empty float32 matrix, else None."""
+    b = initializers.get(name)
     if b is None or b.data_type != onnx.TensorProto.FLOAT or len(b.dims) != 2 or 0 in b.dims:
         return None
     return b
@@ -325,8 +330,8 @@ def _lm_heads(graph: onnx.GraphProto, weights: dict[str, onnx.TensorProto],
                                                  ("transA", "transBatchA", "transBatchB")):
             continue
         trans_b = int(attrs.get("transB", 0))
-        b = weights.get(node.input[1])
-        if b is None or b.data_type != onnx.TensorProto.FLOAT or len(b.dims) != 2:
+        b = _float_matrix(weights, node.input[1])
+        if b is None:
             continue
         k, n = (b.dims[1], b.dims[0]) if trans_b else (b.dims[0], b.dims[1])
         node.CopyFrom(helper.make_node("MatMulF32", list(node.input), list(node.output),

@@ -73,9 +73,9 @@ def _save(model, tmp_path):
     return path
 
 
-def _copy(model):
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
+def _copy(proto):
+    clone = type(proto)()
+    clone.CopyFrom(proto)
     return clone
 
 
@@ -637,7 +637,7 @@ def test_a_weight_several_nodes_read_is_packed_once(tmp_path):
     for nodes in (1, 5):
         names = ["x"] + [f"h{i}" for i in range(nodes)]
         model = _model([helper.make_node("MatMul", [names[i], "W"], [names[i + 1]])
-                        for i in range(nodes)], [_copy_tensor(w)],
+                        for i in range(nodes)], [_copy(w)],
                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, K])],
                        [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, None)])
         folder = tmp_path / str(nodes)
@@ -657,9 +657,3 @@ def test_a_weight_several_nodes_read_is_packed_once(tmp_path):
         grown[nodes] = int(done.stdout.strip().splitlines()[-1])
     # four more readers of the weight: far less than four more copies (16 MB)
     assert grown[5] - grown[1] < 2 * K * K * 4, grown
-
-
-def _copy_tensor(t):
-    clone = onnx.TensorProto()
-    clone.CopyFrom(t)
-    return clone

@@ -6,7 +6,6 @@
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdlib.h>
-#include <string.h>
 
 static int pack(f32_packed* w, const float* B, int64_t K, int64_t N) {
   w->K = K; w->N = N; w->panels = (N + F32_PANEL - 1) / F32_PANEL;

@@ -160,6 +160,57 @@ static int64_t elements(const int64_t* dims, size_t rank) {
   return n;
 }
 
+static OrtStatus* data_of(const OrtValue* value, void** out) {
+  return CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)value, out);
+}
+
+enum { ACT_NONE = 0, ACT_SWIGLU = 1, ACT_SKIP_RMSNORM = 2 };
+
+/* The input of a projection with a fused activation (MatMulInt4 / MatMulInt8 / MatMulF32, named
+   `op` in the errors): A [..., K] ([..., 2 K] for SwiGLU) gives the shape (dims, rank) and the rows
+   M; for skip + RMSNorm, inputs skip_input and skip_input + 1 are skip (A's shape) and gamma [K],
+   and output 1, where bound, the sum. */
+static OrtStatus* fused_input(OrtKernelContext* ctx, const char* op, int64_t activation, int64_t K,
+                              size_t skip_input, const OrtValue* A, int64_t* dims, size_t* rank,
+                              int64_t* M, const float** skip, const float** gamma, float** sum) {
+  char message[160];
+  CHECK(shape_of(A, dims, rank));
+  int64_t width = activation == ACT_SWIGLU ? 2 * K : K;  /* SwiGLU: [gate, up] */
+  if (*rank < 1 || dims[*rank - 1] != width) {
+    snprintf(message, sizeof message, activation == ACT_SWIGLU ? "%s: A's last dimension != 2 K (SwiGLU)"
+                                                               : "%s: A's last dimension != K", op);
+    return fail(ORT_INVALID_ARGUMENT, message);
+  }
+  *M = elements(dims, *rank) / width;
+  *skip = *gamma = *sum = NULL;
+  if (activation != ACT_SKIP_RMSNORM) return NULL;
+  const OrtValue *S = NULL, *G = NULL;
+  CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, skip_input, &S));
+  CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, skip_input + 1, &G));
+  int64_t sdims[8], gdims[8];
+  size_t srank = 0, grank = 0;
+  if (!S || !G) {
+    snprintf(message, sizeof message, "%s: activation 2 needs skip and gamma", op);
+    return fail(ORT_INVALID_ARGUMENT, message);
+  }
+  CHECK(shape_of(S, sdims, &srank));
+  CHECK(shape_of(G, gdims, &grank));
+  if (elements(sdims, srank) != *M * K || elements(gdims, grank) != K) {
+    snprintf(message, sizeof message, "%s: skip must have A's shape and gamma K elements", op);
+    return fail(ORT_INVALID_ARGUMENT, message);
+  }
+  CHECK(data_of(S, (void**)skip));
+  CHECK(data_of(G, (void**)gamma));
+  size_t outputs = 0;
+  CHECK(CALL(KernelContext_GetOutputCount_t, KernelContext_GetOutputCount)(ctx, &outputs));
+  if (outputs > 1) {
+    OrtValue* Sum = NULL;
+    CHECK(CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 1, dims, *rank, &Sum));
+    if (Sum) CHECK(data_of(Sum, (void**)sum));
+  }
+  return NULL;
+}
+
 /* -- the op ------------------------------------------------------------------------------- */
 static const char* op_name(const void* op) { (void)op; return "MatMulInt4"; }
 static const char* op8_name(const void* op) { (void)op; return "MatMulInt8"; }
@@ -184,7 +235,6 @@ static int op_start_version(const void* op) { (void)op; return 1; }
    in_char, out_char, op_memory_type, op_one, op_one, op_one, op_one, create, compute, NULL,         \
    op_start_version, op_start_version, NULL, NULL, NULL, NULL}
 
-enum { ACT_NONE = 0, ACT_SWIGLU = 1, ACT_SKIP_RMSNORM = 2 };
 /* bits 4 (MatMulInt4: blocks of 128, q4.c) or 8 (MatMulInt8: blocks of 32, q8.c) */
 typedef struct { int bits; q4_weights w; q8_weights w8; int64_t activation; float epsilon; } Kernel;
 typedef struct { int64_t K, N, nblk, groups; } Dims;
@@ -339,37 +389,13 @@ static OrtStatus* compute(void* p, OrtKernelContext* ctx) {
   const OrtValue *A = NULL, *bias = NULL;
   CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 0, &A));
   CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 4, &bias));
-  int64_t dims[8];
+  int64_t dims[8], M = 0;
   size_t rank = 0;
-  CHECK(shape_of(A, dims, &rank));
-  int64_t width = kernel->activation == ACT_SWIGLU ? 2 * w->K : w->K;  /* SwiGLU: [gate, up] */
-  if (rank < 1 || dims[rank - 1] != width)
-    return fail(ORT_INVALID_ARGUMENT, kernel->activation == ACT_SWIGLU
-                                          ? "MatMulInt4: A's last dimension != 2 K (SwiGLU)"
-                                          : "MatMulInt4: A's last dimension != K");
-  int64_t M = elements(dims, rank) / width;
-  void *a = NULL, *y = NULL, *skip = NULL, *gamma = NULL, *sum = NULL;
-  if (kernel->activation == ACT_SKIP_RMSNORM) {
-    const OrtValue *S = NULL, *G = NULL;
-    CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 5, &S));
-    CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 6, &G));
-    int64_t sdims[8], gdims[8];
-    size_t srank = 0, grank = 0;
-    if (!S || !G) return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: activation 2 needs skip and gamma");
-    CHECK(shape_of(S, sdims, &srank));
-    CHECK(shape_of(G, gdims, &grank));
-    if (elements(sdims, srank) != M * w->K || elements(gdims, grank) != w->K)
-      return fail(ORT_INVALID_ARGUMENT, "MatMulInt4: skip must have A's shape and gamma K elements");
-    CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)S, &skip));
-    CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)G, &gamma));
-    size_t outputs = 0;
-    CHECK(CALL(KernelContext_GetOutputCount_t, KernelContext_GetOutputCount)(ctx, &outputs));
-    if (outputs > 1) {
-      OrtValue* Sum = NULL;
-      CHECK(CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 1, dims, rank, &Sum));
-      if (Sum) CHECK(CALL(GetTensorMutableData_t, GetTensorMutableData)(Sum, &sum));
-    }
-  }
+  const float *skip = NULL, *gamma = NULL;
+  float* sum = NULL;
+  CHECK(fused_input(ctx, kernel->bits == 8 ? "MatMulInt8" : "MatMulInt4", kernel->activation, w->K, 5, A,
+                    dims, &rank, &M, &skip, &gamma, &sum));
+  void *a = NULL, *y = NULL;
   dims[rank - 1] = w->N;
   OrtValue* Y = NULL;
   CHECK(CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 0, dims, rank, &Y));
@@ -480,10 +506,6 @@ static OrtStatus* create_attn16(const void* op, OrtApiTable api_, const OrtKerne
   return create_attn(op, info, out, 1);
 }
 static void destroy_attn(void* p) { free(p); }
-
-static OrtStatus* data_of(const OrtValue* value, void** out) {
-  return CALL(GetTensorMutableData_t, GetTensorMutableData)((OrtValue*)value, out);
-}
 
 typedef struct { const attn_args* a; int64_t per; int64_t total; } AttnWork;
 
@@ -802,34 +824,10 @@ static OrtStatus* compute_f32(void* p, OrtKernelContext* ctx) {
   CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 1, &B));
   int64_t dims[8];
   size_t rank = 0;
-  CHECK(shape_of(A, dims, &rank));
-  int64_t width = kernel->activation == ACT_SWIGLU ? 2 * K : K;
-  if (rank < 1 || dims[rank - 1] != width)
-    return fail(ORT_INVALID_ARGUMENT, kernel->activation == ACT_SWIGLU ? "MatMulF32: A's last dimension != 2 K (SwiGLU)"
-                                                                      : "MatMulF32: A's last dimension != K");
-  F32Work w = {kernel, NULL, NULL, NULL, NULL, NULL, NULL, NULL, elements(dims, rank) / width, 0, 0, 0};
+  F32Work w = {kernel, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0, 0, 0};
+  CHECK(fused_input(ctx, "MatMulF32", kernel->activation, K, 2, A, dims, &rank, &w.M, &w.skip, &w.gamma,
+                    &w.sum));
   CHECK(data_of(A, (void**)&w.A));
-  if (kernel->activation == ACT_SKIP_RMSNORM) {
-    const OrtValue *S = NULL, *G = NULL;
-    CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 2, &S));
-    CHECK(CALL(KernelContext_GetInput_t, KernelContext_GetInput)(ctx, 3, &G));
-    int64_t sdims[8], gdims[8];
-    size_t srank = 0, grank = 0;
-    if (!S || !G) return fail(ORT_INVALID_ARGUMENT, "MatMulF32: activation 2 needs skip and gamma");
-    CHECK(shape_of(S, sdims, &srank));
-    CHECK(shape_of(G, gdims, &grank));
-    if (elements(sdims, srank) != w.M * K || elements(gdims, grank) != K)
-      return fail(ORT_INVALID_ARGUMENT, "MatMulF32: skip must have A's shape and gamma K elements");
-    CHECK(data_of(S, (void**)&w.skip));
-    CHECK(data_of(G, (void**)&w.gamma));
-    size_t outputs = 0;
-    CHECK(CALL(KernelContext_GetOutputCount_t, KernelContext_GetOutputCount)(ctx, &outputs));
-    if (outputs > 1) {
-      OrtValue* Sum = NULL;
-      CHECK(CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 1, dims, rank, &Sum));
-      if (Sum) CHECK(data_of(Sum, (void**)&w.sum));
-    }
-  }
   dims[rank - 1] = kernel->N;
   OrtValue* Y = NULL;
   CHECK(CALL(KernelContext_GetOutput_t, KernelContext_GetOutput)(ctx, 0, dims, rank, &Y));
